@@ -1,0 +1,5 @@
+"""`python -m petctl` runs the CLI."""
+
+from petctl.cli import main
+
+main()

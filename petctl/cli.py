@@ -1,0 +1,98 @@
+"""The `petctl` command line: the root Typer app, global flags, and one verb per module.
+
+Each verb lives in `petctl/commands/<verb>.py`, parses options into a config and calls one engine
+function. Nothing here imports torch, so `petctl --help` and `petctl status` start fast.
+Errors a user can fix (`PetctlError`) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Annotated, Any, Callable
+
+import typer
+
+from petctl import __version__
+from petctl.commands import not_built, prepare, status, synth
+from petctl.errors import EXIT_USAGE, PetctlError
+
+app = typer.Typer(
+    name="petctl",
+    help="Train and run the AutoPET-II whole-body PET/CT lesion segmentation method.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"petctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+) -> None:
+    """petctl: prepare → train → calibrate → retrain-merged → predict → evaluate, with a run registry."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a `PetctlError` raised by a verb into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PetctlError as exc:
+            from petctl.console import error_line
+
+            error_line(str(exc))
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+app.command("synth", help=synth.__doc__)(user_errors(synth.synth))
+app.command("prepare", help=prepare.__doc__)(user_errors(prepare.prepare))
+for _verb in not_built.VERBS:
+    app.command(_verb, help=not_built.help_for(_verb), context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        not_built.make(_verb)
+    )
+app.command("status", help=status.__doc__)(user_errors(status.status))
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line, not a traceback."""
+    try:
+        app(standalone_mode=False)
+    except PetctlError as exc:
+        from petctl.console import error_line
+
+        error_line(str(exc))
+        raise SystemExit(EXIT_USAGE) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except (typer.Abort, KeyboardInterrupt):
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

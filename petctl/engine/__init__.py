@@ -1,0 +1,1 @@
+"""Typed Python twins of every petctl verb; tests, notebooks and SLURM jobs call these directly."""

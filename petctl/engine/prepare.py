@@ -1,0 +1,349 @@
+"""`petctl prepare`: cohort on disk → fingerprint, grouped splits and a Zarr store of cases.
+
+Three passes, each resumable:
+1. *scan* every case (full validation; per-case histograms saved under `STORE/.parts/`), so bad
+   cases are named early and the fingerprint can be streamed without holding voxels;
+2. *splits* (patient-grouped, stratified) and the *fingerprint* from the training cases only;
+3. *write* each case: canonical orientation, crop to the CT foreground, resample, clip, z-normalize,
+   lesion/body coordinate samples, atomic write to the store.
+A case is skipped with one line naming it and the reason; all others are still prepared. Cases
+already complete for the same plan (same fingerprint and settings) are not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from petctl.engine.cohort import NEGATIVE, CaseSource, discover, is_valid_case_id
+from petctl.engine.store import CaseStore, read_json, write_json_atomic
+from petctl.errors import CaseError, PetctlError
+
+MANIFEST_VERSION = 1
+PREPARE_VERSION = 1
+"""Bumped when the stored case format or preprocessing changes (invalidates finished cases)."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything `prepare` needs; written to `STORE/prepare.json`."""
+
+    data: str
+    """Cohort folder (nnU-Net raw layout or AutoPET layout)."""
+    store: str
+    """Output store folder."""
+    spacing: tuple[float, float, float] = (2.04, 2.04, 3.0)
+    """Target voxel spacing in mm (x, y, z after canonical RAS orientation)."""
+    workers: int = 1
+    """Parallel worker processes."""
+    num_folds: int = 5
+    test_fraction: float = 0.2
+    seed: int = 0
+    metadata: str | None = None
+    """CSV with case,patient,diagnosis (or AutoPET's Subject ID/diagnosis); found beside the data if omitted."""
+    lesion_samples_per_component: int = 64
+    """Bounded sample of voxel coordinates per lesion component (small lesions are not drowned)."""
+    body_samples: int = 4096
+    crop_margin: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.spacing) != 3 or any(not (0.1 <= s <= 50) for s in self.spacing):
+            raise PetctlError(f"--spacing must be three values in mm between 0.1 and 50, got {self.spacing}")
+        if self.workers < 1:
+            raise PetctlError("--workers must be at least 1")
+        if self.num_folds < 2:
+            raise PetctlError("--folds must be at least 2")
+        if not 0.0 < self.test_fraction < 0.9:
+            raise PetctlError("--test-fraction must be in (0, 0.9)")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PrepareResult:
+    store: Path
+    prepared: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    splits: dict[str, Any] | None = None
+    fingerprint: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+Progress = Callable[[str, str, int], None]
+"""progress(phase, case, total): called once per case and phase ('scan' or 'write')."""
+
+
+# -- pass 1: scan ------------------------------------------------------------------------------
+def scan_case(src: CaseSource, parts_dir: str) -> dict[str, Any]:
+    """Validate a case and save its fingerprint histograms; returns its summary."""
+    from petctl.engine.fingerprint import case_histograms
+    from petctl.engine.geometry import spacing_of, to_canonical
+    from petctl.engine.nifti import load_case
+
+    loaded = load_case(src)
+    label = loaded.label
+    hist = case_histograms(loaded.ct, loaded.pet, label)
+    tmp = Path(parts_dir) / f".{src.case}.npz.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **{k: h.counts for k, h in hist.items()})
+    os.replace(tmp, Path(parts_dir) / f"{src.case}.npz")
+    _, canon_affine = to_canonical(np.empty((1, 1, 1)), loaded.affine)
+    voxel_ml = float(abs(np.linalg.det(loaded.affine[:3, :3]))) / 1000.0
+    lesion_voxels = int(label.sum()) if label is not None else 0
+    return {
+        "case": src.case,
+        "patient": src.patient,
+        "diagnosis": src.diagnosis,
+        "positive": lesion_voxels > 0,
+        "spacing": list(spacing_of(canon_affine)),
+        "shape": [int(s) for s in loaded.pet.shape],
+        "lesion_volume_ml": lesion_voxels * voxel_ml,
+        "ct_resampled": loaded.ct_resampled,
+    }
+
+
+# -- pass 3: write -----------------------------------------------------------------------------
+def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig, plan_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess one case into the store; returns its manifest entry."""
+    import cc3d
+
+    from petctl.engine.geometry import label_to_stored, plan_geometry, to_canonical, to_stored
+    from petctl.engine.nifti import load_case
+
+    loaded = load_case(src)
+    ct_c, _ = to_canonical(loaded.ct, loaded.affine)
+    pet_c, _ = to_canonical(loaded.pet, loaded.affine)
+    lab_c, _ = to_canonical(loaded.label, loaded.affine)  # type: ignore[arg-type]
+    geometry = plan_geometry(loaded.pet.shape, loaded.affine, ct_c > fingerprint["crop_threshold_hu"], cfg.spacing, cfg.crop_margin)
+    image = to_stored(np.stack([ct_c, pet_c]), geometry)
+    label = label_to_stored(lab_c, geometry)
+    body = image[0] > fingerprint["crop_threshold_hu"]
+    image = normalize(image, fingerprint)
+
+    rng = np.random.default_rng(_case_seed(cfg.seed, src.case))
+    components, num_components = cc3d.connected_components(label, connectivity=26, return_N=True)
+    lesion_coords = sample_lesion_coords(components, num_components, cfg.lesion_samples_per_component, rng)
+    body_idx = np.argwhere(body)
+    if len(body_idx) > cfg.body_samples:
+        body_idx = body_idx[np.sort(rng.choice(len(body_idx), cfg.body_samples, replace=False))]
+    entry = {
+        **summary,
+        "stored_shape": list(geometry.stored_shape),
+        "stored_spacing": list(geometry.stored_spacing),
+        "num_components": int(num_components),
+        "stored_lesion_voxels": int(label.sum()),
+    }
+    attrs = {"petctl": {"version": PREPARE_VERSION, "plan": plan_id}, "case": entry, "geometry": geometry.to_json()}
+    CaseStore(cfg.store).save(src.case, image, label, lesion_coords, body_idx, attrs)
+    return entry
+
+
+def normalize(image_cxyz: np.ndarray, fingerprint: dict[str, Any]) -> np.ndarray:
+    """Clip each channel to its training [p5, p95] and z-normalize with the clipped mean/std."""
+    out = np.empty_like(image_cxyz, dtype=np.float32)
+    for c, name in enumerate(("ct", "pet")):
+        stats = fingerprint[name]
+        lo, hi = stats["clip"]
+        out[c] = (np.clip(image_cxyz[c], lo, hi) - stats["mean"]) / stats["std"]
+    return out
+
+
+def sample_lesion_coords(components: np.ndarray, num_components: int, per_component: int, rng: np.random.Generator) -> np.ndarray:
+    """(component, x, y, z) rows: up to `per_component` voxels of each lesion component."""
+    if num_components == 0:
+        return np.zeros((0, 4), dtype=np.int32)
+    idx = np.flatnonzero(components)
+    comp = components.ravel()[idx]
+    order = np.argsort(comp, kind="stable")
+    idx, comp = idx[order], comp[order]
+    starts = np.searchsorted(comp, np.arange(1, num_components + 1))
+    ends = np.r_[starts[1:], len(comp)]
+    rows = []
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        take = idx[a:b] if b - a <= per_component else idx[a + np.sort(rng.choice(b - a, per_component, replace=False))]
+        xyz = np.stack(np.unravel_index(take, components.shape), axis=1)
+        rows.append(np.c_[np.full(len(take), k), xyz])
+    return np.concatenate(rows).astype(np.int32)
+
+
+def _case_seed(seed: int, case: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{case}".encode()).digest()[:8], "little")
+
+
+# -- orchestration -----------------------------------------------------------------------------
+def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[[str, str], None] | None = None) -> PrepareResult:
+    """Prepare a cohort; bad cases are reported via `on_skip` and in the result, never raised."""
+    import time
+
+    from petctl.engine import fingerprint as fpmod
+    from petctl.engine.splits import SplitCase, make_splits
+
+    t0 = time.perf_counter()
+    store = CaseStore(cfg.store)
+    root = Path(cfg.store)
+    root.mkdir(parents=True, exist_ok=True)
+    store.remove_stale_temporaries()
+    parts = root / ".parts"
+    parts.mkdir(exist_ok=True)
+    result = PrepareResult(store=root)
+
+    def skip(case: str, reason: str) -> None:
+        result.skipped[case] = reason
+        if on_skip:
+            on_skip(case, reason)
+
+    sources = []
+    for src in discover(Path(cfg.data), Path(cfg.metadata) if cfg.metadata else None):
+        if not is_valid_case_id(src.case):
+            skip(src.case, "case id holds characters that are not allowed in a file name")
+        else:
+            sources.append(src)
+    if not sources:
+        raise PetctlError(f"{cfg.data}: no cases found")
+
+    # pass 1: scan (reusing summaries of a previous run when the part file is there)
+    scans_path = root / ".parts" / "scans.json"
+    scans: dict[str, Any] = read_json(scans_path) if scans_path.exists() else {}
+    todo = [s for s in sources if s.case not in scans or not (parts / f"{s.case}.npz").exists()]
+    for s in sources:
+        if s not in todo and progress:
+            progress("scan", s.case, len(sources))
+    for case, value in _map(scan_case, [(s, str(parts)) for s in todo], [s.case for s in todo], cfg.workers):
+        if isinstance(value, CaseError):
+            skip(case, value.reason)
+        else:
+            scans[case] = value
+            write_json_atomic(scans_path, scans)
+        if progress:
+            progress("scan", case, len(sources))
+    good = [s for s in sources if s.case in scans and s.case not in result.skipped]
+    if not good:
+        raise PetctlError(f"{cfg.data}: no usable case (all {len(sources)} skipped)")
+
+    # pass 2: splits and fingerprint (training cases only)
+    for s in good:
+        diag = scans[s.case]["diagnosis"]
+        if diag is not None and (diag == NEGATIVE) == scans[s.case]["positive"]:
+            import logging
+
+            logging.getLogger(__name__).warning("%s: metadata says %s but the label disagrees; the label wins", s.case, diag)
+    split_cases = [SplitCase(s.case, scans[s.case]["patient"], bool(scans[s.case]["positive"])) for s in good]
+    splits = make_splits(split_cases, num_folds=cfg.num_folds, test_fraction=cfg.test_fraction, seed=cfg.seed).to_json()
+    test = set(splits["test"])
+    train = [s.case for s in good if s.case not in test]
+    fingerprint = fpmod.summarize(
+        (_load_part(parts / f"{c}.npz") for c in train),
+        [scans[c]["spacing"] for c in train],
+        [scans[c]["shape"] for c in train],
+        train,
+    )
+    plan_id = hashlib.sha256(
+        json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
+                    "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    write_json_atomic(root / "fingerprint.json", {**fingerprint, "plan": plan_id})
+    write_json_atomic(root / "splits.json", splits)
+    write_json_atomic(root / "prepare.json", {"version": PREPARE_VERSION, "config": cfg.to_json(), "plan": plan_id})
+
+    # pass 3: write cases (skipping those already complete for this plan)
+    entries: dict[str, Any] = {}
+    todo = []
+    for s in good:
+        done = _stored_entry(store, s.case, plan_id)
+        if done is not None:
+            entries[s.case] = done
+            result.reused.append(s.case)
+            if progress:
+                progress("write", s.case, len(good))
+        else:
+            todo.append(s)
+    args = [(s, fingerprint, cfg, plan_id, scans[s.case]) for s in todo]
+    for case, value in _map(write_case, args, [s.case for s in todo], cfg.workers):
+        if isinstance(value, CaseError):
+            skip(case, value.reason)
+        else:
+            entries[case] = value
+            result.prepared.append(case)
+        if progress:
+            progress("write", case, len(good))
+
+    # stale cases from an earlier cohort are not listed; the manifest is the source of truth
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "plan": plan_id,
+        "spacing": list(cfg.spacing),
+        "channels": ["CT", "PET"],
+        "layout": "image float16 (C, X, Y, Z) RAS; label uint8 (X, Y, Z)",
+        "cases": {c: entries[c] for c in sorted(entries)},
+        "skipped": dict(sorted(result.skipped.items())),
+    }
+    write_json_atomic(root / "manifest.json", manifest)
+    result.splits, result.fingerprint = splits, fingerprint
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _stored_entry(store: CaseStore, case: str, plan_id: str) -> dict[str, Any] | None:
+    if not store.has(case):
+        return None
+    try:
+        attrs = read_json(store.case_path(case) / "zarr.json").get("attributes", {})
+    except PetctlError:
+        return None
+    meta = attrs.get("petctl", {})
+    if meta.get("plan") != plan_id or meta.get("version") != PREPARE_VERSION:
+        return None
+    return attrs.get("case")
+
+
+def _load_part(path: Path) -> dict[str, Any]:
+    from petctl.engine.fingerprint import Histogram
+
+    with np.load(path) as z:
+        return {k: Histogram(k.split("_")[0], z[k]) for k in z.files}
+
+
+def _map(fn: Callable[..., Any], args: Sequence[tuple[Any, ...]], names: Sequence[str], workers: int) -> Iterable[tuple[str, Any]]:
+    """Run fn over args (in worker processes when workers > 1), yielding (name, result|CaseError)."""
+    if workers <= 1 or len(args) <= 1:
+        for name, a in zip(names, args):
+            yield name, _call(fn, name, a)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        futures = {pool.submit(_call, fn, name, a): name for name, a in zip(names, args)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _call(fn: Callable[..., Any], name: str, args: tuple[Any, ...]) -> Any:
+    try:
+        return fn(*args)
+    except CaseError as exc:
+        return exc
+    except MemoryError:
+        return CaseError(name, "out of memory while processing this case")
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.ENOSPC:
+            raise PetctlError(f"{name}: no space left on device while writing; free space and re-run (finished cases are kept)") from None
+        return CaseError(name, f"I/O error: {exc.strerror or exc}")
+    except Exception as exc:  # a reader bug must not stop the cohort; the message names it
+        return CaseError(name, f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")

@@ -1,0 +1,207 @@
+"""prepare end to end on a small synthetic cohort: manifest, splits, bad inputs, crash safety."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from petctl.engine.prepare import PrepareConfig, run
+from petctl.engine.store import CaseStore
+COARSE = (6.0, 6.0, 8.0)
+
+
+def test_manifest_splits_and_store(store: Path, cohort: Path):
+    manifest = json.loads((store / "manifest.json").read_text())
+    splits = json.loads((store / "splits.json").read_text())
+    fp = json.loads((store / "fingerprint.json").read_text())
+    cases = manifest["cases"]
+    assert len(cases) == 10 and manifest["version"] == 1
+    for entry in cases.values():
+        assert {"shape", "spacing", "positive", "patient", "lesion_volume_ml", "stored_shape"} <= set(entry)
+        assert entry["positive"] == (entry["lesion_volume_ml"] > 0)
+    # fingerprint from training cases only
+    assert set(fp["cases"]).isdisjoint(splits["test"])
+    assert set(fp["cases"]) | set(splits["test"]) == set(cases)
+    # seg folds over training positives only; test has both classes
+    positives = {c for c, e in cases.items() if e["positive"]}
+    for fold in splits["seg_folds"]:
+        assert set(fold["train"]) | set(fold["val"]) <= positives - set(splits["test"])
+    assert any(cases[c]["positive"] for c in splits["test"]) and any(not cases[c]["positive"] for c in splits["test"])
+    s = CaseStore(store)
+    assert s.list() == sorted(cases)
+    for case in cases:
+        stored = s.load(case)
+        assert stored.shape == tuple(cases[case]["stored_shape"])
+        if cases[case]["positive"]:
+            assert len(stored.lesion_coords) > 0
+            comp, xyz = stored.lesion_coords[:, 0], stored.lesion_coords[:, 1:]
+            lab = stored.label.read_all()
+            assert lab[tuple(xyz.T)].all()  # every sampled coordinate is a lesion voxel
+        # normalized image: z-scores, clipped
+        img = stored.image.read_all().astype(np.float32)
+        assert np.isfinite(img).all() and abs(float(img[1].mean())) < 5
+
+
+def test_stored_label_maps_back_onto_the_original_grid(store: Path, cohort: Path):
+    from petctl.engine.geometry import CaseGeometry, to_original
+
+    s = CaseStore(store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    flipped = 0
+    for case, entry in manifest["cases"].items():
+        if not entry["positive"]:
+            continue
+        stored = s.load(case)
+        geometry = CaseGeometry.from_json(stored.attrs["geometry"])
+        ref = nib.load(str(cohort / "labelsTr" / f"{case}.nii.gz"))
+        flipped += int(np.any(np.diag(ref.affine)[:3] < 0))
+        back = to_original(stored.label.read_all().astype(np.float32), geometry) >= 0.5
+        gt = np.asarray(ref.dataobj) > 0
+        assert back.shape == gt.shape
+        dice = 2 * (back & gt).sum() / (back.sum() + gt.sum())
+        assert dice > 0.6, (case, dice)  # coarse 6×6×8 mm test spacing
+    assert flipped >= 0
+
+
+def test_native_spacing_round_trip_is_exact(cohort: Path, tmp_path: Path):
+    """With the target spacing equal to the native one, the stored label maps back exactly."""
+    from petctl.engine.geometry import CaseGeometry, spacing_of, to_canonical, to_original
+
+    case = next(p.name[: -len(".nii.gz")] for p in sorted((cohort / "labelsTr").iterdir()) if np.any(np.asarray(nib.load(str(p)).dataobj)))
+    ref = nib.load(str(cohort / "labelsTr" / f"{case}.nii.gz"))
+    _, canon = to_canonical(np.zeros((1, 1, 1)), ref.affine)
+    result = run(PrepareConfig(data=str(cohort), store=str(tmp_path / "s"), spacing=spacing_of(canon), num_folds=2, test_fraction=0.25))
+    stored = CaseStore(tmp_path / "s").load(case)
+    back = to_original(stored.label.read_all().astype(np.float32), CaseGeometry.from_json(stored.attrs["geometry"])) >= 0.5
+    assert np.array_equal(back, np.asarray(ref.dataobj) > 0)
+    assert result.skipped == {}
+
+
+def _bad_cohort(cohort: Path, root: Path) -> dict[str, str]:
+    """Copy the cohort and break one case per kind of bad input; returns case → expected reason."""
+    shutil.copytree(cohort, root)
+    img, lab = root / "imagesTr", root / "labelsTr"
+    cases = sorted(p.name[: -len(".nii.gz")] for p in lab.iterdir())
+    for case in cases:  # good copies (their own patients) so enough cases survive for splits
+        for ch in ("0000", "0001"):
+            shutil.copy(img / f"{case}_{ch}.nii.gz", img / f"copy_{case}_{ch}.nii.gz")
+        shutil.copy(lab / f"{case}.nii.gz", lab / f"copy_{case}.nii.gz")
+    expected: dict[str, str] = {}
+
+    def pick(reason: str) -> str:
+        case = cases[len(expected)]
+        expected[case] = reason
+        return case
+
+    c = pick("cannot be read")  # truncated gzip
+    raw = (img / f"{c}_0001.nii.gz").read_bytes()
+    (img / f"{c}_0001.nii.gz").write_bytes(raw[: len(raw) // 2])
+    c = pick("missing PET")
+    (img / f"{c}_0001.nii.gz").unlink()
+    c = pick("empty")
+    (img / f"{c}_0000.nii.gz").write_bytes(b"")
+    c = pick("NaN")
+    pet = nib.load(str(img / f"{c}_0001.nii.gz"))
+    data = np.asarray(pet.dataobj, np.float32).copy()
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, pet.affine), str(img / f"{c}_0001.nii.gz"))
+    c = pick("3-D volume")
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), pet.affine), str(img / f"{c}_0001.nii.gz"))
+    c = pick("label grid")
+    lab_img = nib.load(str(lab / f"{c}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(lab_img.dataobj)[:-2], lab_img.affine), str(lab / f"{c}.nii.gz"))
+    c = pick("values other than 0/1")
+    lab_img = nib.load(str(lab / f"{c}.nii.gz"))
+    bad = np.asarray(lab_img.dataobj).astype(np.uint8).copy()
+    bad[1, 1, 1] = 2
+    nib.save(nib.Nifti1Image(bad, lab_img.affine), str(lab / f"{c}.nii.gz"))
+    c = pick("overlap")
+    ct = nib.load(str(img / f"{c}_0000.nii.gz"))
+    moved = ct.affine.copy()
+    moved[:3, 3] += 5000.0
+    nib.save(nib.Nifti1Image(np.asarray(ct.dataobj), moved), str(img / f"{c}_0000.nii.gz"))
+    c = pick("not a readable NIfTI")  # a text file named .nii.gz
+    (img / f"{c}_0000.nii.gz").write_text("this is not an image\n")
+    return expected
+
+
+def test_bad_inputs_are_named_and_the_rest_is_prepared(cohort: Path, tmp_path: Path, home: Path):
+    from typer.testing import CliRunner
+
+    from petctl.cli import app
+
+    data = tmp_path / "bad"
+    expected = _bad_cohort(cohort, data)
+    out = tmp_path / "store"
+    result = CliRunner().invoke(app, ["prepare", str(data), "--store", str(out), "--spacing", "6,6,8", "--folds", "2"])
+    text = result.output
+    assert result.exit_code == 3, text
+    assert "Traceback" not in text
+    for case, reason in expected.items():
+        line = next((l for l in text.splitlines() if case in l), "")
+        assert reason in line, (case, reason, text)
+    manifest = json.loads((out / "manifest.json").read_text())
+    good = set(json.loads((out / "manifest.json").read_text())["cases"])
+    assert good.isdisjoint(expected) and len(good) == 11
+    assert set(manifest["skipped"]) == set(expected)
+    assert CaseStore(out).list() == sorted(good)
+    assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
+
+
+def test_float_labels_accepted_and_half_refused(tmp_path: Path):
+    from petctl.engine.nifti import as_binary_label
+    from petctl.errors import CaseError
+
+    assert as_binary_label("c", np.array([0.0, 1.0, 1.0])).tolist() == [0, 1, 1]
+    with pytest.raises(CaseError, match="0.5"):
+        as_binary_label("c", np.array([0.0, 0.5]))
+
+
+def test_killed_prepare_leaves_no_incomplete_case_and_resumes(cohort: Path, tmp_path: Path):
+    out = tmp_path / "store"
+    env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "petctl", "prepare", str(cohort), "--store", str(out), "--spacing", "6,6,8", "--folds", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    cases_dir = out / "cases"
+    while time.time() < deadline:
+        if cases_dir.is_dir() and any(p.name.startswith(".tmp-") for p in cases_dir.iterdir()) and CaseStore(out).list():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    s = CaseStore(out)
+    listed = s.list()
+    assert 0 < len(listed) < 10
+    for case in listed:  # every visible case is complete and readable
+        stored = s.load(case)
+        stored.image.read_all()
+        stored.label.read_all()
+    assert not (out / "manifest.json").exists()
+    # re-run: resumes, keeps the finished cases, and completes the store
+    result = run(PrepareConfig(data=str(cohort), store=str(out), spacing=COARSE, num_folds=2))
+    assert set(result.reused) == set(listed)
+    assert len(result.reused) + len(result.prepared) == 10
+    assert not [p for p in cases_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_resumed_store_is_identical(cohort: Path, store: Path, tmp_path: Path):
+    """A store prepared twice from scratch holds byte-identical arrays (determinism per seed)."""
+    other = tmp_path / "again"
+    run(PrepareConfig(data=str(cohort), store=str(other), spacing=COARSE, num_folds=2, test_fraction=0.25))
+    a, b = CaseStore(store), CaseStore(other)
+    assert json.loads((store / "splits.json").read_text()) == json.loads((other / "splits.json").read_text())
+    for case in a.list():
+        assert np.array_equal(a.load(case).image.read_all(), b.load(case).image.read_all())
+        assert np.array_equal(a.load(case).lesion_coords, b.load(case).lesion_coords)
