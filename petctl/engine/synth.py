@@ -38,24 +38,27 @@ _TRAIN, _TEST = 0, 1
 _OUTPUT_NAMES = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "dataset.json", "metadata.csv", "Metadata.csv", MARKER)
 
 # Tissue codes of the phantom; the physiological-uptake organs are the ones lesions must avoid.
-(
-    AIR,
-    FAT,
-    SOFT,
-    LUNG,
-    LIVER,
-    SPLEEN,
-    CANCELLOUS,
-    CORTICAL,
-    BRAIN,
-    MYOCARDIUM,
-    BLOOD,
-    KIDNEY,
-    BLADDER,
-    BOWEL,
-    BROWN_FAT,
-) = range(15)
+AIR, FAT, SOFT, LUNG, LIVER, SPLEEN, CANCELLOUS, CORTICAL, BRAIN, MYOCARDIUM, BLOOD, KIDNEY, BLADDER, BOWEL, BROWN_FAT = range(15)  # fmt: skip
 _PHYSIOLOGICAL = (BRAIN, MYOCARDIUM, BLOOD, KIDNEY, BLADDER, BOWEL, BROWN_FAT)
+# Per tissue: mean CT number (HU), and the range a study's mean SUV is drawn from (FDG uptake in
+# heart, kidneys, bladder and brown fat varies a lot between scans).
+_TISSUE_TABLE = {
+    AIR: (-1000, (0.02, 0.02)),
+    FAT: (-100, (0.25, 0.35)),
+    SOFT: (42, (0.6, 1.0)),
+    LUNG: (-850, (0.3, 0.4)),
+    LIVER: (60, (2.0, 2.5)),
+    SPLEEN: (50, (1.6, 2.1)),
+    CANCELLOUS: (380, (0.9, 1.3)),
+    CORTICAL: (850, (0.4, 0.6)),
+    BRAIN: (35, (6.0, 10.0)),
+    MYOCARDIUM: (45, (2.0, 8.0)),
+    BLOOD: (40, (1.4, 2.0)),
+    KIDNEY: (32, (4.0, 8.0)),
+    BLADDER: (8, (8.0, 20.0)),
+    BOWEL: (25, (3.0, 6.0)),
+    BROWN_FAT: (-75, (3.0, 8.0)),
+}
 _SITES = {  # lesion site weights per diagnosis
     "LYMPHOMA": {"neck": 0.25, "axilla": 0.2, "mediastinum": 0.25, "abdomen": 0.2, "groin": 0.1},
     "MELANOMA": {
@@ -158,6 +161,11 @@ class Body:
         a = np.interp(s, knots, [0.35 * w, 0.35 * w, w, 0.95 * w, w, w])
         b = np.interp(s, knots, [0.5 * d, 0.5 * d, 0.95 * d, d, 0.92 * d, 0.9 * d])
         return a, b, self.y_back + b
+
+    def at(self, s: float, x_frac: float, y_frac: float) -> np.ndarray:
+        """The point at body position `s`, offset by fractions of the local torso semi-axes."""
+        a, b, cy = (float(v) for v in self.profile(np.array(s)))
+        return np.array([x_frac * a, cy + y_frac * b, self.z(s)])
 
 
 @dataclass(frozen=True)
@@ -369,40 +377,26 @@ def tissue_map(body: Body, grid: Grid) -> np.ndarray:
             (y - cy - 0.08 * b) / (0.62 * b * taper + 1e-3)
         ) ** 2
         tissue[(rl <= 1) & thorax] = LUNG
-    a_t, b_t, cy_t = (float(v) for v in body.profile(np.array(0.45)))
-    heart_c = np.array([-0.12 * a_t, cy_t + 0.15 * b_t, body.z(0.44)])
-    heart_r = np.array([0.3 * a_t, 0.38 * b_t, 0.06 * body.length])
+    a_t = float(body.profile(np.array(0.45))[0])
+    heart_c, heart_r = (
+        body.at(0.44, -0.12, 0.15),
+        np.array([0.3 * a_t, 0.38 * a_t * body.depth / body.width, 0.06 * body.length]),
+    )
     _ellipsoid(tissue, grid, heart_c, heart_r, MYOCARDIUM)
     _ellipsoid(tissue, grid, heart_c, heart_r - 10 * k, BLOOD)
-    a_a, b_a, cy_a = (float(v) for v in body.profile(np.array(0.53)))
+    a_a, b_a, _ = body.profile(np.array(0.53))
     inner = tissue != AIR
     _ellipsoid(
-        tissue,
-        grid,
-        np.array([0.33 * a_a, cy_a + 0.05 * b_a, body.z(0.53)]),
-        np.array([0.5 * a_a, 0.62 * b_a, 0.075 * body.length]),
-        LIVER,
-        inner,
+        tissue, grid, body.at(0.53, 0.33, 0.05), np.array([0.5 * a_a, 0.62 * b_a, 0.075 * body.length]), LIVER, inner
     )
     _ellipsoid(
-        tissue,
-        grid,
-        np.array([-0.55 * a_a, cy_a - 0.3 * b_a, body.z(0.54)]),
-        np.array([0.16 * a_a, 0.25 * b_a, 0.04 * body.length]),
-        SPLEEN,
-        inner,
+        tissue, grid, body.at(0.54, -0.55, -0.3), np.array([0.16 * a_a, 0.25 * b_a, 0.04 * body.length]), SPLEEN, inner
     )
-    a_k, b_k, cy_k = (float(v) for v in body.profile(np.array(0.61)))
     for side in (-1, 1):
         _ellipsoid(
-            tissue,
-            grid,
-            np.array([side * 0.36 * a_k, cy_k - 0.45 * b_k, body.z(0.61)]),
-            np.array([25 * k, 22 * k, 0.055 * body.length]),
-            KIDNEY,
+            tissue, grid, body.at(0.61, side * 0.36, -0.45), np.array([25 * k, 22 * k, 0.055 * body.length]), KIDNEY
         )
-    a_p, b_p, cy_p = (float(v) for v in body.profile(np.array(0.84)))
-    _ellipsoid(tissue, grid, np.array([0.0, cy_p + 0.25 * b_p, body.z(0.84)]), np.array(body.bladder), BLADDER)
+    _ellipsoid(tissue, grid, body.at(0.84, 0.0, 0.25), np.array(body.bladder), BLADDER)
     # Bones: vertebrae (with discs) from neck to sacrum, rib cage, hip bones, femurs.
     y_spine = body.y_back + 0.28 * body.depth
     spine = (s > 0.17) & (s < 0.82) & ((x**2 + (y - y_spine) ** 2) <= (np.where(s < 0.27, 11, 17) * k) ** 2)
@@ -422,21 +416,13 @@ def tissue_map(body: Body, grid: Grid) -> np.ndarray:
     tissue[hips & (tissue == SOFT)] = CANCELLOUS
     femurs = legs & (((np.abs(x) - 0.52 * a) ** 2 + (y - cy) ** 2) <= (14 * k) ** 2)
     tissue[femurs] = CORTICAL
+    soft = tissue == SOFT
     for s_bf, xf, yf, rad in body.brown_fat:
-        a_b, b_b, cy_b = (float(v) for v in body.profile(np.array(s_bf)))
         for side in (-1, 1):
-            _ellipsoid(
-                tissue,
-                grid,
-                np.array([side * xf * a_b, cy_b + yf * b_b, body.z(s_bf)]),
-                np.full(3, rad * k),
-                BROWN_FAT,
-                tissue == SOFT,
-            )
+            _ellipsoid(tissue, grid, body.at(s_bf, side * xf, yf), np.full(3, rad * k), BROWN_FAT, soft)
     gut = (tissue == SOFT) | (tissue == FAT)
     for s_bw, xf, yf in body.bowel:
-        a_w, b_w, cy_w = (float(v) for v in body.profile(np.array(s_bw)))
-        _ellipsoid(tissue, grid, np.array([xf * a_w, cy_w + yf * b_w, body.z(s_bw)]), np.full(3, 8 * k), BOWEL, gut)
+        _ellipsoid(tissue, grid, body.at(s_bw, xf, yf), np.full(3, 8 * k), BOWEL, gut)
     return tissue
 
 
@@ -455,10 +441,10 @@ def _place_lesions(
             break
         site = str(rng.choice(sites, p=np.array(weights) / sum(weights)))
         radius = max(float(np.exp(rng.uniform(np.log(4), np.log(25)))), r_min)
-        centre = _site_centre(rng, site, body, grid, tissue, radius)
+        centre = _site_centre(rng, site, body, grid, tissue)
         if centre is None:
             continue
-        lesion = _lesion(rng, centre, radius, site, tissue, grid, pet_base)
+        lesion = _lesion(rng, centre, radius, site, grid, pet_base)
         found = lesion.mask(grid)
         if found is None:
             continue
@@ -488,14 +474,11 @@ def _clear(
     return True
 
 
-def _site_centre(
-    rng: np.random.Generator, site: str, body: Body, grid: Grid, tissue: np.ndarray, radius: float
-) -> np.ndarray | None:
+def _site_centre(rng: np.random.Generator, site: str, body: Body, grid: Grid, tissue: np.ndarray) -> np.ndarray | None:
+    """A lesion centre: in a lymph-node region, or at a random lung, liver, bone or fat voxel."""
     if site in _NODE_REGIONS:
         (s0, s1), (x0, x1), (y0, y1) = _NODE_REGIONS[site]
-        s = rng.uniform(s0, s1)
-        a, b, cy = (float(v) for v in body.profile(np.array(s)))
-        return np.array([rng.choice([-1, 1]) * rng.uniform(x0, x1) * a, cy + rng.uniform(y0, y1) * b, body.z(s)])
+        return body.at(rng.uniform(s0, s1), rng.choice([-1, 1]) * rng.uniform(x0, x1), rng.uniform(y0, y1))
     code = {"lung": LUNG, "liver": LIVER, "bone": CANCELLOUS, "subcutaneous": FAT}[site]
     candidates = np.flatnonzero(tissue == code)
     if candidates.size == 0:
@@ -508,14 +491,10 @@ def _site_centre(
 
 
 def _lesion(
-    rng: np.random.Generator,
-    centre: np.ndarray,
-    radius: float,
-    site: str,
-    tissue: np.ndarray,
-    grid: Grid,
-    pet_base: np.ndarray,
+    rng: np.random.Generator, centre: np.ndarray, radius: float, site: str, grid: Grid, pet_base: np.ndarray
 ) -> Lesion:
+    """An irregular lesion of about `radius` mm whose SUV clears the tissue it sits in."""
+
     def rotation() -> np.ndarray:
         q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
         return q
@@ -539,34 +518,14 @@ def _lesion(
 
 
 def _uptake(rng: np.random.Generator) -> np.ndarray:
-    """Mean SUV per tissue code for one study (physiological uptake varies between scans)."""
-    suv = np.zeros(15, np.float32)
-    suv[[AIR, FAT, SOFT, LUNG, LIVER, SPLEEN, CANCELLOUS, CORTICAL]] = [
-        0.02,
-        0.3,
-        rng.uniform(0.6, 1.0),
-        0.35,
-        rng.uniform(2.0, 2.5),
-        rng.uniform(1.6, 2.1),
-        rng.uniform(0.9, 1.3),
-        0.5,
-    ]
-    suv[[BRAIN, MYOCARDIUM, BLOOD, KIDNEY, BLADDER, BOWEL, BROWN_FAT]] = [
-        rng.uniform(6, 10),
-        rng.uniform(2, 8),
-        rng.uniform(1.4, 2.0),
-        rng.uniform(4, 8),
-        rng.uniform(8, 20),
-        rng.uniform(3, 6),
-        rng.uniform(3, 8),
-    ]
-    return suv
+    """Mean SUV per tissue code for one study."""
+    return np.array([rng.uniform(*_TISSUE_TABLE[code][1]) for code in range(len(_TISSUE_TABLE))], np.float32)
 
 
 def _attenuation(rng: np.random.Generator) -> np.ndarray:
-    """Mean HU per tissue code for one study."""
-    hu = np.array([-1000, -100, 42, -850, 60, 50, 380, 850, 35, 45, 40, 32, 8, 25, -75], np.float32)
-    return hu + rng.uniform(-8, 8, 15).astype(np.float32) * (np.arange(15) != AIR)
+    """Mean HU per tissue code for one study; air stays at -1000 so the body can be cropped."""
+    hu = np.array([_TISSUE_TABLE[code][0] for code in range(len(_TISSUE_TABLE))], np.float32)
+    return hu + rng.uniform(-8, 8, len(hu)).astype(np.float32) * (np.arange(len(hu)) != AIR)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
