@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from petctl import __version__
-from petctl.commands import not_built, prepare, status, synth
+from petctl.commands import not_built, prepare, status, synth, train
 from petctl.errors import EXIT_USAGE, PetctlError
 
 app = typer.Typer(
@@ -63,6 +63,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 app.command("synth", help=synth.__doc__)(user_errors(synth.synth))
 app.command("prepare", help=prepare.__doc__)(user_errors(prepare.prepare))
+app.command("train", help=train.__doc__)(user_errors(train.train))
 for _verb in not_built.VERBS:
     app.command(_verb, help=not_built.help_for(_verb), context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
         not_built.make(_verb)
@@ -73,7 +74,8 @@ app.command("status", help=status.__doc__)(user_errors(status.status))
 def main() -> None:
     """Console-script entry point: user errors become one line, not a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        raise SystemExit(code if isinstance(code, int) else 0)
     except PetctlError as exc:
         from petctl.console import error_line
 

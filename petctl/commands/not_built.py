@@ -11,10 +11,9 @@ import typer
 
 from petctl.errors import EXIT_NOT_BUILT
 
-VERBS = ("train", "calibrate", "retrain-merged", "predict", "evaluate", "slurm", "demo")
+VERBS = ("calibrate", "retrain-merged", "predict", "evaluate", "slurm", "demo")
 
 _HELP = {
-    "train": "Train segmentation or classifier folds with accelerate (not built yet).",
     "calibrate": "Pick the ensemble and classifier thresholds on the held-out test set (not built yet).",
     "retrain-merged": "Retrain the folds with the test set merged in (not built yet).",
     "predict": "Gated ensemble prediction: NIfTI in, NIfTI mask out (not built yet).",

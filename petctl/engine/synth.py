@@ -661,7 +661,9 @@ def make_cohort(
 
     `layout` is "nnunet" (imagesTr/labelsTr, dataset.json, metadata.csv; a test split goes to
     imagesTs/labelsTs) or "autopet" (PETCT_<hash>/<study>/{CTres,SUV,SEG}.nii.gz and Metadata.csv).
-    `scale` multiplies the voxels per axis. `on_case(case_id)` is called after each study.
+    metadata.csv lists the test cases too (they are new patients). `scale` multiplies the voxels per
+    axis. `on_case(case_id)` is called after each study. `synth.json` records every case's files,
+    patient, diagnosis and lesion count.
     Raises PetctlError for bad arguments or an `out` that holds something else.
     """
     if layout not in LAYOUTS:

@@ -1,0 +1,133 @@
+"""Train segmentation folds: one `accelerate launch` process tree per fold, then a summary table.
+
+Each fold is a registry step (`train-seg-fold<K>`) with per-cycle metrics; checkpoints, metrics.json
+and progress.png land in HOME/runs/RUN/seg/fold<K>/. Re-running the same command resumes each fold
+from its last checkpoint. Exit status 75 when a fold was stopped by SIGTERM/SIGUSR1 (checkpoint
+saved; re-run to resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from petctl.errors import EXIT_NOT_BUILT, PetctlError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _folds(text: str, num_folds: int) -> list[int]:
+    if text == "all":
+        return list(range(num_folds))
+    try:
+        folds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise PetctlError(f"--fold must be a number, a comma list, or 'all' (got {text!r})") from None
+    bad = [f for f in folds if not 0 <= f < num_folds]
+    if bad:
+        raise PetctlError(f"--fold {bad[0]} does not exist (the store has {num_folds} folds)")
+    return folds
+
+
+def train(
+    store: Annotated[Path, typer.Option("--store", help="Prepared store (from `petctl prepare`).")],
+    task: Annotated[str, typer.Option("--task", help="seg (segmentation) or cls (MIP classifier).")] = "seg",
+    fold: Annotated[str, typer.Option("--fold", help="Fold number, comma list, or 'all'.")] = "all",
+    preset: Annotated[str, typer.Option("--preset", help="autopet-paper, cpu-small or cpu-tiny.")] = "cpu-small",
+    processes: Annotated[int, typer.Option("--processes", help="Processes per fold in total (GPUs, or CPU gloo ranks).")] = 1,
+    nodes: Annotated[int, typer.Option("--nodes", help="Machines per fold (multi-node; see `petctl slurm`).")] = 1,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no or bf16.")] = "no",
+    run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "default",
+    merged: Annotated[bool, typer.Option("--merged", help="Use the merged folds (test set folded in).")] = False,
+    pretrained: Annotated[Optional[Path], typer.Option("--pretrained", help="Local Swin-UNETR checkpoint (BTCV layout).")] = None,
+    cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps (smoke runs).")] = None,
+    home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
+) -> None:
+    from petctl.console import console, error_line
+    from petctl.engine.config import preset as get_preset
+    from petctl.engine.launch import launch_command
+    from petctl.engine.registry import Registry, check_name
+    from petctl.home import resolve_home
+
+    if task == "cls":
+        error_line("`petctl train --task cls` (the MIP classifier folds) is not built yet in this version.")
+        raise typer.Exit(EXIT_NOT_BUILT)
+    if task != "seg":
+        raise PetctlError(f"--task must be seg or cls (got {task!r})")
+    check_name(run, "run")
+    splits_path = store / "splits.json"
+    if not splits_path.exists():
+        raise PetctlError(f"{store}: no splits.json; run `petctl prepare` first")
+    splits = json.loads(splits_path.read_text())
+    folds = _folds(fold, len(splits["merged_seg_folds" if merged else "seg_folds"]))
+    cfg = get_preset(preset)
+    overrides = {k: v for k, v in {"num_cycles": cycles, "epochs_per_cycle": epochs, "mixed_precision": mixed_precision,
+                                    "pretrained": str(pretrained) if pretrained else None}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    home_path = resolve_home(home)
+    registry = Registry(home_path)
+    registry.create_run(run, kind="train", config={"store": str(store.resolve()), "preset": preset})
+    run_dir = home_path / "runs" / run
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not _has_cuda()
+    env = {**os.environ}
+    if cpu and processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+    worst = 0
+    for k in folds:
+        out = run_dir / ("seg-merged" if merged else "seg") / f"fold{k}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+        args = ["--config", str(out / "train_config.json"), "--store", str(store.resolve()), "--fold", str(k),
+                "--out", str(out), "--run", run, "--home", str(home_path.resolve())]
+        if merged:
+            args.append("--merged")
+        if max_steps is not None:
+            args += ["--max-steps", str(max_steps)]
+        cmd = launch_command(processes=processes, nodes=nodes, port=_free_port(), mixed_precision=mixed_precision, cpu=cpu, module_args=args)
+        console.print(f"[bold]fold {k}[/]: {processes} process(es) × {nodes} node(s), preset {cfg.preset}")
+        code = subprocess.call(cmd, env=env)
+        worst = max(worst, code)
+        if code != 0:
+            error_line(f"fold {k}: training exited with status {code}" + (" (stopped by signal; re-run to resume)" if code == 75 else ""))
+    _summary(run_dir / ("seg-merged" if merged else "seg"), folds)
+    if worst:
+        raise typer.Exit(worst)
+
+
+def _has_cuda() -> bool:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return out.returncode == 0 and "GPU" in out.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _summary(seg_dir: Path, folds: list[int]) -> None:
+    from rich.table import Table
+
+    from petctl.console import console
+
+    table = Table(title="Segmentation folds (the paper's Table 1)")
+    for col in ("fold", "best cycle", "top-K AUROC", "best threshold", "Dice @ threshold"):
+        table.add_column(col, justify="right")
+    for k in folds:
+        path = seg_dir / f"fold{k}" / "metrics.json"
+        best = json.loads(path.read_text()).get("best") if path.exists() else None
+        if best:
+            table.add_row(str(k), str(best["cycle"]), f"{best['top_k_auroc']:.4f}", f"{best['best_threshold']:.2f}", f"{best['dice_at_best']:.4f}")
+        else:
+            table.add_row(str(k), "-", "-", "-", "-")
+    console.print(table)

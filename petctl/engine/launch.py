@@ -1,0 +1,76 @@
+"""Entry point that `accelerate launch` starts in every process: `python -m petctl.engine.launch`.
+
+It reads the fold's JSON config and calls `trainer.fit`. Building the `accelerate launch` command
+line (single process, multi-GPU, CPU gloo, multi-node) is `launch_command`, a pure function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def launch_command(
+    *,
+    processes: int,
+    nodes: int = 1,
+    machine_rank: int | str = 0,
+    main_address: str | None = None,
+    port: int = 29500,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    module_args: Sequence[str] = (),
+) -> list[str]:
+    """The `accelerate launch` argv for one fold (processes = total across all nodes)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1 or nodes > 1:
+        cmd += ["--multi_gpu"]
+    cmd += [
+        "--num_processes", str(processes),
+        "--num_machines", str(nodes),
+        "--mixed_precision", "no" if cpu else mixed_precision,
+        "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+    ]
+    if nodes > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_address or "127.0.0.1")]
+    if cpu and processes == 1 and nodes == 1:
+        cmd += ["--cpu"]
+    cmd += ["-m", "petctl.engine.launch", *module_args]
+    return cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="petctl.engine.launch")
+    parser.add_argument("--config", required=True, help="TrainConfig JSON file")
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--run", default=None)
+    parser.add_argument("--home", default=None)
+    parser.add_argument("--merged", action="store_true")
+    parser.add_argument("--max-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from petctl.engine.config import TrainConfig
+    from petctl.engine.trainer import fit
+    from petctl.errors import PetctlError
+
+    cfg = TrainConfig.from_json(json.loads(Path(args.config).read_text()))
+    try:
+        return fit(cfg, Path(args.store), args.fold, Path(args.out), run=args.run,
+                   home=Path(args.home) if args.home else None, merged=args.merged, max_steps=args.max_steps)
+    except PetctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code) if os.environ.get("PETCTL_HARD_EXIT") else sys.exit(code)
