@@ -33,30 +33,59 @@ def pin_torch_threads() -> None:
 
 @dataclass
 class Measure:
-    """One approach's result: `num_patches` produced in `seconds`, reading `disk_bytes` of files."""
+    """One approach's result: `num_patches` made in `cpu_seconds` of this process's CPU time
+    (`wall_seconds` of wall clock), reading `disk_bytes` of files."""
 
     name: str
     num_patches: int
-    seconds: float
+    cpu_seconds: float
+    wall_seconds: float
     disk_bytes: int
     note: str = ""
 
     @property
     def rate(self) -> float:
-        """Patches per second (nan when the approach did not run)."""
-        return self.num_patches / self.seconds if self.seconds > 0 and self.num_patches > 0 else math.nan
+        """Patches per CPU-second (nan when the approach did not run).
+
+        Single-threaded work on page-cache-hot files, so this is the rate on an idle core; unlike
+        wall clock it does not depend on what other processes do on a shared machine.
+        """
+        return self.num_patches / self.cpu_seconds if self.cpu_seconds > 0 and self.num_patches > 0 else math.nan
 
 
 def not_run(name: str, disk_bytes: int, why: str) -> Measure:
-    return Measure(name, 0, math.nan, disk_bytes, why)
+    return Measure(name, 0, math.nan, math.nan, disk_bytes, why)
 
 
-def timed(fn: Callable[[Any], Any], items: Iterable[Any]) -> float:
-    """Seconds to call `fn` on every item (wall clock)."""
-    t0 = time.perf_counter()
-    for item in items:
-        fn(item)
-    return time.perf_counter() - t0
+@dataclass
+class Approach:
+    """One way of producing patches: `step(item)` does one unit of work and returns its patch count."""
+
+    name: str
+    step: Callable[[Any], int]
+    items: list[Any]
+    disk_bytes: int
+    note: str = ""
+
+
+def run_interleaved(approaches: list[Approach], rounds: int) -> dict[str, Measure]:
+    """Time every approach on its items (CPU and wall clock), in `rounds` alternating slices.
+
+    On a shared machine a burst of load from other processes (or a cache effect) then hits all
+    approaches alike instead of whichever ran at that moment. Item order is kept within an
+    approach, so approaches given the same items see the same sequence.
+    """
+    cpu = {a.name: 0.0 for a in approaches}
+    wall = {a.name: 0.0 for a in approaches}
+    patches = {a.name: 0 for a in approaches}
+    for r in range(rounds):
+        for a in approaches:
+            part = a.items[r * len(a.items) // rounds : (r + 1) * len(a.items) // rounds]
+            c0, w0 = time.process_time(), time.perf_counter()
+            patches[a.name] += sum(a.step(item) for item in part)
+            cpu[a.name] += time.process_time() - c0
+            wall[a.name] += time.perf_counter() - w0
+    return {a.name: Measure(a.name, patches[a.name], cpu[a.name], wall[a.name], a.disk_bytes, a.note) for a in approaches}
 
 
 def disk_bytes(paths: Iterable[Path]) -> int:
@@ -90,10 +119,11 @@ def print_table(title: str, ours: Measure, others: list[Measure]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col, justify in (("approach", "left"), ("patches", "right"), ("seconds", "right"), ("patches/s", "right"),
-                         (f"{ours.name} speed-up", "right"), ("on disk", "right"), ("note", "left")):
+    for col, justify in (("approach", "left"), ("patches", "right"), ("CPU s", "right"), ("wall s", "right"),
+                         ("patches/s", "right"), (f"{ours.name} speed-up", "right"), ("on disk", "right"), ("note", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for m in [ours, *others]:
         speedup = "—" if m is ours else f"{ratio(ours, m):.2f}×"
-        table.add_row(m.name, str(m.num_patches), f"{m.seconds:.2f}", f"{m.rate:.1f}", speedup, human_bytes(m.disk_bytes), m.note)
+        table.add_row(m.name, str(m.num_patches), f"{m.cpu_seconds:.2f}", f"{m.wall_seconds:.2f}", f"{m.rate:.1f}", speedup,
+                      human_bytes(m.disk_bytes), m.note)
     Console(width=160).print(table)

@@ -14,9 +14,12 @@ one of its voxels), otherwise centred on a body voxel, and zero-padded at the bo
 - `memmap`: uncompressed float32/uint8 `.npy` files opened with mmap_mode='r', sliced and copied.
 
 zarr, nnunet and memmap read the same sequence of patch boxes (fixed seed); the first few patches
-are checked to be equal across them. Everything runs single-threaded (torch, OpenMP/BLAS, Blosc).
-All files are freshly written and so in the page cache: this measures the CPU cost of a patch, not
-the disk. By default a small synthetic cohort is made and prepared in a temp folder.
+are checked to be equal across them. Everything runs single-threaded (torch, OpenMP/BLAS, Blosc),
+and the fast approaches take turns in rounds. All files are freshly written and so in the page
+cache: this measures the CPU cost of a patch, not the disk, and rates are patches per CPU-second
+of this process (what one idle core gives; wall clock is shown too, but on a shared machine it
+mostly measures the neighbours). By default a small synthetic cohort is made and prepared in a
+temp folder.
 
     .venv/bin/python bench/patch_sampling.py --quick
 """
@@ -33,7 +36,6 @@ _common.pin_threads()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import pickle  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -47,7 +49,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import Measure, disk_bytes, not_run, print_table, ratio, timed  # noqa: E402
+from _common import Approach, Measure, disk_bytes, not_run, print_table, ratio, run_interleaved  # noqa: E402
 
 PATCH = (96, 96, 96)
 P_LESION = 2 / 3
@@ -56,6 +58,8 @@ SPACING = (2.04, 2.04, 3.0)
 SEED = 0
 MIN_SYNTH_CASES = 7
 """`prepare` needs ≥2 patients with lesions left after the test split; seed 0 reaches that at 7 cases."""
+ROUNDS = 4
+"""Approaches take turns in this many slices of their work (fair under load from other processes)."""
 TARGETS = {"monai": 20.0, "persistent": 2.0, "nnunet": 1.0, "memmap": 0.5}
 
 Box = tuple[str, tuple[int, int, int]]
@@ -153,76 +157,96 @@ def nifti_sources(store: Path, cases: list[str]) -> dict[str, dict[str, str]] | 
     return {c: {"ct": str(found[c].ct), "pet": str(found[c].pet), "label": str(found[c].label)} for c in cases}
 
 
-def export_arrays(store: Any, cases: list[str], work: Path) -> tuple[Path, Path]:
-    """Write each case's stored arrays to nnU-Net's Blosc2 format and to plain .npy files."""
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-
-    nnunet_dir, npy_dir = work / "nnunet", work / "npy"
-    nnunet_dir.mkdir()
-    npy_dir.mkdir()
+def export_npy(store: Any, cases: list[str], out: Path) -> Path:
+    """The store's arrays as uncompressed float32 image / uint8 label `.npy` files."""
+    out.mkdir()
     for case in cases:
         stored = store.load(case)
-        image = stored.image.read_all().astype(np.float32)
-        label = stored.label.read_all()
-        np.save(npy_dir / f"{case}.npy", image)
-        np.save(npy_dir / f"{case}_seg.npy", label)
-        # nnU-Net's preprocessor: seg int8 (1, X, Y, Z), chunk/block sizes from the patch size
-        seg = label[None].astype(np.int8)
+        np.save(out / f"{case}.npy", stored.image.read_all().astype(np.float32))
+        np.save(out / f"{case}_seg.npy", stored.label.read_all())
+    return out
+
+
+def export_nnunet(npy_dir: Path, store: Any, cases: list[str], out: Path) -> Path:
+    """The same arrays in nnU-Net v2's Blosc2 format, as its preprocessor writes them: image
+    float32 (2, X, Y, Z), seg int8 (1, X, Y, Z), chunks/blocks from `comp_blosc2_params` for the
+    patch size, and a properties pickle with foreground locations."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
+    out.mkdir()
+    for case in cases:
+        image = np.load(npy_dir / f"{case}.npy")
+        seg = np.load(npy_dir / f"{case}_seg.npy")[None].astype(np.int8)
         block, chunk = comp_blosc2_params(image.shape, PATCH, image.itemsize)
         block_seg, chunk_seg = comp_blosc2_params(seg.shape, PATCH, seg.itemsize)
-        fg = stored.lesion_coords[:, 1:]
+        fg = store.load(case).lesion_coords[:, 1:].astype(np.int64)
         properties = {
             "shape_before_cropping": image.shape[1:],
             "shape_after_cropping_and_before_resampling": image.shape[1:],
             "spacing": SPACING,
-            "class_locations": {1: np.c_[np.zeros(len(fg), dtype=fg.dtype), fg].astype(np.int64)},
+            "class_locations": {1: np.c_[np.zeros(len(fg), dtype=np.int64), fg]},
         }
-        nnUNetDatasetBlosc2.save_case(image, seg, properties, str(nnunet_dir / case), chunks=chunk, blocks=block, chunks_seg=chunk_seg, blocks_seg=block_seg)
-    return nnunet_dir, npy_dir
+        nnUNetDatasetBlosc2.save_case(image, seg, properties, str(out / case), chunks=chunk, blocks=block, chunks_seg=chunk_seg, blocks_seg=block_seg)
+    return out
+
+
+def nnunet_missing() -> str | None:
+    """Why nnU-Net's dataset class cannot be used here, or None when it can."""
+    try:
+        import blosc2
+        from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd  # noqa: F401
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2  # noqa: F401
+    except ImportError as exc:
+        return f"nnunetv2 is not importable ({exc}); install the bench extra: pip install -e '.[bench]'"
+    blosc2.set_nthreads(1)
+    return None
 
 
 # -- approaches ----------------------------------------------------------------------------------
-def bench_zarr(store: Any, boxes: list[Box], case_paths: list[Path]) -> Measure:
+def zarr_approach(store: Any, boxes: list[Box], case_paths: list[Path]) -> Approach:
     import torch
 
-    for case in {c for c, _ in boxes}:  # opened once per training process; not per patch
+    for case in {c for c, _ in boxes}:  # opened once per training process, not per patch
         store.load(case)
 
-    def one(box: Box) -> None:
+    def step(box: Box) -> int:
         img, lab = store.read_patch(box[0], box[1], PATCH)
         torch.from_numpy(img).float(), torch.from_numpy(lab)
+        return 1
 
-    return Measure("zarr", len(boxes), timed(one, boxes), disk_bytes(case_paths), "CaseStore.read_patch, float16→float32")
+    return Approach("zarr", step, boxes, disk_bytes(case_paths), "CaseStore.read_patch, float16→float32")
 
 
-def bench_nnunet(nnunet_dir: Path, boxes: list[Box], cases: list[str]) -> Measure:
+def nnunet_approach(nnunet_dir: Path, boxes: list[Box], cases: list[str]) -> Approach:
     import torch
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     dataset = nnUNetDatasetBlosc2(str(nnunet_dir), identifiers=list(cases))
 
-    def one(box: Box) -> None:  # nnUNetDataLoader.generate_train_batch, one sample
+    def step(box: Box) -> int:  # nnUNetDataLoader.generate_train_batch, for one sample
         data, seg, _, _ = dataset.load_case(box[0])
         bbox = [[s, s + p] for s, p in zip(box[1], PATCH)]
         torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
         torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+        return 1
 
     files = [nnunet_dir / f"{c}{suffix}" for c in cases for suffix in (".b2nd", "_seg.b2nd", ".pkl")]
-    return Measure("nnunet", len(boxes), timed(one, boxes), disk_bytes(files), "nnUNetDatasetBlosc2.load_case + crop_and_pad_nd")
+    return Approach("nnunet", step, boxes, disk_bytes(files), "nnUNetDatasetBlosc2.load_case + crop_and_pad_nd")
 
 
-def bench_memmap(npy_dir: Path, boxes: list[Box], cases: list[str]) -> Measure:
+def memmap_approach(npy_dir: Path, boxes: list[Box], cases: list[str]) -> Approach:
     import torch
 
     opened = {c: (np.load(npy_dir / f"{c}.npy", mmap_mode="r"), np.load(npy_dir / f"{c}_seg.npy", mmap_mode="r")) for c in cases}
 
-    def one(box: Box) -> None:
+    def step(box: Box) -> int:
         image, label = opened[box[0]]
         torch.from_numpy(crop_zero_padded(image, box[1], PATCH)), torch.from_numpy(crop_zero_padded(label, box[1], PATCH))
+        return 1
 
     files = [npy_dir / f"{c}{suffix}" for c in cases for suffix in (".npy", "_seg.npy")]
-    return Measure("memmap", len(boxes), timed(one, boxes), disk_bytes(files), "np.load(mmap_mode='r'), slice + copy")
+    return Approach("memmap", step, boxes, disk_bytes(files), "np.load(mmap_mode='r'), slice + copy")
 
 
 def monai_transforms(fingerprint: dict[str, Any], seed: int) -> Any:
@@ -256,41 +280,34 @@ def monai_transforms(fingerprint: dict[str, Any], seed: int) -> Any:
     return pipeline
 
 
-def _monai_patches(samples: list[dict[str, Any]]) -> int:
+def _to_tensors(samples: list[dict[str, Any]]) -> int:
     import torch
 
-    for s in samples:  # plain tensors, as the network gets them
-        torch.as_tensor(s["image"]).float(), torch.as_tensor(s["label"])
+    for sample in samples:  # plain tensors, as the network gets them
+        torch.as_tensor(sample["image"]).float(), torch.as_tensor(sample["label"])
     return len(samples)
 
 
-def bench_monai(sources: dict[str, dict[str, str]], fingerprint: dict[str, Any], loads: int) -> Measure:
+def monai_approach(sources: dict[str, dict[str, str]], fingerprint: dict[str, Any], loads: int) -> Approach:
     from monai.data import Dataset
 
-    items = [sources[c] for c in sources]
+    items = list(sources.values())
     dataset = Dataset(items, transform=monai_transforms(fingerprint, SEED))
-    order = [i % len(items) for i in range(loads)]
-    t0 = time.perf_counter()
-    num = sum(_monai_patches(dataset[i]) for i in order)
-    seconds = time.perf_counter() - t0
-    files = [Path(p) for c in sources for p in sources[c].values()]
-    return Measure("monai", num, seconds, disk_bytes(files), f"uncached, {seconds / loads:.2f}s per scan load (.nii.gz)")
+    files = [Path(p) for paths in items for p in paths.values()]
+    return Approach("monai", lambda i: _to_tensors(dataset[i]), [i % len(items) for i in range(loads)], disk_bytes(files), "uncached, from .nii.gz")
 
 
-def bench_persistent(sources: dict[str, dict[str, str]], fingerprint: dict[str, Any], loads: int, cache: Path) -> Measure:
+def persistent_approach(sources: dict[str, dict[str, str]], fingerprint: dict[str, Any], loads: int, cache: Path) -> Approach:
+    """PersistentDataset with its cache filled by one pass over the cases (that pass is not timed)."""
     from monai.data import PersistentDataset
 
-    items = [sources[c] for c in sources]
+    items = list(sources.values())
     dataset = PersistentDataset(items, transform=monai_transforms(fingerprint, SEED), cache_dir=cache)
     t0 = time.perf_counter()
-    for i in range(len(items)):  # fill the cache (not timed)
+    for i in range(len(items)):
         dataset[i]
-    fill = time.perf_counter() - t0
-    order = [i % len(items) for i in range(loads)]
-    t0 = time.perf_counter()
-    num = sum(_monai_patches(dataset[i]) for i in order)
-    seconds = time.perf_counter() - t0
-    return Measure("persistent", num, seconds, disk_bytes([cache]), f"warm cache (filled in {fill:.1f}s), {seconds / loads:.2f}s per load")
+    note = f"warm cache (filled in {time.perf_counter() - t0:.1f}s)"
+    return Approach("persistent", lambda i: _to_tensors(dataset[i]), [i % len(items) for i in range(loads)], disk_bytes([cache]), note)
 
 
 def check_same_patches(store: Any, nnunet_dir: Path, npy_dir: Path, boxes: list[Box]) -> None:
@@ -315,20 +332,20 @@ def check_same_patches(store: Any, nnunet_dir: Path, npy_dir: Path, boxes: list[
 # -- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 cases, 240 patches per approach, 2 MONAI scan loads (< 2 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="4 cases, 400 patches per approach, 2 MONAI scan loads (< 2 min on 2 cores)")
     parser.add_argument("--cases", type=int, help="cases every approach reads (default 8; 4 with --quick)")
-    parser.add_argument("--patches", type=int, help="patches timed for zarr/nnunet/memmap (default 1000; 240 with --quick)")
+    parser.add_argument("--patches", type=int, help="patches timed for zarr/nnunet/memmap (default 2000; 400 with --quick)")
     parser.add_argument("--monai-loads", type=int, help="scan loads timed for uncached MONAI (default 4; 2 with --quick)")
-    parser.add_argument("--persistent-loads", type=int, help="scan loads timed for the warm PersistentDataset (default 16; 8 with --quick)")
+    parser.add_argument("--persistent-loads", type=int, help="scan loads timed for the warm PersistentDataset (default 64; 24 with --quick)")
     parser.add_argument("--data", type=Path, help="an nnU-Net raw cohort to prepare (default: a synthetic one)")
     parser.add_argument("--store", type=Path, help="an already prepared petctl store to reuse")
     a = parser.parse_args(argv)
     q = a.quick
     cfg = BenchConfig(
         num_cases=a.cases or (4 if q else 8),
-        num_patches=a.patches or (240 if q else 1000),
+        num_patches=a.patches or (400 if q else 2000),
         monai_loads=a.monai_loads or (2 if q else 4),
-        persistent_loads=a.persistent_loads or (8 if q else 16),
+        persistent_loads=a.persistent_loads or (24 if q else 64),
         data=a.data,
         store=a.store,
     )
@@ -337,90 +354,80 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return cfg
 
 
+def measure(cfg: BenchConfig, work: Path, say: Callable[[str], None]) -> tuple[dict[str, Measure], int]:
+    """Prepare the data every approach needs, then time them all; returns results and #cases."""
+    from numcodecs import blosc
+
+    from petctl.engine.store import CaseStore, iter_chunk_files, read_json
+
+    blosc.set_nthreads(1)
+    store_dir = ensure_store(cfg, work, say)
+    store = CaseStore(store_dir)
+    fingerprint = read_json(store_dir / "fingerprint.json")
+    cases = store.list()[: cfg.num_cases]
+    if not cases:
+        raise SystemExit(f"{store_dir}: no prepared cases")
+    say(f"store {store_dir}: benchmarking {len(cases)} cases ({', '.join(cases)})")
+    opened = {c: store.load(c) for c in cases}
+    boxes = patch_boxes({c: (s.lesion_coords, s.body_coords, s.shape) for c, s in opened.items()}, cfg.num_patches, SEED)
+    npy_dir = export_npy(store, cases, work / "npy")
+    case_files = [p for c in cases for p in iter_chunk_files(store.case_path(c))]
+    approaches = [zarr_approach(store, boxes, case_files), memmap_approach(npy_dir, boxes, cases)]
+    results: dict[str, Measure] = {}
+
+    nnunet_why = nnunet_missing()
+    if nnunet_why is None:
+        nnunet_dir = export_nnunet(npy_dir, store, cases, work / "nnunet")
+        check_same_patches(store, nnunet_dir, npy_dir, boxes[:8])
+        say("checked: zarr, nnunet and memmap return identical voxels for the first 8 patches")
+        approaches.append(nnunet_approach(nnunet_dir, boxes, cases))
+    else:
+        say(f"nnunet: NOT MEASURED: {nnunet_why}")
+        results["nnunet"] = not_run("nnunet", 0, "not installed")
+
+    sources = nifti_sources(store_dir, cases)
+    if sources is None:
+        why = "the store's source cohort (prepare.json → data) is not readable here"
+        say(f"monai, persistent: NOT MEASURED: {why}")
+        results["monai"] = not_run("monai", 0, "no .nii.gz inputs")
+        results["persistent"] = not_run("persistent", 0, "no .nii.gz inputs")
+    else:
+        approaches.append(persistent_approach(sources, fingerprint, cfg.persistent_loads, work / "monai-cache"))
+
+    results.update(run_interleaved(approaches, ROUNDS))
+    if sources is not None:  # ~50× slower than the rest: a few scans, not interleaved
+        results.update(run_interleaved([monai_approach(sources, fingerprint, cfg.monai_loads)], 1))
+        for name, loads in (("monai", cfg.monai_loads), ("persistent", cfg.persistent_loads)):
+            results[name].note += f", {results[name].cpu_seconds / loads:.2f} CPU s per scan load ({PATCHES_PER_LOAD} patches)"
+    store.close()
+    return results, len(cases)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     t_start = time.perf_counter()
     _common.pin_torch_threads()
     from rich.console import Console
 
-    from petctl.engine.store import CaseStore, iter_chunk_files, read_json
-
-    console = Console(width=160, highlight=False)
-    say = console.print
-    say("single-threaded: torch.set_num_threads(1), OMP/OPENBLAS/MKL/NUMEXPR/BLOSC threads = 1")
+    say = Console(width=160, highlight=False).print
+    say("single-threaded for fairness: torch.set_num_threads(1); OMP/OPENBLAS/MKL/NUMEXPR/BLOSC threads = 1")
+    say("patches/s = patches per CPU-second of this process (single-threaded, files in page cache: the rate on an"
+        " idle core); wall-clock seconds are shown beside it")
     warnings.filterwarnings("ignore", module="monai")
-
     with tempfile.TemporaryDirectory(prefix="petctl-bench-") as tmp:
-        work = Path(tmp)
-        store_dir = ensure_store(cfg, work, say)
-        store = CaseStore(store_dir)
-        from numcodecs import blosc
-
-        blosc.set_nthreads(1)
-        fingerprint = read_json(store_dir / "fingerprint.json")
-        cases = store.list()[: cfg.num_cases]
-        if not cases:
-            raise SystemExit(f"{store_dir}: no prepared cases")
-        say(f"store {store_dir}: benchmarking {len(cases)} cases {', '.join(cases)}")
-        opened = {c: store.load(c) for c in cases}
-        boxes = patch_boxes({c: (s.lesion_coords, s.body_coords, s.shape) for c, s in opened.items()}, cfg.num_patches, SEED)
-        case_files = [p for c in cases for p in iter_chunk_files(store.case_path(c))]
-
-        try:
-            import blosc2
-
-            blosc2.set_nthreads(1)
-            nnunet_ok, why = True, ""
-        except ImportError as exc:
-            nnunet_ok, why = False, f"nnunetv2/blosc2 not importable ({exc}); install the bench extra"
-        if nnunet_ok:
-            try:
-                nnunet_dir, npy_dir = export_arrays(store, cases, work)
-            except ImportError as exc:
-                nnunet_ok, why = False, f"nnunetv2 not importable ({exc}); install the bench extra"
-        if not nnunet_ok:
-            say(f"nnunet: NOT MEASURED: {why}")
-            npy_dir = work / "npy"  # memmap still runs without nnU-Net
-            if not npy_dir.exists():
-                npy_dir.mkdir()
-                for c in cases:
-                    np.save(npy_dir / f"{c}.npy", store.load(c).image.read_all().astype(np.float32))
-                    np.save(npy_dir / f"{c}_seg.npy", store.load(c).label.read_all())
-        else:
-            check_same_patches(store, nnunet_dir, npy_dir, boxes[:8])
-            say("checked: zarr, nnunet and memmap return identical voxels for the first 8 patches")
-
-        results: dict[str, Measure] = {}
-        results["zarr"] = bench_zarr(store, boxes, case_files)
-        results["nnunet"] = bench_nnunet(nnunet_dir, boxes, cases) if nnunet_ok else not_run("nnunet", 0, why)
-        results["memmap"] = bench_memmap(npy_dir, boxes, cases)
-        sources = nifti_sources(store_dir, cases)
-        if sources is None:
-            missing = "the store's source cohort (prepare.json → data) is not readable here"
-            say(f"monai, persistent: NOT MEASURED: {missing}")
-            results["monai"] = not_run("monai", 0, missing)
-            results["persistent"] = not_run("persistent", 0, missing)
-        else:
-            results["monai"] = bench_monai(sources, fingerprint, cfg.monai_loads)
-            results["persistent"] = bench_persistent(sources, fingerprint, cfg.persistent_loads, work / "monai-cache")
-        store.close()
+        results, num_cases = measure(cfg, Path(tmp), say)
 
     ours = results["zarr"]
-    others = [results[k] for k in ("monai", "persistent", "nnunet", "memmap")]
-    print_table(f"random 96³ patches → float32 torch tensors ({len(cases)} cases, 1 thread)", ours, others)
+    print_table(f"random 96³ patches → float32 torch tensors ({num_cases} cases, 1 thread)", ours, [results[k] for k in TARGETS])
     ratios = {k: ratio(ours, results[k]) for k in TARGETS}
     for k, target in TARGETS.items():
         verdict = "n/a" if math.isnan(ratios[k]) else ("met" if ratios[k] >= target else "MISSED")
         say(f"target zarr/{k} ≥ {target:g}: {ratios[k]:.2f} → {verdict}")
-    nn_bytes = results["nnunet"].disk_bytes
-    if nn_bytes:
-        verdict = "met" if ours.disk_bytes <= nn_bytes else "MISSED"
-        say(f"target store ≤ nnU-Net on disk: {ours.disk_bytes / nn_bytes:.2f}× of nnU-Net's → {verdict}")
+    if results["nnunet"].disk_bytes:
+        size = ours.disk_bytes / results["nnunet"].disk_bytes
+        say(f"target store on disk ≤ nnU-Net's: {size:.2f}× → {'met' if size <= 1 else 'MISSED'}")
     say(f"total {time.perf_counter() - t_start:.0f}s")
-    print(
-        "RESULT patch_sampling "
-        + " ".join(f"ratio_vs_{k}={ratios[k]:.2f}" for k in ("monai", "persistent", "nnunet", "memmap"))
-    )
+    print("RESULT patch_sampling " + " ".join(f"ratio_vs_{k}={ratios[k]:.2f}" for k in TARGETS))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Train segmentation folds: one `accelerate launch` process tree per fold, then a summary table.
+"""Train segmentation or MIP-classifier folds: one `accelerate launch` process tree per fold.
 
-Each fold is a registry step (`train-seg-fold<K>`) with per-cycle metrics; checkpoints, metrics.json
-and progress.png land in HOME/runs/RUN/seg/fold<K>/. Re-running the same command resumes each fold
+Each fold (× projection for --task cls) is a registry step (`train-seg-fold<K>`,
+`train-cls-fold<K>-<axis>`) with per-cycle metrics; checkpoints, metrics.json and progress.png land
+in HOME/runs/RUN/seg/fold<K>/ or HOME/runs/RUN/cls/fold<K>-<axis>/. Re-running the same command resumes each fold
 from its last checkpoint. Exit status 75 when a fold was stopped by SIGTERM/SIGUSR1 (checkpoint
 saved; re-run to resume).
 """
@@ -18,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from petctl.errors import EXIT_NOT_BUILT, PetctlError
+from petctl.errors import PetctlError
 
 
 def _free_port() -> int:
@@ -62,17 +63,14 @@ def train(
     from petctl.engine.registry import Registry, check_name
     from petctl.home import resolve_home
 
-    if task == "cls":
-        error_line("`petctl train --task cls` (the MIP classifier folds) is not built yet in this version.")
-        raise typer.Exit(EXIT_NOT_BUILT)
-    if task != "seg":
+    if task not in ("seg", "cls"):
         raise PetctlError(f"--task must be seg or cls (got {task!r})")
     check_name(run, "run")
     splits_path = store / "splits.json"
     if not splits_path.exists():
         raise PetctlError(f"{store}: no splits.json; run `petctl prepare` first")
     splits = json.loads(splits_path.read_text())
-    folds = _folds(fold, len(splits["merged_seg_folds" if merged else "seg_folds"]))
+    folds = _folds(fold, len(splits[f"{'merged_' if merged else ''}{task}_folds"]))
     cfg = get_preset(preset)
     overrides = {k: v for k, v in {"num_cycles": cycles, "epochs_per_cycle": epochs, "mixed_precision": mixed_precision,
                                     "pretrained": str(pretrained) if pretrained else None}.items() if v is not None}
@@ -82,27 +80,32 @@ def train(
     registry.create_run(run, kind="train", config={"store": str(store.resolve()), "preset": preset})
     run_dir = home_path / "runs" / run
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not _has_cuda()
-    env = {**os.environ}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if cpu and processes > 1:
         env["ACCELERATE_USE_CPU"] = "true"
+    family = f"{task}{'-merged' if merged else ''}"
+    jobs = [(k, None) for k in folds] if task == "seg" else [(k, axis) for k in folds for axis in cfg.cls_projections]
     worst = 0
-    for k in folds:
-        out = run_dir / ("seg-merged" if merged else "seg") / f"fold{k}"
+    for k, axis in jobs:
+        name = f"fold{k}" + (f"-{axis}" if axis else "")
+        out = run_dir / family / name
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        args = ["--config", str(out / "train_config.json"), "--store", str(store.resolve()), "--fold", str(k),
+        args = ["--config", str(out / "train_config.json"), "--store", str(store.resolve()), "--fold", str(k), "--task", task,
                 "--out", str(out), "--run", run, "--home", str(home_path.resolve())]
+        if axis:
+            args += ["--projection", axis]
         if merged:
             args.append("--merged")
         if max_steps is not None:
             args += ["--max-steps", str(max_steps)]
         cmd = launch_command(processes=processes, nodes=nodes, port=_free_port(), mixed_precision=mixed_precision, cpu=cpu, module_args=args)
-        console.print(f"[bold]fold {k}[/]: {processes} process(es) × {nodes} node(s), preset {cfg.preset}")
+        console.print(f"[bold]{task} {name}[/]: {processes} process(es) × {nodes} node(s), preset {cfg.preset}")
         code = subprocess.call(cmd, env=env)
         worst = max(worst, code)
         if code != 0:
-            error_line(f"fold {k}: training exited with status {code}" + (" (stopped by signal; re-run to resume)" if code == 75 else ""))
-    _summary(run_dir / ("seg-merged" if merged else "seg"), folds)
+            error_line(f"{task} {name}: training exited with status {code}" + (" (stopped by signal; re-run to resume)" if code == 75 else ""))
+    summary_table(run_dir / family, [f"fold{k}" + (f"-{a}" if a else "") for k, a in jobs], task)
     if worst:
         raise typer.Exit(worst)
 
@@ -115,19 +118,24 @@ def _has_cuda() -> bool:
         return False
 
 
-def _summary(seg_dir: Path, folds: list[int]) -> None:
+def summary_table(family_dir: Path, names: list[str], task: str) -> None:
+    """The per-fold table (the paper's Table 1 for segmentation) from each fold's metrics.json."""
     from rich.table import Table
 
     from petctl.console import console
 
-    table = Table(title="Segmentation folds (the paper's Table 1)")
-    for col in ("fold", "best cycle", "top-K AUROC", "best threshold", "Dice @ threshold"):
-        table.add_column(col, justify="right")
-    for k in folds:
-        path = seg_dir / f"fold{k}" / "metrics.json"
+    if task == "seg":
+        table = Table(title="Segmentation folds (the paper's Table 1)")
+        cols = (("best cycle", "cycle", "{}"), ("top-K AUROC", "top_k_auroc", "{:.4f}"), ("best threshold", "best_threshold", "{:.2f}"),
+                ("Dice @ threshold", "dice_at_best", "{:.4f}"))
+    else:
+        table = Table(title="MIP classifier folds")
+        cols = (("best cycle", "cycle", "{}"), ("AUROC", "auroc", "{:.4f}"))
+    table.add_column("fold", justify="right")
+    for header, _, _ in cols:
+        table.add_column(header, justify="right")
+    for name in names:
+        path = family_dir / name / "metrics.json"
         best = json.loads(path.read_text()).get("best") if path.exists() else None
-        if best:
-            table.add_row(str(k), str(best["cycle"]), f"{best['top_k_auroc']:.4f}", f"{best['best_threshold']:.2f}", f"{best['dice_at_best']:.4f}")
-        else:
-            table.add_row(str(k), "-", "-", "-", "-")
+        table.add_row(name, *[(fmt.format(best[key]) if best and best.get(key) is not None else "-") for _, key, fmt in cols])
     console.print(table)

@@ -48,6 +48,18 @@ class TrainConfig:
     seed: int = 0
     pretrained: str | None = None
     """Local path of a Swin-UNETR (BTCV layout) checkpoint; never downloaded."""
+    cls_model: str = "swin_tiny_patch4_window7_224"
+    """timm model name of the MIP classifier (1 logit)."""
+    cls_projections: tuple[str, ...] = ("x", "y")
+    """MIP axes; one model per axis and fold. The paper found z worse (AUROC 83.8 vs 92.9/93.0)."""
+    cls_img_size: tuple[int, int] = (352, 224)
+    """(rows, cols) of the resized MIP: 224 wide × 352 tall, since rows run along the body axis."""
+    cls_batch_size: int = 8
+    cls_num_cycles: int = 5
+    cls_epochs_per_cycle: int = 3
+    cls_lr: float = 5e-4
+    cls_pretrained: str | None = None
+    """Local timm checkpoint for the classifier; never downloaded."""
     collective_timeout_s: int = 600
     """A rank that waits longer than this on a collective (a peer died) fails instead of hanging."""
 
@@ -63,6 +75,8 @@ class TrainConfig:
         for name in ("patches_per_scan", "batch_size", "num_cycles", "epochs_per_cycle", "grad_accum"):
             if getattr(self, name) < 1:
                 raise PetctlError(f"{name} must be at least 1")
+        if any(p not in ("x", "y", "z") for p in self.cls_projections) or not self.cls_projections:
+            raise PetctlError(f"cls_projections must be a non-empty subset of x, y, z (got {self.cls_projections})")
         if len(self.patch_size) != 3 or min(self.patch_size) < 16:
             raise PetctlError(f"patch_size must be three sizes ≥ 16 (got {self.patch_size})")
 
@@ -97,6 +111,11 @@ def cpu_small() -> TrainConfig:
         lr_min_ratio=0.02,
         num_workers=0,
         sw_batch_size=8,
+        cls_model="resnet10t",
+        cls_img_size=(160, 96),
+        cls_num_cycles=2,
+        cls_epochs_per_cycle=4,
+        cls_lr=1e-3,
     )
 
 
@@ -104,7 +123,7 @@ def cpu_tiny() -> TrainConfig:
     """A few steps of a tiny network: for tests and smoke runs only (no quality)."""
     return replace(
         cpu_small(), preset="cpu-tiny", features=(4, 4, 8, 8, 16, 4), patches_per_scan=2, batch_size=2,
-        num_cycles=2, epochs_per_cycle=1, max_val_cases=2,
+        num_cycles=2, epochs_per_cycle=1, max_val_cases=2, cls_num_cycles=1, cls_epochs_per_cycle=1, cls_img_size=(96, 64),
     )
 
 

@@ -24,8 +24,11 @@ def launch_command(
     mixed_precision: str = "no",
     cpu: bool = False,
     module_args: Sequence[str] = (),
+    threads: int | None = None,
 ) -> list[str]:
     """The `accelerate launch` argv for one fold (processes = total across all nodes)."""
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(1, processes // max(1, nodes)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1 or nodes > 1:
         cmd += ["--multi_gpu"]
@@ -35,6 +38,7 @@ def launch_command(
         "--mixed_precision", "no" if cpu else mixed_precision,
         "--dynamo_backend", "no",
         "--main_process_port", str(port),
+        "--num_cpu_threads_per_process", str(threads),
     ]
     if nodes > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_address or "127.0.0.1")]
@@ -54,16 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--home", default=None)
     parser.add_argument("--merged", action="store_true")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--task", choices=("seg", "cls"), default="seg")
+    parser.add_argument("--projection", default="x", help="MIP axis for --task cls")
     args = parser.parse_args(argv)
 
     from petctl.engine.config import TrainConfig
-    from petctl.engine.trainer import fit
     from petctl.errors import PetctlError
 
     cfg = TrainConfig.from_json(json.loads(Path(args.config).read_text()))
+    common = dict(run=args.run, home=Path(args.home) if args.home else None, merged=args.merged, max_steps=args.max_steps)
     try:
-        return fit(cfg, Path(args.store), args.fold, Path(args.out), run=args.run,
-                   home=Path(args.home) if args.home else None, merged=args.merged, max_steps=args.max_steps)
+        if args.task == "cls":
+            from petctl.engine.classifier import fit_cls
+
+            return fit_cls(cfg, Path(args.store), args.fold, args.projection, Path(args.out), **common)
+        from petctl.engine.trainer import fit
+
+        return fit(cfg, Path(args.store), args.fold, Path(args.out), **common)
     except PetctlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

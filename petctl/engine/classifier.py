@@ -1,0 +1,110 @@
+"""MIP classifier folds: a timm image model scores PET maximum-intensity projections (1 logit).
+
+One model per fold and projection axis (x, y; z optional). Each training scan's PET volume is
+augmented in 3-D first (flips, zoom, rotation, intensity — the same batched augmentation as
+segmentation), then projected and resized, so the projection sees a physically plausible view.
+Selection per cycle is the AUROC over the fold's validation scans (positives and negatives).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from petctl.engine.config import TrainConfig
+from petctl.engine.loop import LoopConfig, fit_task
+from petctl.errors import PetctlError
+
+
+def case_labels(store_root: Path) -> dict[str, bool]:
+    """case → positive (label not empty), from the store manifest."""
+    path = Path(store_root) / "manifest.json"
+    if not path.exists():
+        raise PetctlError(f"{path}: missing; run `petctl prepare` first")
+    return {c: bool(e["positive"]) for c, e in json.loads(path.read_text())["cases"].items()}
+
+
+def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: torch.device,
+            augment: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(1, H, W) MIP of a stored case's PET channel, optionally 3-D augmented before projecting."""
+    from petctl.engine.mip import mip_batch, resize_mip
+    from petctl.engine.sampling import augment_batch
+
+    pet = torch.from_numpy(store.load(case).image.read_all()[1]).float().to(device)[None, None]
+    if augment is not None and augment.enabled:
+        pet, _ = augment_batch(pet, torch.zeros_like(pet), generator, augment)
+    return resize_mip(mip_batch(pet[:, 0], axis), size)[0]
+
+
+class ClsTask:
+    """One classifier fold × projection: model, MIP batches, BCE loss, AUROC validation."""
+
+    def __init__(self, cfg: TrainConfig, store_root: Path, axis: str, train_cases: list[str], val_cases: list[str], accelerator: Any) -> None:
+        from petctl.engine.models import build_classifier
+        from petctl.engine.sampling import AugmentConfig
+        from petctl.engine.store import CaseStore
+
+        self.cfg, self.axis, self.val_cases = cfg, axis, val_cases
+        self.train_cases = train_cases
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.labels = case_labels(store_root)
+        self.store = CaseStore(store_root)
+        self.model = build_classifier(cfg.cls_model, in_chans=1, img_size=cfg.cls_img_size, pretrained_path=cfg.cls_pretrained)
+        self.augment = AugmentConfig(enabled=cfg.augment)
+        per_rank = math.ceil(len(train_cases) / self.world)
+        self.steps_per_epoch = max(1, math.ceil(per_rank / cfg.cls_batch_size))
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def batches(self, epoch: int) -> Iterator[list[str]]:
+        from petctl.engine.sampling import epoch_cases
+
+        while True:
+            mine = epoch_cases(self.train_cases, epoch, self.cfg.seed, self.world)[self.rank :: self.world]
+            for i in range(0, len(mine), self.cfg.cls_batch_size):
+                yield mine[i : i + self.cfg.cls_batch_size]
+
+    def loss(self, model: torch.nn.Module, batch: list[str], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        images = torch.stack([pet_mip(self.store, c, self.axis, self.cfg.cls_img_size, device, self.augment, generator) for c in batch])
+        target = torch.tensor([[1.0 if self.labels[c] else 0.0] for c in batch], device=device)
+        return self.loss_fn(model(images), target)
+
+    def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
+        from petctl.engine.distributed import gather_objects
+        from petctl.engine.metrics import auroc
+
+        rows = []
+        model.eval()
+        with torch.no_grad():
+            for case in self.val_cases[self.rank :: self.world]:
+                image = pet_mip(self.store, case, self.axis, self.cfg.cls_img_size, accelerator.device)[None]
+                rows.append({"case": case, "score": float(torch.sigmoid(model(image).float())[0, 0]), "positive": self.labels[case]})
+        model.train()
+        rows = sorted(gather_objects(accelerator, rows), key=lambda r: r["case"])
+        labels = np.array([r["positive"] for r in rows], bool)
+        scores = np.array([r["score"] for r in rows], float)
+        value = float(auroc(labels, scores)) if rows else float("nan")
+        return {"selection": value, "auroc": value, "val_scores": rows}
+
+
+def fit_cls(cfg: TrainConfig, store_root: Path, fold: int, axis: str, out_dir: Path, *, run: str | None = None,
+            home: Path | None = None, merged: bool = False, max_steps: int | None = None) -> int:
+    """Train one classifier fold for one projection axis in this process; returns the exit status."""
+    from petctl.engine.trainer import read_fold
+
+    if axis not in ("x", "y", "z"):
+        raise PetctlError(f"projection must be x, y or z (got {axis!r})")
+    train_cases, val_cases = read_fold(store_root, fold, task="cls", merged=merged)
+    loop = LoopConfig(num_cycles=cfg.cls_num_cycles, epochs_per_cycle=cfg.cls_epochs_per_cycle, lr=cfg.cls_lr,
+                      lr_min_ratio=cfg.lr_min_ratio, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum, seed=cfg.seed,
+                      max_steps=max_steps, batch_size=cfg.cls_batch_size, selection_name="auroc")
+    config_json = {**cfg.to_json(), "task": "cls", "fold": fold, "projection": axis, "merged": merged, "store": str(store_root),
+                   "train": train_cases, "val": val_cases}
+    return fit_task(lambda acc: ClsTask(cfg, store_root, axis, train_cases, val_cases, acc), loop, out_dir,
+                    mixed_precision=cfg.mixed_precision, timeout_s=cfg.collective_timeout_s, run=run, home=home,
+                    step=f"train-cls{'-merged' if merged else ''}-fold{fold}-{axis}", kind="train-cls", config_json=config_json,
+                    label=f"cls fold {fold} {axis}")

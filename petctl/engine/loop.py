@@ -1,0 +1,340 @@
+"""The cyclic training loop shared by segmentation and classifier folds.
+
+A `Task` supplies the model, the batches, the loss and the per-cycle validation; this module owns
+everything else once: NAdam with the cyclical cosine schedule (C cycles × E epochs, restarting each
+cycle), accelerate (DDP, bf16, gradient accumulation), `best`/`last` checkpoints with exact
+position, resume, SIGTERM/SIGUSR1 handling (every rank stops at the same step, `last` is saved,
+exit status `EXIT_PREEMPTED`), the registry step, `metrics.json` and `progress.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from petctl.errors import PetctlError
+
+EXIT_PREEMPTED = 75
+"""Stopped by SIGTERM/SIGUSR1 after saving a checkpoint; re-run (or requeue) to resume."""
+CHECKPOINT_VERSION = 1
+
+
+class Task(Protocol):
+    """What the loop needs from a segmentation or classifier fold."""
+
+    model: torch.nn.Module
+    steps_per_epoch: int
+
+    def batches(self, epoch: int) -> Iterator[Any]: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, device: torch.device) -> torch.Tensor: ...
+
+    def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
+        """Returns at least {"selection": float (higher is better; nan allowed)} plus summary numbers."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    num_cycles: int
+    epochs_per_cycle: int
+    lr: float
+    lr_min_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    seed: int = 0
+    max_steps: int | None = None
+    batch_size: int = 1
+    selection_name: str = "top_k_auroc"
+
+
+@dataclass
+class Position:
+    cycle: int = 0
+    epoch: int = 0  # epoch within the cycle
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class StepRef:
+    """Where the loop reports: a registry step (main rank only), or nothing."""
+
+    registry: Any = None
+    run: str | None = None
+    step: str | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
+                    position: Position, config: dict[str, Any], metric: float | None, extra: dict | None = None) -> None:
+    """Write weights + training state + JSON sidecar into `folder` atomically (temp dir, rename)."""
+    from petctl.engine.registry import code_version
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        torch.save(model_state, tmp / "model.pt")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state()},
+                   tmp / "training_state.pt")
+        meta = {
+            "version": CHECKPOINT_VERSION,
+            "config": config,
+            "position": position.__dict__,
+            "metric": metric,
+            "code_version": code_version(),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        for p in tmp.iterdir():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint folder to resume from; falls back to a `.old` copy left by a killed save."""
+    folder = Path(folder)
+    if (folder / "meta.json").exists():
+        return folder
+    for old in sorted(folder.parent.glob(f".{folder.name}.old-*")):
+        if (old / "meta.json").exists():
+            return old
+    return None
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(model_state, training_state, meta) with weights_only loading (no code runs)."""
+    try:
+        model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        state_path = folder / "training_state.pt"
+        state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else {}
+        meta = json.loads((folder / "meta.json").read_text())
+    except Exception as exc:
+        raise PetctlError(f"{folder}: checkpoint cannot be loaded safely ({str(exc).splitlines()[0][:160]})") from None
+    return model_state, state, meta
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (to compare ranks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- the loop --------------------------------------------------------------------------------
+def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, report: StepRef, stop: Any,
+               config_json: dict[str, Any], label: str) -> int:
+    """Train `task` for cfg.num_cycles cycles; returns 0, or EXIT_PREEMPTED after a signal."""
+    from petctl.engine import distributed as dist
+    from petctl.engine.schedule import make_scheduler
+
+    is_main = accelerator.is_main_process
+    model = task.model
+    optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_cycle = max(1, task.steps_per_epoch * cfg.epochs_per_cycle // cfg.grad_accum)
+    scheduler = make_scheduler(optimizer, steps_per_cycle, cfg.num_cycles, lr_min_ratio=cfg.lr_min_ratio)
+    position = Position()
+    history: list[dict[str, Any]] = []
+    best_metric = -math.inf
+    ckpt_dir = out_dir / "checkpoints"
+    resume = find_checkpoint(ckpt_dir / "last")
+    if resume is not None:
+        model_state, state, meta = load_checkpoint(resume)
+        model.load_state_dict(model_state)
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        position = Position(**meta["position"])
+        history = meta.get("history", [])
+        best_metric = meta.get("best_metric") if meta.get("best_metric") is not None else -math.inf
+        accelerator.print(f"{label}: resuming at cycle {position.cycle + 1}, epoch {position.epoch + 1}, step {position.global_step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(name: str, metric: float | None) -> None:
+        accelerator.wait_for_everyone()
+        # every rank's weights digest: DDP must keep them identical, and the sidecar proves it
+        digests = dist.gather_objects(accelerator, [weights_digest(accelerator.unwrap_model(model))])
+        if is_main:
+            save_checkpoint(ckpt_dir / name, model_state=accelerator.unwrap_model(model).state_dict(),
+                            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                            position=position, config=config_json, metric=metric,
+                            extra={"history": history, "best_metric": best_metric if best_metric > -math.inf else None,
+                                   "rank_weight_digests": digests, "num_processes": accelerator.num_processes})
+        accelerator.wait_for_everyone()
+
+    total_steps = cfg.num_cycles * cfg.epochs_per_cycle * task.steps_per_epoch
+    model.train()
+    t_start = time.perf_counter()
+    steps_this_run = 0
+    while position.cycle < cfg.num_cycles:
+        losses: list[float] = []
+        t_cycle = time.perf_counter()
+        while position.epoch < cfg.epochs_per_cycle:
+            epoch_index = position.cycle * cfg.epochs_per_cycle + position.epoch
+            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + accelerator.process_index * 104729 + epoch_index)
+            batches = task.batches(epoch_index)
+            for _ in range(position.step_in_epoch):  # mid-epoch resume: same data order, skip what was done
+                next(batches)
+            while position.step_in_epoch < task.steps_per_epoch:
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = task.loss(model, batch, gen, accelerator.device)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                losses.append(float(loss.detach()))
+                position.step_in_epoch += 1
+                position.global_step += 1
+                steps_this_run += 1
+                if position.global_step % 10 == 0:
+                    rate = steps_this_run * cfg.batch_size * accelerator.num_processes / max(time.perf_counter() - t_start, 1e-9)
+                    accelerator.print(f"{label} cycle {position.cycle + 1}/{cfg.num_cycles} epoch {position.epoch + 1}/{cfg.epochs_per_cycle} "
+                                      f"step {position.global_step}/{total_steps} loss {np.mean(losses[-10:]):.4f} "
+                                      f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
+                if dist.any_rank(accelerator, stop.signal is not None):
+                    checkpoint("last", None)
+                    if report.registry is not None:
+                        report.registry.update_step(report.run, report.step, status="pending",
+                                                    message=f"stopped by signal at step {position.global_step}; re-run to resume")
+                    accelerator.print(f"{label}: stopped by signal at step {position.global_step}; checkpoint saved")
+                    return EXIT_PREEMPTED
+                if cfg.max_steps is not None and position.global_step >= cfg.max_steps:
+                    checkpoint("last", None)
+                    return 0
+            position.epoch += 1
+            position.step_in_epoch = 0
+        val = task.validate(model, accelerator)
+        train_loss = dist.mean_over_ranks(accelerator, float(np.mean(losses)) if losses else float("nan"), len(losses))
+        selection = float(val.get("selection", float("nan")))
+        record = {"cycle": position.cycle + 1, "global_step": position.global_step, "train_loss": train_loss,
+                  "lr_end": float(scheduler.get_last_lr()[0]), "seconds": round(time.perf_counter() - t_cycle, 2), **val}
+        history.append(record)
+        improved = not math.isnan(selection) and selection > best_metric
+        if improved:
+            best_metric = selection
+        position.cycle += 1
+        position.epoch = 0
+        if improved:
+            checkpoint("best", best_metric)
+        checkpoint("last", selection)
+        if is_main:
+            write_metrics(out_dir, history, config_json, cfg.selection_name)
+            accelerator.print(f"{label} cycle {record['cycle']}: loss {train_loss:.4f} {cfg.selection_name} {selection:.4f}"
+                              f"{' (best)' if improved else ''}")
+            if report.registry is not None:
+                report.registry.update_step(report.run, report.step, metrics={
+                    "cycle": record["cycle"], "train_loss": train_loss, cfg.selection_name: selection,
+                    f"best_{cfg.selection_name}": best_metric, **{k: v for k, v in val.items() if isinstance(v, (int, float)) and k != "selection"}})
+    if report.registry is not None:
+        best = best_record(history)
+        report.registry.finish_step(report.run, report.step, metrics={
+            "best_cycle": best.get("cycle"), cfg.selection_name: best.get("selection"), "steps": position.global_step,
+            **{k: v for k, v in best.items() if isinstance(v, (int, float)) and k not in ("cycle", "selection", "global_step", "seconds", "lr_end")}})
+    return 0
+
+
+def best_record(history: list[dict[str, Any]]) -> dict[str, Any]:
+    valid = [h for h in history if not math.isnan(h.get("selection", float("nan")))]
+    return max(valid, key=lambda h: h["selection"]) if valid else (history[-1] if history else {})
+
+
+def write_metrics(out_dir: Path, history: list[dict[str, Any]], config_json: dict[str, Any], selection_name: str) -> None:
+    from petctl.engine.store import write_json_atomic
+
+    best = best_record(history)
+    write_json_atomic(out_dir / "metrics.json", {"version": 1, "selection": selection_name, "config": config_json,
+                                                 "best": {k: v for k, v in best.items() if not isinstance(v, list)} or None,
+                                                 "cycles": history})
+    try:
+        plot_progress(out_dir / "progress.png", history, selection_name)
+    except Exception as exc:  # a plotting problem must never stop training
+        print(f"progress.png not drawn: {exc}")
+
+
+def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cycles = [h["cycle"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(cycles, [h["train_loss"] for h in history], "o-")
+    axes[0].set(title="train loss", xlabel="cycle")
+    axes[1].plot(cycles, [h["selection"] for h in history], "o-", label=selection_name)
+    if any("dice_at_best" in h for h in history):
+        axes[1].plot(cycles, [h.get("dice_at_best", float("nan")) for h in history], "s-", label="Dice @ best threshold")
+    axes[1].set(title="validation", xlabel="cycle", ylim=(0, 1))
+    axes[1].legend(loc="lower right")
+    axes[2].plot(cycles, [h["lr_end"] for h in history], "o-")
+    axes[2].set(title="learning rate (cycle end)", xlabel="cycle", yscale="log")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def fit_task(build_task, cfg: LoopConfig, out_dir: Path, *, mixed_precision: str, timeout_s: int,
+             run: str | None, home: Path | None, step: str, kind: str, config_json: dict[str, Any], label: str) -> int:
+    """Create the accelerator and registry step, build the task, run the cycles, tear down."""
+    from petctl.engine import distributed as dist
+
+    out_dir = Path(out_dir)
+    accelerator = dist.make_accelerator(mixed_precision, cfg.grad_accum, timeout_s, str(out_dir / "logs"))
+    report = StepRef()
+    if accelerator.is_main_process and run:
+        from petctl.engine.registry import Registry
+        from petctl.home import resolve_home
+
+        report = StepRef(Registry(resolve_home(home)), run, step)
+        report.registry.start_step(run, step, kind=kind, config={**config_json, "processes": accelerator.num_processes})
+    torch.manual_seed(cfg.seed + 1000 * accelerator.process_index)
+    stop = dist.StopFlag().install()
+    try:
+        task = build_task(accelerator)
+        status = run_cycles(task, cfg, out_dir, accelerator, report, stop, config_json, label)
+        del task
+    except BaseException as exc:
+        if report.registry is not None:
+            report.registry.fail_step(run, step, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        raise
+    finally:
+        stop.restore()
+    dist.teardown(accelerator)
+    return status

@@ -1,0 +1,64 @@
+"""Maximum-intensity projections (MIPs) of canonical volumes, the input of the lesion classifier.
+
+Volumes are in the store's canonical RAS voxel order (X, Y, Z): x runs from the patient's left to
+right, y from posterior to anterior, z from feet to head. Each MIP comes out as an image a person
+reads the usual way (row 0 at the top), with no flip of the column axis:
+
+- "y" (coronal, looking along y):   shape (Z, X), img[r, c] = max_y vol[c, y, Z-1-r]  (head at the top)
+- "x" (sagittal, looking along x):  shape (Z, Y), img[r, c] = max_x vol[x, c, Z-1-r]  (head at the top)
+- "z" (axial, looking along z):     shape (Y, X), img[r, c] = max_z vol[c, Y-1-r, z]  (anterior at the top)
+
+Functions are pure and take numpy arrays or torch tensors (on any device) and return the same kind.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+AXES = ("x", "y", "z")
+_PROJECTED_DIM = {"x": -3, "y": -2, "z": -1}
+
+
+def _project(volumes: Array, axis: str) -> Array:
+    """MIP over the last three dims (..., X, Y, Z) → (..., rows, cols) in the module's layout."""
+    if axis not in _PROJECTED_DIM:
+        raise ValueError(f"MIP axis must be one of {', '.join(AXES)} (got {axis!r})")
+    xp = torch if isinstance(volumes, torch.Tensor) else np
+    projected = xp.amax(volumes, _PROJECTED_DIM[axis])  # (..., a, b) with a before b in (X, Y, Z)
+    image = xp.swapaxes(projected, -1, -2)  # rows: the later axis (z, or y for axial)
+    return xp.flip(image, (-2,))  # its high end (head / anterior) at row 0
+
+
+def mip(volume_xyz: Array, axis: str) -> Array:
+    """The 2-D MIP of one (X, Y, Z) volume along `axis`; layout in the module docstring."""
+    if volume_xyz.ndim != 3:
+        raise ValueError(f"mip needs an (X, Y, Z) volume (got shape {tuple(volume_xyz.shape)})")
+    image = _project(volume_xyz, axis)
+    return np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image.contiguous()
+
+
+def mip_batch(volumes_bxyz: torch.Tensor, axis: str) -> torch.Tensor:
+    """MIPs of a batch (B, X, Y, Z) as (B, 1, H, W), each equal to `mip` of its volume."""
+    if volumes_bxyz.ndim != 4:
+        raise ValueError(f"mip_batch needs (B, X, Y, Z) volumes (got shape {tuple(volumes_bxyz.shape)})")
+    return _project(volumes_bxyz, axis).unsqueeze(1).contiguous()
+
+
+def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (224, 352)) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of (B, 1, H, W) MIPs to the classifier's (H, W) size.
+
+    Integer inputs are converted to float32; float inputs keep their dtype.
+    """
+    if img_b1hw.ndim != 4:
+        raise ValueError(f"resize_mip needs (B, 1, H, W) images (got shape {tuple(img_b1hw.shape)})")
+    if not img_b1hw.is_floating_point():
+        img_b1hw = img_b1hw.float()
+    if tuple(img_b1hw.shape[-2:]) == tuple(size):
+        return img_b1hw
+    return F.interpolate(img_b1hw, size=tuple(size), mode="bilinear", align_corners=False)

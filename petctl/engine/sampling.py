@@ -1,0 +1,353 @@
+"""Training patches: where to centre them, how ranks and workers share cases, and batch augmentation.
+
+Three layers, from pure to stateful:
+- `patch_centre` / `patch_start` are pure: coordinates and a `np.random.Generator` in, a patch
+  position out. A lesion-centred draw picks a lesion *component* uniformly and then one of its
+  sampled voxels, so a case's tiny lesions are seen as often as its big ones.
+- `SegPatchDataset` streams patches from a `CaseStore`: each epoch the case list is shuffled the
+  same way on every rank, padded to a multiple of the world size and dealt out `[rank::world]`;
+  within a rank, DataLoader workers split the cases again. A case is opened once and yields
+  `patches_per_scan` patches. Every random draw comes from a generator keyed by
+  (seed, epoch, rank, position of the case in the epoch), so runs repeat exactly and no two ranks
+  or workers draw the same patches; the patches do not depend on the number of workers.
+- `augment_batch` augments a whole batch on whatever device it lives on (flips, one
+  `affine_grid` + `grid_sample` for rotation/zoom of image and label together, intensity
+  scale/shift), so the GPU does the expensive resampling instead of the CPU loader workers.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from petctl.engine.store import CaseStore
+from petctl.errors import PetctlError
+
+# Domain tags keep the shuffle stream and the per-case patch streams apart.
+_SHUFFLE_STREAM, _PATCH_STREAM = 0, 1
+
+
+# -- pure sampling -----------------------------------------------------------------------------
+def patch_centre(
+    stored_shape: Sequence[int],
+    lesion_coords: np.ndarray,
+    body_coords: np.ndarray,
+    lesion_prob: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, bool]:
+    """(centre_xyz int64 (3,), lesion_centred) for one patch of a case.
+
+    With probability `lesion_prob` (only when the case has lesion coordinates) a lesion component
+    is chosen uniformly, then one of its sampled voxels uniformly; otherwise a body voxel, or any
+    voxel of the volume when the case has no body samples.
+    """
+    # Always consume the coin so that the rest of the stream does not depend on the case type.
+    coin = rng.random()
+    if len(lesion_coords) and coin < lesion_prob:
+        components = lesion_coords[:, 0]
+        labels = np.unique(components)
+        rows = np.flatnonzero(components == labels[rng.integers(len(labels))])
+        return lesion_coords[rows[rng.integers(len(rows))], 1:4].astype(np.int64), True
+    if len(body_coords):
+        return body_coords[rng.integers(len(body_coords))].astype(np.int64), False
+    return rng.integers(0, np.asarray(stored_shape, dtype=np.int64)), False
+
+
+def patch_start(
+    centre_xyz: np.ndarray,
+    patch_size: Sequence[int],
+    jitter: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[int, int, int]:
+    """Corner of the patch around `centre_xyz`, shifted by up to ±jitter·size per axis.
+
+    The box may start below zero or run past the volume: `CaseStore.read_patch` fills the outside
+    with zeros. Jitter keeps lesions from always sitting at the patch centre; with jitter ≤ 0.5
+    the centre voxel stays inside the patch.
+    """
+    size = np.asarray(patch_size, dtype=np.int64)
+    start = np.asarray(centre_xyz, dtype=np.int64) - size // 2
+    if jitter > 0:
+        if rng is None:
+            raise ValueError("patch_start: jitter needs an rng")
+        reach = np.floor(size * jitter).astype(np.int64)
+        start = start + rng.integers(-reach, reach + 1)
+    return tuple(int(s) for s in start)  # type: ignore[return-value]
+
+
+def epoch_cases(cases: Sequence[str], epoch: int, seed: int, world_size: int) -> list[str]:
+    """The epoch's case order, identical on every rank, padded (cyclically) to a multiple of world_size."""
+    order = np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).permutation(len(cases))
+    padded = np.resize(order, math.ceil(len(cases) / world_size) * world_size)
+    return [cases[i] for i in padded]
+
+
+# -- dataset -----------------------------------------------------------------------------------
+class SegPatchDataset(IterableDataset):
+    """Streams {"image" (2,*patch) f32, "label" (1,*patch) f32, "case", "lesion"} dicts for one rank."""
+
+    def __init__(
+        self,
+        store_root: str,
+        cases: list[str],
+        patch_size: tuple[int, int, int],
+        patches_per_scan: int,
+        lesion_prob: float = 2 / 3,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        jitter: float = 0.25,
+    ) -> None:
+        if not cases:
+            raise PetctlError("no training cases to sample patches from")
+        if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
+            raise PetctlError(f"patch size must be three positive voxel counts, got {patch_size}")
+        if patches_per_scan < 1:
+            raise PetctlError("patches per scan must be at least 1")
+        if not 0.0 <= lesion_prob <= 1.0:
+            raise PetctlError(f"lesion probability must be in [0, 1], got {lesion_prob}")
+        if not 0 <= rank < world_size:
+            raise PetctlError(f"rank {rank} is not in [0, {world_size})")
+        if not 0.0 <= jitter <= 0.5:
+            raise PetctlError(f"jitter must be in [0, 0.5] (fraction of the patch), got {jitter}")
+        if seed < 0:
+            raise PetctlError("seed must be non-negative")
+        self.store_root = str(store_root)
+        self.cases = list(cases)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.patches_per_scan = int(patches_per_scan)
+        self.lesion_prob = float(lesion_prob)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.jitter = float(jitter)
+        # Shared memory so that persistent DataLoader workers (which hold their own copy of the
+        # dataset) see `set_epoch` calls made in the main process.
+        self._epoch: Any = multiprocessing.Value("q", 0, lock=False)
+        self._store: CaseStore | None = None
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch if isinstance(self._epoch, int) else self._epoch.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating the loader for that epoch (also works with persistent workers)."""
+        if isinstance(self._epoch, int):
+            self._epoch = int(epoch)
+        else:
+            self._epoch.value = int(epoch)
+
+    def patches_per_epoch_per_rank(self) -> int:
+        """Patches every rank yields per epoch (the same on all ranks, whatever the worker split)."""
+        return math.ceil(len(self.cases) / self.world_size) * self.patches_per_scan
+
+    def batches_per_epoch_per_rank(self, batch_size: int, num_workers: int) -> int:
+        """Batches a `make_loader` loader yields per epoch: each worker ends with its own partial batch."""
+        num_cases = math.ceil(len(self.cases) / self.world_size)
+        shares = [len(range(w, num_cases, num_workers)) for w in range(num_workers)] if num_workers > 0 else [num_cases]
+        return sum(math.ceil(n * self.patches_per_scan / batch_size) for n in shares)
+
+    def rank_cases(self, epoch: int | None = None) -> list[tuple[int, str]]:
+        """(position in the epoch, case) pairs this rank reads in `epoch` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        ordered = epoch_cases(self.cases, epoch, self.seed, self.world_size)
+        return list(enumerate(ordered))[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        if self._store is None:
+            self._store = CaseStore(self.store_root)
+        for position, case in self.rank_cases(epoch)[worker::num_workers]:
+            rng = np.random.default_rng([self.seed, epoch, _PATCH_STREAM, self.rank, position])
+            yield from self._case_patches(case, rng)
+
+    def _case_patches(self, case: str, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        stored = self._store.load(case)  # type: ignore[union-attr]
+        for _ in range(self.patches_per_scan):
+            centre, lesion = patch_centre(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng)
+            start = patch_start(centre, self.patch_size, self.jitter, rng)
+            image, label = self._store.read_patch(case, start, self.patch_size)  # type: ignore[union-attr]
+            yield {
+                "image": torch.from_numpy(image).float(),
+                "label": torch.from_numpy(label).float().unsqueeze(0),
+                "case": case,
+                "lesion": lesion,
+            }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None  # each process opens its own files
+        if get_spawning_popen() is None and not isinstance(self._epoch, int):
+            # Shared memory only travels to a process being started; any other copy gets a value.
+            state["_epoch"] = self.epoch
+        return state
+
+
+def _init_worker(worker_id: int) -> None:
+    # Loader workers run side by side; intra-op threads in each would oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: SegPatchDataset,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    prefetch_factor: int = 2,
+) -> DataLoader:
+    """A DataLoader over `dataset`; workers persist across epochs so open shards stay cached."""
+    if batch_size < 1 or num_workers < 0:
+        raise PetctlError("batch size must be ≥ 1 and the number of loader workers ≥ 0")
+    workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        worker_init_fn=_init_worker if workers else None,
+    )
+
+
+# -- batched augmentation ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-sample random augmentation applied to a whole batch on its device."""
+
+    enabled: bool = True
+    """False: `augment_batch` returns its inputs unchanged (validation, debugging)."""
+    p_flip: float = 0.5
+    """Probability of a flip, drawn independently for each spatial axis of each sample."""
+    p_affine: float = 0.5
+    """Probability that a sample is rotated and zoomed (one draw per sample covers both)."""
+    max_rotation_deg: float = 15.0
+    """Rotation about each axis is uniform in ±this many degrees (voxel space, like MONAI/nnU-Net)."""
+    zoom_range: tuple[float, float] = (0.85, 1.25)
+    """Isotropic zoom factor range; > 1 enlarges the content (zooms in)."""
+    p_intensity: float = 0.5
+    """Probability, per sample and channel, of the intensity scale and shift below."""
+    intensity_scale: float = 0.1
+    """Intensities are multiplied by U(1 - s, 1 + s)."""
+    intensity_shift: float = 0.1
+    """Then shifted by U(-s, s) (z-score units)."""
+
+    def __post_init__(self) -> None:
+        for name in ("p_flip", "p_affine", "p_intensity"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PetctlError(f"augmentation {name} must be in [0, 1], got {getattr(self, name)}")
+        lo, hi = self.zoom_range
+        if not 0 < lo <= hi:
+            raise PetctlError(f"augmentation zoom range must satisfy 0 < low ≤ high, got {self.zoom_range}")
+        if not 0.0 <= self.max_rotation_deg <= 180.0:
+            raise PetctlError("augmentation rotation must be in [0, 180] degrees")
+        if not 0.0 <= self.intensity_scale < 1.0 or self.intensity_shift < 0:
+            raise PetctlError("augmentation intensity scale must be in [0, 1) and shift ≥ 0")
+
+
+def augment_batch(
+    image_bcxyz: torch.Tensor,
+    label_b1xyz: torch.Tensor,
+    generator: torch.Generator,
+    cfg: AugmentConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch; image and label receive the same spatial transform.
+
+    Rotation/zoom resample image and label in one `grid_sample` call (trilinear, zeros outside,
+    like `read_patch`), the label being thresholded at 0.5 afterwards, so a label voxel is set
+    exactly where an image channel equal to the label would be ≥ 0.5. Every sample consumes the
+    same amount of randomness whatever is applied, so results depend only on the generator state.
+    Parameters are drawn on the generator's device (a CPU generator is cheapest) and moved over.
+    """
+    if not cfg.enabled:
+        return image_bcxyz, label_b1xyz
+    batch, channels = image_bcxyz.shape[:2]
+    u = torch.rand(batch, 8 + 3 * channels, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    flips = (u[:, 0:3] < cfg.p_flip).tolist()
+    affine = u[:, 3] < cfg.p_affine
+    angles = (u[:, 4:7] * 2 - 1) * math.radians(cfg.max_rotation_deg)
+    zoom = cfg.zoom_range[0] + u[:, 7] * (cfg.zoom_range[1] - cfg.zoom_range[0])
+    intensity = u[:, 8 : 8 + channels] < cfg.p_intensity
+    scale = 1 + (u[:, 8 + channels : 8 + 2 * channels] * 2 - 1) * cfg.intensity_scale
+    shift = (u[:, 8 + 2 * channels :] * 2 - 1) * cfg.intensity_shift
+
+    # Samples that are resampled anyway get their flips folded into the sampling matrix (free);
+    # the others are flipped by copying.
+    image, label = _flip_each(image_bcxyz, label_b1xyz, [f if not a else [False] * 3 for f, a in zip(flips, affine.tolist())])
+    if affine.any():
+        idx = torch.nonzero(affine).squeeze(1)
+        signs = 1 - 2 * torch.tensor(flips, dtype=torch.float64)[idx]
+        theta = _affine_theta(angles[idx], zoom[idx], signs, image.shape[2:])
+        dev_idx = idx.to(image.device)
+        both = torch.cat([image.index_select(0, dev_idx), label.index_select(0, dev_idx).to(image.dtype)], dim=1)
+        grid = _affine_grid(theta.to(device=image.device, dtype=image.dtype), image.shape[2:])
+        moved = torch.nn.functional.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        image = image.index_copy(0, dev_idx, moved[:, :channels])
+        label = label.index_copy(0, dev_idx, (moved[:, channels:] >= 0.5).to(label.dtype))
+    if intensity.any():
+        view = (batch, channels) + (1,) * (image.dim() - 2)
+        gain = torch.where(intensity, scale, torch.ones_like(scale)).reshape(view).to(image.device, image.dtype)
+        offset = torch.where(intensity, shift, torch.zeros_like(shift)).reshape(view).to(image.device, image.dtype)
+        image = torch.addcmul(offset, image, gain)
+    return image, label
+
+
+def _flip_each(image: torch.Tensor, label: torch.Tensor, flips: list[list[bool]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample flips; samples without a flip are not copied twice."""
+    if not any(any(f) for f in flips):
+        return image, label
+    images, labels = [], []
+    for b, axes in enumerate(flips):
+        dims = [d + 1 for d, on in enumerate(axes) if on]
+        images.append(image[b].flip(dims) if dims else image[b])
+        labels.append(label[b].flip(dims) if dims else label[b])
+    return torch.stack(images), torch.stack(labels)
+
+
+def _affine_theta(angles_b3: torch.Tensor, zoom_b: torch.Tensor, signs_b3: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """(B, 3, 4) `affine_grid` matrices: flip (signs ±1 per x, y, z), then rotate and zoom about the
+    patch centre, in voxel space.
+
+    `angles_b3` are radians about x, y, z. `affine_grid` works in normalized coordinates
+    ([-1, 1] per axis, ordered W, H, D = z, y, x);
+    conjugating with the half-extents makes the rotation rigid in voxel units for non-cubic patches.
+    """
+    cos, sin = torch.cos(angles_b3), torch.sin(angles_b3)
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+
+    def rot(c: torch.Tensor, s: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        m = torch.stack([one, zero, zero, zero, one, zero, zero, zero, one], dim=1).reshape(-1, 3, 3).clone()
+        m[:, i, i], m[:, i, j], m[:, j, i], m[:, j, j] = c, -s, s, c
+        return m
+
+    # angles[:, k] turns about axis k of (x, y, z); reversing rows and columns reorders to (z, y, x)
+    r = rot(cos[:, 0], sin[:, 0], 1, 2) @ rot(cos[:, 1], sin[:, 1], 0, 2) @ rot(cos[:, 2], sin[:, 2], 0, 1)
+    r = r.flip([1, 2])
+    half = torch.tensor([max(n - 1, 1) / 2 for n in reversed(tuple(spatial))], dtype=r.dtype)
+    linear = (r * half[None, None, :] / half[None, :, None]) / zoom_b[:, None, None] * signs_b3.flip(1)[:, :, None]
+    return torch.cat([linear, torch.zeros(len(r), 3, 1, dtype=r.dtype)], dim=2)
+
+
+def _affine_grid(theta: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """`F.affine_grid(theta, size, align_corners=True)` by broadcasting three axis ramps.
+
+    The affine map is separable, so the grid is a sum of outer products; on the CPU this is ~10×
+    faster than `affine_grid`'s (D·H·W, 4) × (4, 3) matmul per sample.
+    """
+    d, h, w = (torch.linspace(-1, 1, n, device=theta.device, dtype=theta.dtype) if n > 1 else torch.zeros(1, device=theta.device, dtype=theta.dtype) for n in spatial)
+    t = theta[:, None, None, None, :, :]  # (B, 1, 1, 1, 3 outputs, 4 inputs)
+    return (
+        t[..., 0] * w[None, None, None, :, None]
+        + t[..., 1] * h[None, None, :, None, None]
+        + t[..., 2] * d[None, :, None, None, None]
+        + t[..., 3]
+    )

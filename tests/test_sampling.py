@@ -1,0 +1,301 @@
+"""Patch sampling (centres, sharding, workers) and batched augmentation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from petctl.engine.sampling import (
+    AugmentConfig,
+    SegPatchDataset,
+    _affine_grid,
+    _affine_theta,
+    augment_batch,
+    epoch_cases,
+    make_loader,
+    patch_centre,
+    patch_start,
+)
+from petctl.engine.store import CaseStore
+from petctl.errors import PetctlError
+
+SHAPE = (40, 30, 50)
+LESIONS = np.array([[0, 5, 5, 5], [0, 6, 5, 5], [1, 20, 10, 30]], dtype=np.int32)
+BODY = np.array([[10, 10, 10], [11, 12, 13]], dtype=np.int32)
+PATCH = (16, 16, 16)
+
+
+def _draw(lesion_coords, body_coords, p, n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [patch_centre(SHAPE, lesion_coords, body_coords, p, rng) for _ in range(n)]
+
+
+# -- patch centres -----------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 1 / 3, 2 / 3, 1.0])
+def test_lesion_centred_fraction(p):
+    draws = _draw(LESIONS, BODY, p)
+    fraction = np.mean([lesion for _, lesion in draws])
+    assert abs(fraction - p) <= 0.04
+    if p in (0.0, 1.0):
+        assert fraction == p
+    lesion_rows = {tuple(r) for r in LESIONS[:, 1:].tolist()}
+    body_rows = {tuple(r) for r in BODY.tolist()}
+    for centre, lesion in draws:
+        assert tuple(centre.tolist()) in (lesion_rows if lesion else body_rows)
+
+
+def test_negative_case_is_never_lesion_centred():
+    draws = _draw(np.zeros((0, 4), np.int32), BODY, 1.0, n=500)
+    assert not any(lesion for _, lesion in draws)
+    assert {tuple(c.tolist()) for c, _ in draws} == {tuple(r) for r in BODY.tolist()}
+
+
+def test_no_body_samples_falls_back_to_the_whole_volume():
+    centres = np.array([c for c, _ in _draw(np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int32), 0.5, n=2000)])
+    assert (centres >= 0).all() and (centres < np.array(SHAPE)).all()
+    # spread over the whole volume, not stuck at a corner
+    assert (centres.min(0) <= 2).all() and (centres.max(0) >= np.array(SHAPE) - 3).all()
+
+
+def test_components_are_chosen_uniformly_whatever_their_size():
+    big = np.c_[np.zeros(500), np.random.default_rng(1).integers(0, 30, (500, 3))]
+    tiny = np.array([[7, 39, 29, 49]])  # component ids need not be contiguous
+    coords = np.concatenate([big, tiny]).astype(np.int32)
+    draws = _draw(coords, BODY, 1.0, n=4000)
+    tiny_share = np.mean([tuple(c.tolist()) == (39, 29, 49) for c, _ in draws])
+    assert abs(tiny_share - 0.5) <= 0.04
+
+
+def test_patch_start_without_and_with_jitter():
+    assert patch_start(np.array([10, 0, 99]), (16, 16, 17)) == (2, -8, 91)
+    rng = np.random.default_rng(0)
+    centre = np.array([50, 50, 50])
+    starts = np.array([patch_start(centre, (96, 96, 96), 0.25, rng) for _ in range(2000)])
+    offsets = starts - (centre - 48)
+    assert offsets.min() == -24 and offsets.max() == 24
+    assert ((centre >= starts) & (centre < starts + 96)).all()  # the centre voxel stays in the patch
+    with pytest.raises(ValueError):
+        patch_start(centre, (8, 8, 8), 0.25)
+
+
+@pytest.mark.parametrize("num_cases,world", [(6, 2), (7, 2), (3, 4), (1, 1)])
+def test_epoch_order_is_a_padded_permutation(num_cases, world):
+    cases = [f"c{i}" for i in range(num_cases)]
+    order = epoch_cases(cases, epoch=3, seed=5, world_size=world)
+    assert order == epoch_cases(cases, epoch=3, seed=5, world_size=world)
+    assert len(order) == math.ceil(num_cases / world) * world
+    assert sorted(order[:num_cases]) == cases  # a permutation, then repeats from its start
+    assert order[num_cases:] == (order[:num_cases] * world)[: len(order) - num_cases]
+
+
+# -- patches at the border ---------------------------------------------------------------------
+@pytest.fixture()
+def tiny_store(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((2, *SHAPE)).astype(np.float16)
+    label = np.zeros(SHAPE, np.uint8)
+    label[3:8, 2:6, 1:5] = 1
+    lesion = np.c_[np.zeros(4), [[3, 2, 1], [7, 5, 4], [5, 3, 2], [4, 4, 4]]].astype(np.int32)
+    CaseStore(tmp_path).save("edge", image, label, lesion, np.array([[0, 0, 0]]), {})
+    return tmp_path, image, label
+
+
+@pytest.mark.parametrize("centre", [(0, 0, 0), (39, 29, 49), (39, 0, 25), (20, 15, 25)])
+def test_border_patch_is_zero_padded_crop(tiny_store, centre):
+    root, image, label = tiny_store
+    start = patch_start(np.array(centre), PATCH)
+    img, lab = CaseStore(root).read_patch("edge", start, PATCH)
+    pad = [(p, p) for p in PATCH]
+    full_img = np.pad(image, [(0, 0), *pad])
+    full_lab = np.pad(label, pad)
+    box = tuple(slice(s + p, s + p + n) for s, p, n in zip(start, PATCH, PATCH))
+    assert np.array_equal(img, full_img[(slice(None), *box)])
+    assert np.array_equal(lab, full_lab[box])
+    assert img[(slice(None), *(np.array(centre) - start))].tolist() == image[(slice(None), *centre)].tolist()
+
+
+def test_dataset_lesion_patches_contain_the_lesion(tiny_store):
+    root, _, _ = tiny_store
+    ds = SegPatchDataset(str(root), ["edge"], PATCH, patches_per_scan=50, lesion_prob=1.0, jitter=0.25)
+    items = list(ds)
+    assert all(it["lesion"] for it in items)
+    assert all(it["label"].sum() > 0 for it in items)
+
+
+# -- the dataset on a prepared store -----------------------------------------------------------
+def _cases(store: Path) -> list[str]:
+    return sorted(json.loads((store / "manifest.json").read_text())["cases"])
+
+
+def _key(item: dict) -> tuple[str, int]:
+    return item["case"], hash(item["image"].numpy().tobytes())
+
+
+def test_items_have_the_documented_shapes_and_types(store: Path):
+    ds = SegPatchDataset(str(store), _cases(store)[:3], PATCH, patches_per_scan=4)
+    items = list(ds)
+    assert len(items) == ds.patches_per_epoch_per_rank() == 12
+    assert [it["case"] for it in items[::4]] == [c for _, c in ds.rank_cases()]
+    for it in items:
+        assert it["image"].dtype == torch.float32 and tuple(it["image"].shape) == (2, *PATCH)
+        assert it["label"].dtype == torch.float32 and tuple(it["label"].shape) == (1, *PATCH)
+        assert set(it["label"].unique().tolist()) <= {0.0, 1.0}
+        assert isinstance(it["case"], str) and isinstance(it["lesion"], bool)
+
+
+def test_same_seed_same_patches_other_seed_or_epoch_other_patches(store: Path):
+    cases = _cases(store)[:4]
+    a = [_key(it) for it in SegPatchDataset(str(store), cases, PATCH, 3, seed=1)]
+    b = [_key(it) for it in SegPatchDataset(str(store), cases, PATCH, 3, seed=1)]
+    c = [_key(it) for it in SegPatchDataset(str(store), cases, PATCH, 3, seed=2)]
+    later = SegPatchDataset(str(store), cases, PATCH, 3, seed=1)
+    later.set_epoch(1)
+    assert a == b
+    assert a != c and a != [_key(it) for it in later]
+
+
+@pytest.mark.parametrize("num_cases", [6, 7])
+def test_ranks_split_cases_evenly(store: Path, num_cases: int):
+    cases = _cases(store)[:num_cases]
+    ranks = [SegPatchDataset(str(store), cases, PATCH, 2, rank=r, world_size=2) for r in range(2)]
+    seen = [[it["case"] for it in ds] for ds in ranks]
+    assert len(seen[0]) == len(seen[1]) == ranks[0].patches_per_epoch_per_rank() == math.ceil(num_cases / 2) * 2
+    if num_cases % 2 == 0:
+        assert set(seen[0]).isdisjoint(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(cases)
+    # no patch is drawn twice, even for the case repeated to pad the epoch
+    keys = [_key(it) for ds in ranks for it in ds]
+    assert len(set(keys)) == len(keys)
+
+
+def test_workers_split_cases_and_follow_set_epoch(store: Path):
+    cases = _cases(store)[:5]
+    ds = SegPatchDataset(str(store), cases, PATCH, 3, seed=4)
+    expected = {}
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        expected[epoch] = Counter(_key(it) for it in ds)
+    ds.set_epoch(0)
+    loader = make_loader(ds, batch_size=2, num_workers=2, pin_memory=False)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)  # persistent workers must see this
+        batches = list(loader)
+        got = Counter((case, hash(img.numpy().tobytes())) for b in batches for case, img in zip(b["case"], b["image"]))
+        assert got == expected[epoch]
+        assert len(batches) == ds.batches_per_epoch_per_rank(batch_size=2, num_workers=2)
+    assert expected[0] != expected[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"cases": []}, {"patch_size": (16, 16)}, {"patches_per_scan": 0}, {"lesion_prob": 1.5}, {"rank": 2, "world_size": 2}, {"jitter": 0.6}],
+)
+def test_bad_dataset_arguments_are_refused(kwargs):
+    args = {"store_root": "x", "cases": ["a"], "patch_size": PATCH, "patches_per_scan": 1, **kwargs}
+    with pytest.raises(PetctlError):
+        SegPatchDataset(**args)
+
+
+# -- augmentation ------------------------------------------------------------------------------
+def _batch(batch=6, shape=(20, 18, 16), seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(batch, 1, *shape)
+    for b in range(batch):  # an off-centre, asymmetric blob so flips and rotations show
+        x, y, z = (int(v) for v in torch.randint(3, 8, (3,), generator=g))
+        label[b, 0, x : x + 6, y : y + 4, z : z + 3] = 1
+    image = torch.cat([label.clone(), torch.randn(batch, 1, *shape, generator=g)], dim=1)
+    return image, label
+
+
+def test_augmentation_shapes_binary_label_and_alignment():
+    image, label = _batch()
+    cfg = AugmentConfig(p_affine=1.0, p_intensity=0.0)
+    out_img, out_lab = augment_batch(image, label, torch.Generator().manual_seed(1), cfg)
+    assert out_img.shape == image.shape and out_lab.shape == label.shape and out_img.dtype == image.dtype
+    assert set(out_lab.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out_img[:, :1] >= 0.5, out_lab.bool())  # channel 0 was the label
+    assert not torch.equal(out_lab, label)  # something moved
+    assert out_lab.sum() > 0.5 * label.sum()
+
+
+def test_flip_only_is_exact_and_aligned():
+    image, label = _batch()
+    cfg = AugmentConfig(p_flip=1.0, p_affine=0.0, p_intensity=0.0)
+    out_img, out_lab = augment_batch(image, label, torch.Generator().manual_seed(0), cfg)
+    assert torch.equal(out_img, image.flip([2, 3, 4])) and torch.equal(out_lab, label.flip([2, 3, 4]))
+
+
+def test_identity_when_disabled_or_nothing_drawn():
+    image, label = _batch()
+    for cfg in (AugmentConfig(enabled=False), AugmentConfig(p_flip=0, p_affine=0, p_intensity=0)):
+        out_img, out_lab = augment_batch(image, label, torch.Generator().manual_seed(0), cfg)
+        assert torch.equal(out_img, image) and torch.equal(out_lab, label)
+    # rotation 0 and zoom 1 through grid_sample is the identity up to rounding
+    cfg = AugmentConfig(p_flip=0, p_affine=1.0, p_intensity=0, max_rotation_deg=0.0, zoom_range=(1.0, 1.0))
+    out_img, out_lab = augment_batch(image, label, torch.Generator().manual_seed(0), cfg)
+    assert torch.allclose(out_img, image, atol=1e-5) and torch.equal(out_lab, label)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_quarter_turn_is_a_voxel_rotation(axis):
+    image, _ = _batch(batch=1, shape=(12, 12, 12))
+    angles = torch.zeros(1, 3, dtype=torch.float64)
+    angles[0, axis] = math.pi / 2
+    theta = _affine_theta(angles, torch.ones(1, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64), (12, 12, 12)).float()
+    grid = _affine_grid(theta, (12, 12, 12))
+    moved = torch.nn.functional.grid_sample(image, grid, align_corners=True)
+    plane = [d for d in (2, 3, 4) if d != 2 + axis]
+    turned = [image.rot90(k, plane) for k in (1, -1)]
+    assert any(torch.allclose(moved, t, atol=1e-4) for t in turned)
+
+
+@pytest.mark.parametrize("spatial", [(7, 5, 9), (1, 4, 6)])
+def test_broadcast_grid_equals_affine_grid(spatial):
+    theta = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(0))
+    reference = torch.nn.functional.affine_grid(theta, [3, 1, *spatial], align_corners=True)
+    assert torch.allclose(_affine_grid(theta, spatial), reference, atol=1e-6)
+
+
+def test_flips_folded_into_the_resampling_are_exact():
+    image, label = _batch(shape=(10, 12, 14))
+    signs = torch.tensor([[-1.0, 1.0, -1.0]], dtype=torch.float64)
+    theta = _affine_theta(torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64), signs, (10, 12, 14))
+    moved = torch.nn.functional.grid_sample(image[:1], _affine_grid(theta.float(), (10, 12, 14)), align_corners=True)
+    assert torch.allclose(moved, image[:1].flip([2, 4]), atol=1e-5)
+
+
+def test_intensity_change_is_bounded():
+    image = torch.ones(64, 2, 4, 4, 4)
+    label = torch.zeros(64, 1, 4, 4, 4)
+    cfg = AugmentConfig(p_flip=0, p_affine=0, p_intensity=1.0, intensity_scale=0.1, intensity_shift=0.1)
+    out, out_lab = augment_batch(image, label, torch.Generator().manual_seed(0), cfg)
+    per_channel = out.flatten(2)
+    assert torch.equal(per_channel.amin(2), per_channel.amax(2))  # one scale/shift per sample and channel
+    values = per_channel[:, :, 0]
+    assert values.min() >= 0.8 - 1e-6 and values.max() <= 1.2 + 1e-6
+    assert values.std() > 0.02 and not torch.equal(values[:, 0], values[:, 1])
+    assert torch.equal(out_lab, label)
+
+
+def test_augmentation_is_reproducible_from_the_generator():
+    image, label = _batch()
+    cfg = AugmentConfig()
+    a = augment_batch(image, label, torch.Generator().manual_seed(7), cfg)
+    b = augment_batch(image, label, torch.Generator().manual_seed(7), cfg)
+    c = augment_batch(image, label, torch.Generator().manual_seed(8), cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert torch.equal(image, _batch()[0])  # inputs untouched
+
+
+@pytest.mark.parametrize("change", [{"p_flip": 1.2}, {"zoom_range": (1.2, 0.9)}, {"zoom_range": (0.0, 1.0)}, {"intensity_scale": 1.0}, {"max_rotation_deg": -1.0}])
+def test_bad_augment_config_is_refused(change):
+    with pytest.raises(PetctlError):
+        dataclasses.replace(AugmentConfig(), **change)

@@ -1,0 +1,136 @@
+"""Training through `accelerate launch`: real 2-process gloo DDP, SIGTERM + resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from petctl.engine.config import TrainConfig, cpu_tiny, preset
+from petctl.engine.launch import launch_command
+from petctl.engine.loop import Position, find_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PETCTL_HOME": str(tmp_path / "home"),
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(store: Path, tmp_path: Path, *extra: str, processes: int = 1, run: str = "t") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "petctl", "train", "--store", str(store), "--fold", "0", "--preset", "cpu-tiny",
+           "--processes", str(processes), "--run", run, *extra]
+    return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("attempt", range(3))
+def test_two_process_gloo_ddp_keeps_weights_identical(store: Path, tmp_path: Path, attempt: int):
+    result = _train(store, tmp_path, "--max-steps", "3", processes=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "terminate called" not in result.stderr
+    meta = json.loads((tmp_path / "home/runs/t/seg/fold0/checkpoints/last/meta.json").read_text())
+    assert meta["num_processes"] == 2
+    digests = meta["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert meta["position"]["global_step"] == 3
+
+
+def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
+    result = _train(store, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fold = tmp_path / "home/runs/t/seg/fold0"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    cfg = cpu_tiny()
+    assert [c["cycle"] for c in metrics["cycles"]] == list(range(1, cfg.num_cycles + 1))
+    assert 0.0 <= metrics["best"]["top_k_auroc"] <= 1.0
+    assert (fold / "progress.png").stat().st_size > 1000
+    assert find_checkpoint(fold / "checkpoints" / "best") is not None
+    step = json.loads((tmp_path / "home/runs/t/steps/train-seg-fold0.json").read_text())
+    assert step["status"] == "done" and "top_k_auroc" in step["metrics"]
+    assert "Table 1" in result.stdout
+
+
+def test_sigterm_checkpoints_and_rerun_resumes(store: Path, tmp_path: Path):
+    cmd = [sys.executable, "-m", "petctl.engine.launch", "--config", str(tmp_path / "cfg.json"), "--store", str(store),
+           "--fold", "0", "--out", str(tmp_path / "out")]
+    from dataclasses import replace
+
+    cfg = replace(cpu_tiny(), num_cycles=1, epochs_per_cycle=40, max_val_cases=1)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_json()))
+    launch = launch_command(processes=1, cpu=True, port=29731, module_args=cmd[3:])
+    proc = subprocess.Popen(launch, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 300
+    for line in proc.stdout:  # wait until training is under way
+        seen.append(line)
+        if " step " in line and "loss" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, "".join(seen) + out
+    _, state, meta = load_checkpoint(tmp_path / "out/checkpoints/last")
+    stopped_at = meta["position"]["global_step"]
+    assert stopped_at >= 10 and state["optimizer"] is not None
+    resumed = subprocess.run(launch, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"step {stopped_at}" in resumed.stdout
+    _, _, meta = load_checkpoint(tmp_path / "out/checkpoints/last")
+    assert meta["position"]["cycle"] == 1 and meta["position"]["global_step"] > stopped_at
+    assert len(meta["history"]) == 1
+
+
+def test_checkpoint_is_atomic_and_old_copy_is_found(tmp_path: Path):
+    cfg = cpu_tiny()
+    state = {"w": torch.ones(3)}
+    save_checkpoint(tmp_path / "last", model_state=state, optimizer_state=None, scheduler_state=None,
+                    position=Position(1, 0, 0, 5), config=cfg.to_json(), metric=0.5)
+    # a save killed after moving the old copy aside: the old copy is still found
+    os.replace(tmp_path / "last", tmp_path / ".last.old-123")
+    found = find_checkpoint(tmp_path / "last")
+    assert found is not None and load_checkpoint(found)[2]["position"]["global_step"] == 5
+    assert not list(tmp_path.glob(".last.tmp-*"))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path: Path):
+    from petctl.errors import PetctlError
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "ck").mkdir()
+    torch.save({"x": Evil()}, tmp_path / "ck" / "model.pt")
+    (tmp_path / "ck" / "meta.json").write_text("{}")
+    with pytest.raises(PetctlError, match="cannot be loaded safely"):
+        load_checkpoint(tmp_path / "ck")
+    assert not marker.exists()
+
+
+def test_presets_and_validation():
+    assert preset("autopet-paper").arch == "swin_unetr" and preset("autopet-paper").patch_size == (96, 96, 96)
+    assert preset("cpu-small").arch == "basic_unet"
+    from petctl.errors import PetctlError
+
+    with pytest.raises(PetctlError):
+        preset("nope")
+    with pytest.raises(PetctlError):
+        TrainConfig(loss="focal")
+    assert TrainConfig.from_json(cpu_tiny().to_json()) == cpu_tiny()
+
+
+def test_launch_command_shapes():
+    cpu2 = launch_command(processes=2, cpu=True)
+    assert "--multi_gpu" in cpu2 and cpu2[cpu2.index("--num_processes") + 1] == "2" and "--cpu" not in cpu2
+    one = launch_command(processes=1, cpu=True)
+    assert "--multi_gpu" not in one and "--cpu" in one
+    multi = launch_command(processes=8, nodes=2, machine_rank="$SLURM_NODEID", main_address="node1")
+    assert multi[multi.index("--machine_rank") + 1] == "$SLURM_NODEID" and "node1" in multi
