@@ -123,7 +123,8 @@ def print_table(title: str, ours: Measure, others: list[Measure]) -> None:
                          ("patches/s", "right"), (f"{ours.name} speed-up", "right"), ("on disk", "right"), ("note", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for m in [ours, *others]:
-        speedup = "—" if m is ours else f"{ratio(ours, m):.2f}×"
+        r = ratio(ours, m)
+        speedup = "—" if m is ours else ("n/a" if math.isnan(r) else f"{r:.2f}×")
         table.add_row(m.name, str(m.num_patches), f"{m.cpu_seconds:.2f}", f"{m.wall_seconds:.2f}", f"{m.rate:.1f}", speedup,
                       human_bytes(m.disk_bytes), m.note)
-    Console(width=160).print(table)
+    Console(width=160, markup=False, highlight=False).print(table)

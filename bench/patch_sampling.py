@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.pin_torch_threads()
     from rich.console import Console
 
-    say = Console(width=160, highlight=False).print
+    say = Console(width=160, markup=False, highlight=False).print
     say("single-threaded for fairness: torch.set_num_threads(1); OMP/OPENBLAS/MKL/NUMEXPR/BLOSC threads = 1")
     say("patches/s = patches per CPU-second of this process (single-threaded, files in page cache: the rate on an"
         " idle core); wall-clock seconds are shown beside it")

@@ -225,6 +225,16 @@ def test_augmentation_shapes_binary_label_and_alignment():
     assert out_lab.sum() > 0.5 * label.sum()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_augmentation_keeps_the_dtype(dtype):
+    image, label = _batch(batch=3)
+    out_img, out_lab = augment_batch(image.to(dtype), label.to(dtype), torch.Generator().manual_seed(2), AugmentConfig(p_affine=1.0))
+    reference, _ = augment_batch(image, label, torch.Generator().manual_seed(2), AugmentConfig(p_affine=1.0))
+    assert out_img.dtype == out_lab.dtype == dtype
+    assert torch.allclose(out_img.float(), reference, atol=0.05)
+    assert set(out_lab.unique().tolist()) <= {0.0, 1.0}
+
+
 def test_flip_only_is_exact_and_aligned():
     image, label = _batch()
     cfg = AugmentConfig(p_flip=1.0, p_affine=0.0, p_intensity=0.0)
@@ -256,6 +266,7 @@ def test_a_quarter_turn_is_a_voxel_rotation(axis):
     assert any(torch.allclose(moved, t, atol=1e-4) for t in turned)
 
 
+@pytest.mark.filterwarnings("ignore:Since version 1.3.0, affine_grid")
 @pytest.mark.parametrize("spatial", [(7, 5, 9), (1, 4, 6)])
 def test_broadcast_grid_equals_affine_grid(spatial):
     theta = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(0))

@@ -58,32 +58,31 @@ def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(store: Path, tmp_path: Path):
-    cmd = [sys.executable, "-m", "petctl.engine.launch", "--config", str(tmp_path / "cfg.json"), "--store", str(store),
-           "--fold", "0", "--out", str(tmp_path / "out")]
-    from dataclasses import replace
-
-    cfg = replace(cpu_tiny(), num_cycles=1, epochs_per_cycle=40, max_val_cases=1)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_json()))
-    launch = launch_command(processes=1, cpu=True, port=29731, module_args=cmd[3:])
-    proc = subprocess.Popen(launch, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "petctl", "train", "--store", str(store), "--fold", "0", "--preset", "cpu-tiny",
+           "--cycles", "1", "--epochs", "40", "--run", "r"]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
-    deadline = time.time() + 300
     for line in proc.stdout:  # wait until training is under way
         seen.append(line)
-        if " step " in line and "loss" in line or time.time() > deadline:
+        if " step " in line and "loss" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # what SLURM (or a user's kill) sends
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, "".join(seen) + out
-    _, state, meta = load_checkpoint(tmp_path / "out/checkpoints/last")
+    assert "re-run the same command to resume" in out
+    ckpt = tmp_path / "home/runs/r/seg/fold0/checkpoints/last"
+    _, state, meta = load_checkpoint(ckpt)
     stopped_at = meta["position"]["global_step"]
     assert stopped_at >= 10 and state["optimizer"] is not None
-    resumed = subprocess.run(launch, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    step = json.loads((tmp_path / "home/runs/r/steps/train-seg-fold0.json").read_text())
+    assert step["status"] == "pending" and "stopped by signal" in step["message"]
+    resumed = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"step {stopped_at}" in resumed.stdout
-    _, _, meta = load_checkpoint(tmp_path / "out/checkpoints/last")
-    assert meta["position"]["cycle"] == 1 and meta["position"]["global_step"] > stopped_at
-    assert len(meta["history"]) == 1
+    _, _, meta = load_checkpoint(ckpt)
+    assert meta["position"]["cycle"] == 1 and meta["position"]["global_step"] == meta["history"][0]["global_step"] > stopped_at
+    step = json.loads((tmp_path / "home/runs/r/steps/train-seg-fold0.json").read_text())
+    assert step["status"] == "done" and step["attempts"] == 2
 
 
 def test_checkpoint_is_atomic_and_old_copy_is_found(tmp_path: Path):
@@ -134,3 +133,26 @@ def test_launch_command_shapes():
     assert "--multi_gpu" not in one and "--cpu" in one
     multi = launch_command(processes=8, nodes=2, machine_rank="$SLURM_NODEID", main_address="node1")
     assert multi[multi.index("--machine_rank") + 1] == "$SLURM_NODEID" and "node1" in multi
+
+
+def test_classifier_folds_train_per_projection(store: Path, tmp_path: Path):
+    result = _train(store, tmp_path, "--task", "cls", run="c")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for axis in ("x", "y"):
+        metrics = json.loads((tmp_path / f"home/runs/c/cls/fold0-{axis}/metrics.json").read_text())
+        assert metrics["selection"] == "auroc" and metrics["config"]["projection"] == axis
+        scores = metrics["cycles"][-1]["val_scores"]
+        assert scores and all(0.0 <= r["score"] <= 1.0 for r in scores)
+        step = json.loads((tmp_path / f"home/runs/c/steps/train-cls-fold0-{axis}.json").read_text())
+        assert step["status"] == "done"
+    assert "MIP classifier folds" in result.stdout
+
+
+def test_mip_of_augmented_volume_keeps_layout(store: Path):
+    from petctl.engine.classifier import pet_mip
+    from petctl.engine.store import CaseStore
+
+    s = CaseStore(store)
+    case = s.list()[0]
+    image = pet_mip(s, case, "y", (96, 64), torch.device("cpu"))
+    assert image.shape == (1, 96, 64) and torch.isfinite(image).all()

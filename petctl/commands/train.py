@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,6 +61,7 @@ def train(
     from petctl.console import console, error_line
     from petctl.engine.config import preset as get_preset
     from petctl.engine.launch import launch_command
+    from petctl.engine.loop import EXIT_PREEMPTED
     from petctl.engine.registry import Registry, check_name
     from petctl.home import resolve_home
 
@@ -101,13 +103,51 @@ def train(
             args += ["--max-steps", str(max_steps)]
         cmd = launch_command(processes=processes, nodes=nodes, port=_free_port(), mixed_precision=mixed_precision, cpu=cpu, module_args=args)
         console.print(f"[bold]{task} {name}[/]: {processes} process(es) × {nodes} node(s), preset {cfg.preset}")
-        code = subprocess.call(cmd, env=env)
+        code = _run_forwarding_signals(cmd, env)
+        step_name = f"train-{task}{'-merged' if merged else ''}-fold{k}" + (f"-{axis}" if axis else "")
+        record = registry.step(run, step_name)
+        if record is not None and record.status == "pending" and "stopped by signal" in (record.message or ""):
+            code = EXIT_PREEMPTED  # the launcher may have died of the signal; the fold checkpointed
         worst = max(worst, code)
+        if code == EXIT_PREEMPTED:
+            error_line(f"{task} {name}: stopped by signal after saving its checkpoint; re-run the same command to resume")
+            break
         if code != 0:
-            error_line(f"{task} {name}: training exited with status {code}" + (" (stopped by signal; re-run to resume)" if code == 75 else ""))
+            error_line(f"{task} {name}: training exited with status {code}")
     summary_table(run_dir / family, [f"fold{k}" + (f"-{a}" if a else "") for k, a in jobs], task)
     if worst:
         raise typer.Exit(worst)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher; SIGTERM/SIGUSR1 sent to `petctl train` reach the training processes."""
+    import signal
+
+    # Own process group: accelerate's launcher does not pass signals on, so they go to the group
+    # (the training processes checkpoint and exit; the launcher itself may die of the signal).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        code = proc.wait()
+        # the launcher can die of a signal while its training processes still write their checkpoint
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.2)
+        return code if code >= 0 else 128 - code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _has_cuda() -> bool:

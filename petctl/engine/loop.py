@@ -181,6 +181,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.log_with:  # TensorBoard through accelerate's trackers, when installed
+        accelerator.init_trackers(label.replace(" ", "_"), config={k: v for k, v in config_json.items() if isinstance(v, (int, float, str, bool))})
 
     def checkpoint(name: str, metric: float | None) -> None:
         accelerator.wait_for_everyone()
@@ -221,6 +223,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                 position.step_in_epoch += 1
                 position.global_step += 1
                 steps_this_run += 1
+                if accelerator.log_with:
+                    accelerator.log({"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0]}, step=position.global_step)
                 if position.global_step % 10 == 0:
                     rate = steps_this_run * cfg.batch_size * accelerator.num_processes / max(time.perf_counter() - t_start, 1e-9)
                     accelerator.print(f"{label} cycle {position.cycle + 1}/{cfg.num_cycles} epoch {position.epoch + 1}/{cfg.epochs_per_cycle} "
@@ -252,6 +256,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         if improved:
             checkpoint("best", best_metric)
         checkpoint("last", selection)
+        if accelerator.log_with:
+            accelerator.log({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}, step=position.global_step)
         if is_main:
             write_metrics(out_dir, history, config_json, cfg.selection_name)
             accelerator.print(f"{label} cycle {record['cycle']}: loss {train_loss:.4f} {cfg.selection_name} {selection:.4f}"

@@ -66,14 +66,14 @@ class SegTask:
         self.dataset = SegPatchDataset(str(store_root), train_cases, cfg.patch_size, cfg.patches_per_scan, lesion_prob=cfg.lesion_prob,
                                        seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
         self.loader = make_loader(self.dataset, cfg.batch_size, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
-        self.steps_per_epoch = max(1, self.dataset.patches_per_epoch_per_rank() // cfg.batch_size)
+        # exact batches per epoch (each loader worker ends on its own partial batch); equal on all ranks
+        self.steps_per_epoch = self.dataset.batches_per_epoch_per_rank(cfg.batch_size, cfg.num_workers)
         self.augment = AugmentConfig(enabled=cfg.augment)
         self.loss_fn = _loss_fn(cfg.loss)
 
     def batches(self, epoch: int) -> Iterator[Any]:
         self.dataset.set_epoch(epoch)
-        while True:  # an epoch may hold a few more patches than steps × batch; the loop stops on its own
-            yield from self.loader
+        yield from self.loader
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         from petctl.engine.sampling import augment_batch
