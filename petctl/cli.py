@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from petctl import __version__
-from petctl.commands import not_built, prepare, status, synth, train
+from petctl.commands import calibrate, evaluate, not_built, predict, prepare, retrain_merged, status, synth, train
 from petctl.errors import EXIT_USAGE, PetctlError
 
 app = typer.Typer(
@@ -64,6 +64,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 app.command("synth", help=synth.__doc__)(user_errors(synth.synth))
 app.command("prepare", help=prepare.__doc__)(user_errors(prepare.prepare))
 app.command("train", help=train.__doc__)(user_errors(train.train))
+app.command("calibrate", help=calibrate.__doc__)(user_errors(calibrate.calibrate))
+app.command("retrain-merged", help=retrain_merged.__doc__)(user_errors(retrain_merged.retrain_merged))
+app.command("predict", help=predict.__doc__)(user_errors(predict.predict))
+app.command("evaluate", help=evaluate.__doc__)(user_errors(evaluate.evaluate))
 for _verb in not_built.VERBS:
     app.command(_verb, help=not_built.help_for(_verb), context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
         not_built.make(_verb)

@@ -11,13 +11,9 @@ import typer
 
 from petctl.errors import EXIT_NOT_BUILT
 
-VERBS = ("calibrate", "retrain-merged", "predict", "evaluate", "slurm", "demo")
+VERBS = ("slurm", "demo")
 
 _HELP = {
-    "calibrate": "Pick the ensemble and classifier thresholds on the held-out test set (not built yet).",
-    "retrain-merged": "Retrain the folds with the test set merged in (not built yet).",
-    "predict": "Gated ensemble prediction: NIfTI in, NIfTI mask out (not built yet).",
-    "evaluate": "autoPET metrics: Dice, false-positive and false-negative volume (not built yet).",
     "slurm": "Generate and submit sbatch scripts for the whole chain (not built yet).",
     "demo": "The whole method end to end on the embedded synthetic cohort (not built yet).",
 }

@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from petctl.errors import PetctlError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _folds(text: str, num_folds: int) -> list[int]:
@@ -60,14 +50,11 @@ def train(
 ) -> None:
     from petctl.console import console, error_line
     from petctl.engine.config import preset as get_preset
-    from petctl.engine.launch import launch_command
-    from petctl.engine.loop import EXIT_PREEMPTED
-    from petctl.engine.registry import Registry, check_name
+    from petctl.engine.folds import FoldLaunch, fold_names, train_folds
     from petctl.home import resolve_home
 
     if task not in ("seg", "cls"):
         raise PetctlError(f"--task must be seg or cls (got {task!r})")
-    check_name(run, "run")
     splits_path = store / "splits.json"
     if not splits_path.exists():
         raise PetctlError(f"{store}: no splits.json; run `petctl prepare` first")
@@ -78,84 +65,13 @@ def train(
                                     "pretrained": str(pretrained) if pretrained else None}.items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     home_path = resolve_home(home)
-    registry = Registry(home_path)
-    registry.create_run(run, kind="train", config={"store": str(store.resolve()), "preset": preset})
-    run_dir = home_path / "runs" / run
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not _has_cuda()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if cpu and processes > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
+    launch = FoldLaunch(processes=processes, nodes=nodes, mixed_precision=mixed_precision, max_steps=max_steps)
+    worst = train_folds(cfg, store, task, folds, run=run, home=home_path, merged=merged, launch=launch,
+                        say=console.print, warn=error_line, run_config={"store": str(store.resolve()), "preset": preset})
     family = f"{task}{'-merged' if merged else ''}"
-    jobs = [(k, None) for k in folds] if task == "seg" else [(k, axis) for k in folds for axis in cfg.cls_projections]
-    worst = 0
-    for k, axis in jobs:
-        name = f"fold{k}" + (f"-{axis}" if axis else "")
-        out = run_dir / family / name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        args = ["--config", str(out / "train_config.json"), "--store", str(store.resolve()), "--fold", str(k), "--task", task,
-                "--out", str(out), "--run", run, "--home", str(home_path.resolve())]
-        if axis:
-            args += ["--projection", axis]
-        if merged:
-            args.append("--merged")
-        if max_steps is not None:
-            args += ["--max-steps", str(max_steps)]
-        cmd = launch_command(processes=processes, nodes=nodes, port=_free_port(), mixed_precision=mixed_precision, cpu=cpu, module_args=args)
-        console.print(f"[bold]{task} {name}[/]: {processes} process(es) × {nodes} node(s), preset {cfg.preset}")
-        code = _run_forwarding_signals(cmd, env)
-        step_name = f"train-{task}{'-merged' if merged else ''}-fold{k}" + (f"-{axis}" if axis else "")
-        record = registry.step(run, step_name)
-        if record is not None and record.status == "pending" and "stopped by signal" in (record.message or ""):
-            code = EXIT_PREEMPTED  # the launcher may have died of the signal; the fold checkpointed
-        worst = max(worst, code)
-        if code == EXIT_PREEMPTED:
-            error_line(f"{task} {name}: stopped by signal after saving its checkpoint; re-run the same command to resume")
-            break
-        if code != 0:
-            error_line(f"{task} {name}: training exited with status {code}")
-    summary_table(run_dir / family, [f"fold{k}" + (f"-{a}" if a else "") for k, a in jobs], task)
+    summary_table(home_path / "runs" / run / family, fold_names(task, folds, cfg), task)
     if worst:
         raise typer.Exit(worst)
-
-
-def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher; SIGTERM/SIGUSR1 sent to `petctl train` reach the training processes."""
-    import signal
-
-    # Own process group: accelerate's launcher does not pass signals on, so they go to the group
-    # (the training processes checkpoint and exit; the launcher itself may die of the signal).
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def forward(signum: int, frame: object) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        code = proc.wait()
-        # the launcher can die of a signal while its training processes still write their checkpoint
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.2)
-        return code if code >= 0 else 128 - code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _has_cuda() -> bool:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-        return out.returncode == 0 and "GPU" in out.stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def summary_table(family_dir: Path, names: list[str], task: str) -> None:

@@ -41,11 +41,18 @@ def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: tor
     return resize_mip(mip_batch(pet[:, 0], axis), size)[0]
 
 
+def build_classifier_for(cfg: TrainConfig, pretrained: bool = False) -> torch.nn.Module:
+    """The classifier network a config describes (1 input channel: the PET MIP)."""
+    from petctl.engine.models import build_classifier
+
+    return build_classifier(cfg.cls_model, in_chans=1, img_size=cfg.cls_img_size,
+                            pretrained_path=cfg.cls_pretrained if pretrained else None)
+
+
 class ClsTask:
     """One classifier fold × projection: model, MIP batches, BCE loss, AUROC validation."""
 
     def __init__(self, cfg: TrainConfig, store_root: Path, axis: str, train_cases: list[str], val_cases: list[str], accelerator: Any) -> None:
-        from petctl.engine.models import build_classifier
         from petctl.engine.sampling import AugmentConfig
         from petctl.engine.store import CaseStore
 
@@ -54,7 +61,7 @@ class ClsTask:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.labels = case_labels(store_root)
         self.store = CaseStore(store_root)
-        self.model = build_classifier(cfg.cls_model, in_chans=1, img_size=cfg.cls_img_size, pretrained_path=cfg.cls_pretrained)
+        self.model = build_classifier_for(cfg, pretrained=True)
         self.augment = AugmentConfig(enabled=cfg.augment)
         per_rank = math.ceil(len(train_cases) / self.world)
         self.steps_per_epoch = max(1, math.ceil(per_rank / cfg.cls_batch_size))

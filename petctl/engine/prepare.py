@@ -116,18 +116,10 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
     """Preprocess one case into the store; returns its manifest entry."""
     import cc3d
 
-    from petctl.engine.geometry import label_to_stored, plan_geometry, to_canonical, to_stored
     from petctl.engine.nifti import load_case
 
     loaded = load_case(src)
-    ct_c, _ = to_canonical(loaded.ct, loaded.affine)
-    pet_c, _ = to_canonical(loaded.pet, loaded.affine)
-    lab_c, _ = to_canonical(loaded.label, loaded.affine)  # type: ignore[arg-type]
-    geometry = plan_geometry(loaded.pet.shape, loaded.affine, ct_c > fingerprint["crop_threshold_hu"], cfg.spacing, cfg.crop_margin)
-    image = to_stored(np.stack([ct_c, pet_c]), geometry)
-    label = label_to_stored(lab_c, geometry)
-    body = image[0] > fingerprint["crop_threshold_hu"]
-    image = normalize(image, fingerprint)
+    image, label, geometry, body = preprocess(loaded, fingerprint, cfg.spacing, cfg.crop_margin)
 
     rng = np.random.default_rng(_case_seed(cfg.seed, src.case))
     components, num_components = cc3d.connected_components(label, connectivity=26, return_N=True)
@@ -145,6 +137,25 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
     attrs = {"petctl": {"version": PREPARE_VERSION, "plan": plan_id}, "case": entry, "geometry": geometry.to_json()}
     CaseStore(cfg.store).save(src.case, image, label, lesion_coords, body_idx, attrs)
     return entry
+
+
+def preprocess(loaded: Any, fingerprint: dict[str, Any], spacing: Sequence[float], margin: int) -> tuple[np.ndarray, np.ndarray | None, Any, np.ndarray]:
+    """Exactly prepare's preprocessing of one loaded case (also used by predict).
+
+    Returns (normalized image (2, X, Y, Z) float32, stored label or None, CaseGeometry, body mask).
+    """
+    from petctl.engine.geometry import label_to_stored, plan_geometry, to_canonical, to_stored
+
+    ct_c, _ = to_canonical(loaded.ct, loaded.affine)
+    pet_c, _ = to_canonical(loaded.pet, loaded.affine)
+    geometry = plan_geometry(loaded.pet.shape, loaded.affine, ct_c > fingerprint["crop_threshold_hu"], spacing, margin)
+    image = to_stored(np.stack([ct_c, pet_c]), geometry)
+    label = None
+    if loaded.label is not None:
+        lab_c, _ = to_canonical(loaded.label, loaded.affine)
+        label = label_to_stored(lab_c, geometry)
+    body = image[0] > fingerprint["crop_threshold_hu"]
+    return normalize(image, fingerprint), label, geometry, body
 
 
 def normalize(image_cxyz: np.ndarray, fingerprint: dict[str, Any]) -> np.ndarray:

@@ -1,0 +1,57 @@
+"""Choose the segmentation threshold (max Dice) and the classifier gate (sensitivity 1.0) on the test set.
+
+Writes HOME/runs/RUN/thresholds.json, calibration_dice.png and calibration_roc.png, and records a
+`calibrate` step in the registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def calibrate(
+    run: Annotated[str, typer.Option("--run", help="The training run to calibrate.")],
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Skip the classifier (no classifier folds trained).")] = False,
+    home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
+) -> None:
+    from rich.table import Table
+
+    from petctl.console import console, progress
+    from petctl.engine.calibrate import calibrate as run_calibrate
+    from petctl.engine.registry import Registry, check_name, step_context
+    from petctl.home import resolve_home
+
+    check_name(run, "run")
+    home_path = resolve_home(home)
+    registry = Registry(home_path)
+    registry.run(run)  # a clear error when the run does not exist
+    run_dir = home_path / "runs" / run
+    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate}):
+        task = bar.add_task("ensemble on the test set", total=None)
+        result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate)
+        seg, cls = result["segmentation"], result["classifier"]
+        metrics = {"seg_threshold": seg["threshold"], "test_dice": seg["mean_dice"]}
+        if cls:
+            metrics.update(cls_threshold=cls["threshold"], cls_auroc=cls["auroc"], specificity=cls["specificity"])
+        registry.update_step(run, "calibrate", metrics=metrics)
+
+    table = Table(title=f"Segmentation threshold — ensemble Dice on {seg['num_positives']} test positives")
+    for col in ("fold", "val threshold", "ensemble Dice @ val thr", "fold alone: best thr", "fold alone: Dice"):
+        table.add_column(col, justify="right")
+    for f in seg["folds"]:
+        vt = f.get("val_threshold")
+        table.add_row(f["fold"], "-" if vt is None else f"{vt:.2f}", f"{f.get('ensemble_dice_at_val_threshold', float('nan')):.4f}",
+                      f"{f['test_best_threshold']:.2f}", f"{f['test_dice_alone']:.4f}")
+    table.add_row("[bold]ensemble[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
+    console.print(table)
+    if cls:
+        t2 = Table(title="Classifier gate (sensitivity 1.0 on the test set)")
+        for col in ("threshold", "AUROC", "specificity", "negatives skipping segmentation"):
+            t2.add_column(col, justify="right")
+        t2.add_row(f"{cls['threshold']:.4f}", f"{cls['auroc']:.4f}", f"{cls['specificity']:.4f}",
+                   f"{cls['negatives_skipping_segmentation']}/{cls['negatives']}")
+        console.print(t2)
+    console.print(f"[green]wrote[/] {run_dir / 'thresholds.json'}, calibration_dice.png" + (", calibration_roc.png" if cls else ""))

@@ -1,0 +1,62 @@
+"""Predict lesion masks: NIfTI in, NIfTI mask out in the input's own geometry.
+
+INPUT is an nnU-Net folder (imagesTs, else imagesTr), an AutoPET-layout folder, or one CT file
+CASE_0000.nii.gz (its PET CASE_0001 beside it). The MIP classifier gates each scan first (predicted
+healthy → an empty mask, no segmentation); otherwise the fold ensemble and the calibrated threshold.
+Writes OUTPUT/{case}.nii.gz (uint8). Exit status 3 when some cases were skipped (each named).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from petctl.errors import EXIT_SKIPPED
+
+
+def predict(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="nnU-Net or AutoPET folder, or a CASE_0000.nii.gz CT file.")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Output folder for {case}.nii.gz masks.")],
+    run: Annotated[str, typer.Option("--run", help="A calibrated run (or its -merged retrain).")],
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Segment every scan (skip the classifier gate).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation (3 extra passes per fold).")] = False,
+    save_probabilities: Annotated[Optional[str], typer.Option("--save-probabilities", help="Also write {case}_prob.nii.gz: float16 or uint8 (×255).")] = None,
+    preview: Annotated[bool, typer.Option("--preview", help="Write {case}_preview.png (PET MIP with the mask).")] = False,
+    home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
+) -> None:
+    from rich.table import Table
+
+    from petctl.console import console, progress, warn_line
+    from petctl.engine.predict import PredictOptions, input_cases, predict as run_predict, write_summary
+    from petctl.engine.registry import Registry, check_name, step_context
+    from petctl.home import resolve_home
+
+    check_name(run, "run")
+    home_path = resolve_home(home)
+    registry = Registry(home_path)
+    registry.run(run)
+    options = PredictOptions(gate=not no_gate, tta=tta, save_probabilities=save_probabilities, preview=preview)
+    total = len(input_cases(input_path))
+    step = f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
+    with progress() as bar, step_context(registry, run, step, kind="predict",
+                                         config={"input": str(input_path), "output": str(output), **options.__dict__}):
+        task = bar.add_task("predict", total=total)
+        result = run_predict(home_path / "runs" / run, input_path, output, options,
+                             on_case=lambda c: bar.advance(task), on_skip=lambda c, r: warn_line(f"{c}: {r}"))
+        write_summary(output, result)
+        gated = sum(1 for r in result.written.values() if r.get("gated"))
+        seconds = [r["seconds"] for r in result.written.values()]
+        registry.update_step(run, step, metrics={"cases": len(result.written), "gated": gated, "skipped": len(result.skipped),
+                                                 "mean_seconds_per_case": round(sum(seconds) / max(len(seconds), 1), 3)})
+    table = Table(title=f"predict → {output}")
+    for col in ("case", "gate score", "gated", "lesion voxels", "seconds"):
+        table.add_column(col, justify="right")
+    for case, r in sorted(result.written.items()):
+        score = r.get("cls_score")
+        table.add_row(case, "-" if score is None else f"{score:.3f}", "yes" if r["gated"] else "no", str(r["lesion_voxels"]), f"{r['seconds']:.2f}")
+    console.print(table)
+    if result.skipped:
+        raise typer.Exit(EXIT_SKIPPED)

@@ -1,0 +1,125 @@
+"""The trained models of a run, loaded for inference: segmentation folds and MIP classifiers.
+
+`RunModels.load(home, run)` finds each fold's `best` checkpoint (segmentation and classifier ×
+projection), rebuilds each network from the config saved beside it, and loads the weights with
+`weights_only=True`. `seg_probs` averages the folds' sigmoid probabilities by sliding window
+(gaussian blending, optional flip TTA, stitching on the CPU when asked); `cls_score` averages the
+classifiers' probabilities over folds and projections. Used by calibrate and predict.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from petctl.engine.config import TrainConfig
+from petctl.errors import PetctlError
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    fold: int
+    cfg: TrainConfig
+    model: torch.nn.Module
+    axis: str | None = None
+    val_threshold: float | None = None
+
+
+@dataclass
+class RunModels:
+    run_dir: Path
+    seg: list[LoadedModel] = field(default_factory=list)
+    cls: list[LoadedModel] = field(default_factory=list)
+    store: Path | None = None
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, run_dir: Path, *, device: torch.device | None = None, need_cls: bool = True) -> "RunModels":
+        """Load every fold's best checkpoint (`seg/` and `cls/`, or `seg-merged/` and `cls-merged/` when present)."""
+        from petctl.engine.classifier import build_classifier_for
+        from petctl.engine.loop import find_checkpoint, load_checkpoint
+        from petctl.engine.models import build_seg_model
+
+        run_dir = Path(run_dir)
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        out = cls(run_dir=run_dir, device=device)
+        for family in ("seg", "cls"):
+            folder = run_dir / f"{family}-merged" if (run_dir / f"{family}-merged").is_dir() else run_dir / family
+            if not folder.is_dir():
+                continue
+            for fold_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("fold")):
+                ckpt = find_checkpoint(fold_dir / "checkpoints" / "best") or find_checkpoint(fold_dir / "checkpoints" / "last")
+                if ckpt is None:
+                    raise PetctlError(f"{fold_dir}: no checkpoint; train this fold first")
+                state, _, meta = load_checkpoint(ckpt)
+                config = meta["config"]
+                cfg = TrainConfig.from_json(config)
+                if family == "seg":
+                    model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+                else:
+                    model = build_classifier_for(cfg)
+                model.load_state_dict(state)
+                model.to(device).eval()
+                metrics_path = fold_dir / "metrics.json"
+                best = json.loads(metrics_path.read_text()).get("best") if metrics_path.exists() else None
+                entry = LoadedModel(fold_dir.name, int(config["fold"]), cfg, model, config.get("projection"),
+                                    (best or {}).get("best_threshold"))
+                (out.seg if family == "seg" else out.cls).append(entry)
+                out.store = Path(config["store"])
+        if not out.seg:
+            raise PetctlError(f"{run_dir}: no trained segmentation folds; run `petctl train --task seg` first")
+        if need_cls and not out.cls:
+            raise PetctlError(f"{run_dir}: no trained classifier folds; run `petctl train --task cls` first (or use --no-gate)")
+        return out
+
+    def seg_probs(self, image_cxyz: torch.Tensor, *, models: list[LoadedModel] | None = None, tta: bool = False,
+                  stitch_on_cpu: bool = False) -> np.ndarray:
+        """Mean sigmoid probability (X, Y, Z) float32 over the given (default: all) folds."""
+        from monai.inferers import sliding_window_inference
+
+        models = models or self.seg
+        x = image_cxyz[None].to(self.device)
+        total: torch.Tensor | None = None
+        flips = [()] + ([(2,), (3,), (4,)] if tta else [])
+        with torch.no_grad():
+            for m in models:
+                for flip in flips:
+                    inp = torch.flip(x, flip) if flip else x
+                    logits = sliding_window_inference(
+                        inp, roi_size=m.cfg.patch_size, sw_batch_size=m.cfg.sw_batch_size, predictor=m.model,
+                        overlap=m.cfg.sw_overlap, mode="gaussian", padding_mode="constant",
+                        sw_device=self.device, device=torch.device("cpu") if stitch_on_cpu else self.device,
+                    )
+                    probs = torch.sigmoid(logits.float())
+                    probs = torch.flip(probs, flip) if flip else probs
+                    total = probs if total is None else total + probs
+        assert total is not None
+        return (total / (len(models) * len(flips)))[0, 0].cpu().numpy()
+
+    def cls_score(self, pet_xyz: torch.Tensor) -> float:
+        """Mean classifier probability over folds × projections for one PET volume (stored grid)."""
+        from petctl.engine.mip import mip_batch, resize_mip
+
+        pet = pet_xyz.float().to(self.device)[None]
+        scores = []
+        with torch.no_grad():
+            for m in self.cls:
+                image = resize_mip(mip_batch(pet, m.axis or "y"), m.cfg.cls_img_size)
+                scores.append(float(torch.sigmoid(m.model(image).float())[0, 0]))
+        return float(np.mean(scores))
+
+
+def read_thresholds(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "thresholds.json"
+    if not path.exists():
+        raise PetctlError(f"{path}: missing; run `petctl calibrate --run {Path(run_dir).name}` first")
+    data = json.loads(path.read_text())
+    if data.get("version") != 1 or "segmentation" not in data:
+        raise PetctlError(f"{path}: unsupported or malformed thresholds file")
+    return data

@@ -1,0 +1,209 @@
+"""`petctl predict`: NIfTI in, NIfTI mask out in the input's own geometry.
+
+Per case: exactly prepare's preprocessing (the training store's fingerprint and spacing); the MIP
+classifier gate first (probability below its calibrated threshold → an empty mask is written, no
+segmentation cost); otherwise the fold ensemble by sliding window, the calibrated threshold, and
+the mask mapped back onto the input's grid (same shape, affine and orientation as the PET, which
+is the label grid of the cohort). Outputs are written atomically and never over an input file.
+Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from petctl.engine.cohort import CaseSource, discover, is_valid_case_id
+from petctl.errors import CaseError, PetctlError
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    gate: bool = True
+    tta: bool = False
+    save_probabilities: str | None = None
+    """None, "float16" or "uint8" (probability × 255, rounded)."""
+    preview: bool = False
+    stitch_on_cpu: bool | None = None
+    """Stitch windows on the CPU; None decides by volume size (≥ 64 M voxels)."""
+
+    def __post_init__(self) -> None:
+        if self.save_probabilities not in (None, "float16", "uint8"):
+            raise PetctlError("--save-probabilities must be float16 or uint8")
+
+
+@dataclass
+class PredictResult:
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def input_cases(path: Path) -> list[CaseSource]:
+    """Cases of an nnU-Net folder (imagesTs, else imagesTr), an AutoPET folder, or one CT file + its PET."""
+    path = Path(path)
+    if path.is_file():
+        name = path.name
+        for suffix in (".nii.gz", ".nii"):
+            if name.endswith("_0000" + suffix):
+                case = name[: -len("_0000" + suffix)]
+                return [CaseSource(case, path, path.with_name(f"{case}_0001{suffix}"), None, case, None)]
+        raise PetctlError(f"{path}: a single-case input must be the CT file CASE_0000.nii.gz (its PET CASE_0001 beside it)")
+    if (path / "imagesTs").is_dir():
+        return discover(path, split="Ts")
+    if (path / "imagesTr").is_dir():
+        return discover(path, split="Tr")
+    if any(path.glob("*/*/SUV.nii*")):
+        return discover(path)
+    if any(path.glob("*_0000.nii*")):
+        # a bare folder of CASE_0000/CASE_0001 files
+        cases = []
+        for ct in sorted(path.glob("*_0000.nii*")):
+            cases.extend(input_cases(ct))
+        return cases
+    raise PetctlError(f"{path}: no cases found (nnU-Net imagesTs/imagesTr, AutoPET layout, or CASE_0000/0001 files)")
+
+
+def _safe_output(out_dir: Path, case: str, suffix: str, inputs: set[Path]) -> Path:
+    if not is_valid_case_id(case):
+        raise CaseError(case, "case id would leave the output folder; refused")
+    target = (out_dir / f"{case}{suffix}").resolve()
+    if out_dir.resolve() not in target.parents:
+        raise CaseError(case, "output path leaves the output folder; refused")
+    if target in inputs:
+        raise CaseError(case, f"output {target.name} would overwrite an input file; refused")
+    return target
+
+
+def _save_nifti(data: np.ndarray, reference: Any, path: Path, dtype: Any) -> None:
+    import nibabel as nib
+
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header=header)
+    img.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
+    img.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nii.gz")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptions = PredictOptions(), *,
+            on_case: Callable[[str], None] | None = None, on_skip: Callable[[str, str], None] | None = None,
+            rank: int | None = None, world_size: int | None = None) -> PredictResult:
+    """Predict every input case into `output`; a bad case is reported and skipped, never raised."""
+    import nibabel as nib
+
+    from petctl.engine.ensemble import RunModels, read_thresholds
+    from petctl.engine.geometry import to_original
+    from petctl.engine.nifti import load_case
+    from petctl.engine.prepare import preprocess
+    from petctl.engine.store import read_json
+
+    run_dir = Path(run_dir)
+    thresholds = read_thresholds(run_dir)
+    seg_threshold = float(thresholds["segmentation"]["threshold"])
+    cls_info = thresholds.get("classifier")
+    gate = options.gate and cls_info is not None
+    models = RunModels.load(run_dir, need_cls=gate)
+    assert models.store is not None
+    fingerprint = read_json(models.store / "fingerprint.json")
+    prep = read_json(models.store / "prepare.json")["config"]
+    cases = input_cases(input_path)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    cases = cases[rank::world_size]
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    inputs = {Path(p).resolve() for c in cases for p in (c.ct, c.pet) if p is not None}
+    result = PredictResult()
+    for src in cases:
+        t0 = time.perf_counter()
+        try:
+            mask_path = _safe_output(output, src.case, ".nii.gz", inputs)
+            loaded = load_case(src, need_label=False)
+            image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
+            image_t = torch.from_numpy(image).float()
+            reference = nib.load(str(src.pet))
+            record: dict[str, Any] = {"stored_shape": list(image.shape[1:])}
+            probs = None
+            if gate:
+                score = models.cls_score(image_t[1])
+                record["cls_score"] = score
+                record["gated"] = bool(score < float(cls_info["threshold"]))
+            else:
+                record["gated"] = False
+            if record["gated"]:
+                mask = np.zeros(geometry.original_shape, np.uint8)
+            else:
+                stitch_cpu = options.stitch_on_cpu if options.stitch_on_cpu is not None else image.shape[1] * image.shape[2] * image.shape[3] >= 64 * 1024**2
+                probs_stored = models.seg_probs(image_t, tta=options.tta, stitch_on_cpu=stitch_cpu)
+                probs = to_original(probs_stored, geometry)
+                mask = (probs >= seg_threshold).astype(np.uint8)
+            _save_nifti(mask, reference, mask_path, np.uint8)
+            record["lesion_voxels"] = int(mask.sum())
+            if options.save_probabilities:
+                prob_path = _safe_output(output, src.case, "_prob.nii.gz", inputs)
+                p = probs if probs is not None else np.zeros(geometry.original_shape, np.float32)
+                if options.save_probabilities == "uint8":
+                    _save_nifti(np.rint(np.clip(p, 0, 1) * 255), reference, prob_path, np.uint8)
+                else:
+                    _save_nifti(p, reference, prob_path, np.float16)
+            if options.preview:
+                preview_png(_safe_output(output, src.case, "_preview.png", inputs), loaded.pet, mask, loaded.affine, src.case, record)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            result.written[src.case] = record
+        except CaseError as exc:
+            result.skipped[src.case] = exc.reason
+            if on_skip:
+                on_skip(src.case, exc.reason)
+        except (OSError, ValueError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            result.skipped[src.case] = reason
+            if on_skip:
+                on_skip(src.case, reason)
+        if on_case:
+            on_case(src.case)
+    return result
+
+
+def preview_png(path: Path, pet: np.ndarray, mask: np.ndarray, affine: np.ndarray, case: str, record: dict[str, Any]) -> None:
+    """Coronal PET MIP (inverted grey, like a reading room) with the predicted mask's MIP in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from petctl.engine.geometry import spacing_of, to_canonical
+    from petctl.engine.mip import mip
+
+    pet_c, canon = to_canonical(pet, affine)
+    mask_c, _ = to_canonical(mask, affine)
+    sx, _, sz = spacing_of(canon)
+    img, m = mip(pet_c, "y"), mip(mask_c, "y")
+    fig, ax = plt.subplots(figsize=(3.2, 3.2 * img.shape[0] * sz / max(img.shape[1] * sx, 1e-6)))
+    ax.imshow(img, cmap="gray_r", vmin=0, vmax=np.percentile(img, 99.5), aspect=sz / sx)
+    overlay = np.ma.masked_where(m == 0, m)
+    ax.imshow(overlay, cmap="autumn", alpha=0.6, aspect=sz / sx)
+    title = f"{case}" + (" — gated (healthy)" if record.get("gated") else f" — {record.get('lesion_voxels', 0)} voxels")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_summary(output: Path, result: PredictResult) -> None:
+    (Path(output) / "predictions.json").write_text(json.dumps({"written": result.written, "skipped": result.skipped}, indent=2))

@@ -1,0 +1,281 @@
+"""autoPET metrics against their definitions: hand cases, 18- vs 26-neighbours, the loop, folders, CLI."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from petctl.engine.evaluate import (
+    CaseMetrics,
+    case_metrics,
+    case_metrics_loop,
+    evaluate_folders,
+    summarize,
+    voxel_volume_ml,
+    write_csv,
+)
+from petctl.errors import PetctlError
+
+IMPLEMENTATIONS = [case_metrics, case_metrics_loop]
+NEIGHBOURS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
+
+
+def same(a: CaseMetrics, b: CaseMetrics) -> bool:
+    """Equal metrics, nan equal to nan (volumes are exact integer counts times the voxel volume)."""
+    return all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip((a.dice, a.fpv_ml, a.fnv_ml), (b.dice, b.fpv_ml, b.fnv_ml)))
+
+
+def reference_metrics(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> CaseMetrics:
+    """The definition with an independent labeller: scipy with the 18-neighbourhood (faces + edges)."""
+    structure = ndimage.generate_binary_structure(3, 2)
+    g, p = gt > 0, pred > 0
+
+    def untouched(mask: np.ndarray, other: np.ndarray) -> int:
+        labels, num = ndimage.label(mask, structure=structure)
+        return sum(int((labels == k).sum()) for k in range(1, num + 1) if not (other & (labels == k)).any())
+
+    d = math.nan if not g.any() else 2.0 * (g & p).sum() / (g.sum() + p.sum())
+    return CaseMetrics(float(d), untouched(p, g) * voxel_ml, untouched(g, p) * voxel_ml)
+
+
+def ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    zz, yy, xx = np.indices(shape)
+    return (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand cases
+
+SHAPE = (8, 9, 10)
+LESION = ball(SHAPE, (4, 4, 4), 2.0)  # 33 voxels
+FAR = ball(SHAPE, (1, 1, 8), 1.0)  # 7 voxels, not touching LESION
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("gt", "pred", "expected"),
+    [
+        pytest.param(np.zeros(SHAPE), np.zeros(SHAPE), CaseMetrics(math.nan, 0.0, 0.0), id="both-empty"),
+        pytest.param(np.zeros(SHAPE), FAR, CaseMetrics(math.nan, 7 * 0.5, 0.0), id="empty-gt"),
+        pytest.param(LESION, np.zeros(SHAPE), CaseMetrics(0.0, 0.0, 33 * 0.5), id="empty-prediction"),
+        pytest.param(LESION, LESION, CaseMetrics(1.0, 0.0, 0.0), id="perfect"),
+        pytest.param(LESION, FAR, CaseMetrics(0.0, 7 * 0.5, 33 * 0.5), id="disjoint"),
+        pytest.param(LESION | FAR, LESION, CaseMetrics(2 * 33 / (40 + 33), 0.0, 7 * 0.5), id="missed-lesion"),
+        pytest.param(LESION, LESION | FAR, CaseMetrics(2 * 33 / (40 + 33), 7 * 0.5, 0.0), id="extra-blob"),
+    ],
+)
+def test_hand_cases(impl, gt: np.ndarray, pred: np.ndarray, expected: CaseMetrics) -> None:
+    result = impl(gt, pred, 0.5)
+    assert same(result, expected), result
+    assert result.is_positive == bool(np.any(gt))
+
+
+def test_partial_overlap_is_not_a_false_positive_or_negative() -> None:
+    """One voxel of overlap makes a whole component a hit, however large the rest (autoPET)."""
+    gt = np.zeros(SHAPE, np.uint8)
+    gt[2:6, 2:6, 2:4] = 1
+    pred = np.zeros(SHAPE, np.uint8)
+    pred[5:8, 5:9, 3:9] = 1  # shares voxels (5, 5, 3) only
+    result = case_metrics(gt, pred, 1.0)
+    assert result.fpv_ml == 0.0 and result.fnv_ml == 0.0
+    assert result.dice == pytest.approx(2 * 1 / (gt.sum() + pred.sum()))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("role", ["prediction", "ground truth"])
+@pytest.mark.parametrize("offset", NEIGHBOURS, ids=lambda d: "".join("-0+"[v + 1] for v in d))
+def test_corner_neighbours_are_separate_components(impl, role: str, offset: tuple[int, int, int]) -> None:
+    """A voxel touching the shared lesion only at a corner is its own 18-component; at a face or edge it is not."""
+    shared = np.zeros((5, 5, 5), np.uint8)
+    shared[2, 2, 2] = 1
+    extra = shared.copy()
+    extra[tuple(2 + d for d in offset)] = 1
+    is_corner = sum(map(abs, offset)) == 3
+    if role == "prediction":
+        result = impl(shared, extra, 2.0)
+        assert result.fpv_ml == (2.0 if is_corner else 0.0)
+        assert result.fnv_ml == 0.0
+    else:
+        result = impl(extra, shared, 2.0)
+        assert result.fnv_ml == (2.0 if is_corner else 0.0)
+        assert result.fpv_ml == 0.0
+    assert result.dice == pytest.approx(2 / 3)
+
+
+def test_corner_chain_of_false_positives() -> None:
+    """A diagonal chain of corner-touching voxels next to a lesion: all false positives but the one on it."""
+    gt = np.zeros((6, 6, 6), np.uint8)
+    gt[0, 0, 0] = 1
+    pred = np.zeros_like(gt)
+    for i in range(6):
+        pred[i, i, i] = 1
+    assert case_metrics(gt, pred, 1.0).fpv_ml == 5.0
+    pred[1, 1, 0] = 1  # links (0,0,0) and (1,1,1) through edges: one more voxel, both now hit
+    assert case_metrics(gt, pred, 1.0).fpv_ml == 4.0
+
+
+def random_masks(seed: int, shape: tuple[int, int, int] = (10, 11, 12)) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse noise (many corner/edge contacts) or smoothed blobs, with correlated predictions."""
+    rng = np.random.default_rng(seed)
+    if seed % 2:
+        gt = rng.random(shape) < rng.uniform(0.02, 0.25)
+        pred = np.where(rng.random(shape) < 0.6, gt, rng.random(shape) < rng.uniform(0.02, 0.25))
+    else:
+        gt = ndimage.gaussian_filter(rng.random(shape), 1.0) > rng.uniform(0.52, 0.6)
+        pred = ndimage.gaussian_filter(rng.random(shape), 1.0) > rng.uniform(0.52, 0.6)
+        pred |= ndimage.binary_erosion(gt) if rng.random() < 0.5 else False
+    return gt.astype(np.uint8), pred.astype(rng.choice([np.uint8, np.float32, bool]))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fast_equals_loop_and_definition_on_random_masks(seed: int) -> None:
+    gt, pred = random_masks(seed)
+    voxel_ml = float(np.random.default_rng(seed).uniform(0.001, 0.05))
+    fast = case_metrics(gt, pred, voxel_ml)
+    assert same(fast, case_metrics_loop(gt, pred, voxel_ml))
+    expected = reference_metrics(gt, pred, voxel_ml)
+    assert fast.dice == pytest.approx(expected.dice, nan_ok=True)
+    assert fast.fpv_ml == pytest.approx(expected.fpv_ml) and fast.fnv_ml == pytest.approx(expected.fnv_ml)
+
+
+def test_fortran_order_input_from_nibabel() -> None:
+    gt, pred = random_masks(3)
+    assert same(case_metrics(np.asfortranarray(gt), np.asfortranarray(pred), 1.0), case_metrics(gt, pred, 1.0))
+
+
+@pytest.mark.parametrize(("gt_shape", "voxel_ml"), [((4, 4, 5), 1.0), ((4, 4, 4), 0.0), ((4, 4, 4), math.nan)])
+def test_bad_input_raises(gt_shape: tuple[int, int, int], voxel_ml: float) -> None:
+    with pytest.raises(ValueError):
+        case_metrics(np.zeros(gt_shape), np.zeros((4, 4, 4)), voxel_ml)
+
+
+@pytest.mark.parametrize(
+    ("zooms", "expected"),
+    [((1.0, 1.0, 1.0), 0.001), ((2.0364, 2.0364, 3.0), 2.0364 * 2.0364 * 3.0 / 1000), ((4.0, -2.0, 3.0, 1.5), 0.024)],
+)
+def test_voxel_volume_ml(zooms: tuple[float, ...], expected: float) -> None:
+    assert voxel_volume_ml(zooms) == pytest.approx(expected, rel=1e-12)
+
+
+def test_summary_means() -> None:
+    cases = {
+        "p1": CaseMetrics(0.8, 1.0, 2.0),
+        "p2": CaseMetrics(0.4, 3.0, 0.0),
+        "n1": CaseMetrics(math.nan, 5.0, 0.0),
+    }
+    s = summarize(cases)
+    assert (s.num_cases, s.num_positive, s.num_negative) == (3, 2, 1)
+    assert s.mean_dice == pytest.approx(0.6) and s.mean_fnv_ml == pytest.approx(1.0)
+    assert s.mean_fpv_ml == pytest.approx(3.0) and s.mean_fpv_ml_negative == pytest.approx(5.0)
+    assert math.isnan(summarize({"p": CaseMetrics(1.0, 0.0, 0.0)}).mean_fpv_ml_negative)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders, CSV and the command
+
+ZOOMS = (2.0, 2.5, 3.0)  # 0.015 mL per voxel
+VOXEL_ML = 0.015
+
+
+def write(path: Path, data: np.ndarray, zooms: tuple[float, float, float] = ZOOMS, shift: float = 0.0) -> None:
+    affine = np.diag([*zooms, 1.0])
+    affine[0, 3] = shift
+    nib.Nifti1Image(np.asarray(data), affine).to_filename(str(path))
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """labelsTs with five cases; predictions: good, perfect, missing, misaligned grid/affine, 0/1/2, stray."""
+    gt_dir, pred_dir = tmp_path / "labelsTs", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    lesion = (LESION | FAR).astype(np.uint8)
+    for case in ("pos", "perfect", "missing", "grid", "moved", "values"):
+        write(gt_dir / f"{case}.nii.gz", lesion)
+    write(gt_dir / "neg.nii", np.zeros(SHAPE, np.uint8))
+    write(pred_dir / "pos.nii.gz", LESION.astype(np.uint8))  # misses FAR (7 voxels)
+    write(pred_dir / "perfect.nii.gz", lesion.astype(np.float32))
+    write(pred_dir / "neg.nii.gz", FAR.astype(np.uint8))
+    write(pred_dir / "grid.nii.gz", lesion[:, :, :-1])
+    write(pred_dir / "moved.nii.gz", lesion, shift=2.0)
+    write(pred_dir / "values.nii.gz", lesion * 2)
+    write(pred_dir / "stray.nii.gz", lesion)
+    (pred_dir / "plans.json").write_text("{}")  # nnU-Net writes these beside its predictions
+    return gt_dir, pred_dir
+
+
+def test_evaluate_folders_scores_good_cases_and_reports_the_rest(folders: tuple[Path, Path]) -> None:
+    result = evaluate_folders(*folders)
+    assert list(result.cases) == ["neg", "perfect", "pos"]
+    assert same(result.cases["pos"], CaseMetrics(2 * 33 / 73, 0.0, 7 * VOXEL_ML))
+    assert same(result.cases["perfect"], CaseMetrics(1.0, 0.0, 0.0))
+    assert same(result.cases["neg"], CaseMetrics(math.nan, 7 * VOXEL_ML, 0.0))
+    assert set(result.problems) == {"missing", "grid", "moved", "values", "stray"}
+    assert "no prediction" in result.problems["missing"]
+    assert "grid" in result.problems["grid"] and "affine" in result.problems["moved"]
+    assert "0/1" in result.problems["values"] and "prediction" in result.problems["values"]
+    assert "no ground truth" in result.problems["stray"]
+    assert result.summary.num_cases == 3 and result.summary.mean_fpv_ml_negative == pytest.approx(7 * VOXEL_ML)
+    payload = json.loads(json.dumps(result.to_json(), allow_nan=False))
+    assert payload["cases"]["neg"]["dice"] is None
+
+
+def test_evaluate_folders_usage_errors(tmp_path: Path) -> None:
+    (tmp_path / "raw" / "labelsTs").mkdir(parents=True)
+    with pytest.raises(PetctlError, match="not found"):
+        evaluate_folders(tmp_path / "nope", tmp_path / "raw")
+    with pytest.raises(PetctlError, match="did you mean"):
+        evaluate_folders(tmp_path / "raw", tmp_path / "raw")
+
+
+def test_write_csv_columns(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "metrics.csv"
+    write_csv({"a": CaseMetrics(0.5, 1.25, 0.0), "b": CaseMetrics(math.nan, 0.1, 0.0)}, path)
+    rows = list(csv.reader(path.open()))
+    assert rows == [["case", "dice", "fpv_ml", "fnv_ml"], ["a", "0.5", "1.25", "0.0"], ["b", "nan", "0.1", "0.0"]]
+
+
+def invoke(*args: str):
+    from petctl.cli import app
+
+    return CliRunner().invoke(app, ["evaluate", *args], env={"COLUMNS": "200"})
+
+
+def test_cli_reports_problems_and_exits_3(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    gt_dir, pred_dir = folders
+    result = invoke(str(gt_dir), str(pred_dir), "--csv", str(tmp_path / "m.csv"))
+    assert result.exit_code == 3, result.output
+    out = result.output
+    for text in ("missing: no prediction", "grid: prediction grid", "moved: prediction affine", "stray: prediction",
+                 "Summary", "mean Dice (positives)", "0.9041", "–", f"{7 * VOXEL_ML:.3f}"):
+        assert text in out, text
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert [r["case"] for r in rows] == ["neg", "perfect", "pos"] and rows[0]["dice"] == "nan"
+
+
+def test_cli_all_scored_json_exits_0(folders: tuple[Path, Path]) -> None:
+    gt_dir, pred_dir = folders
+    for case in ("missing", "grid", "moved", "values", "stray"):
+        (gt_dir / f"{case}.nii.gz").unlink(missing_ok=True)
+        (pred_dir / f"{case}.nii.gz").unlink(missing_ok=True)
+    result = invoke(str(gt_dir), str(pred_dir), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["problems"] == {} and data["summary"]["num_cases"] == 3
+    assert data["cases"]["perfect"] == {"dice": 1.0, "fpv_ml": 0.0, "fnv_ml": 0.0}
+    assert data["summary"]["mean_fnv_ml"] == pytest.approx(7 * VOXEL_ML / 2)
+
+
+def test_cli_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke(str(tmp_path / "nope"), str(tmp_path))
+    assert result.exit_code == 2
+    assert "folder not found" in result.output and "Traceback" not in result.output

@@ -1,0 +1,135 @@
+"""calibrate → predict → retrain-merged on a tiny trained run: geometry, gate, thresholds, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def _petctl(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PETCTL_HOME": str(home), "HF_HOME": str(home / "hf"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "petctl", *args], env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A calibrated run: every seg fold and cls fold × projection trained for a few steps."""
+    home = tmp_path_factory.mktemp("inference") / "home"
+    _petctl(home, "train", "--store", str(store), "--fold", "all", "--preset", "cpu-tiny", "--run", "r", "--max-steps", "4")
+    _petctl(home, "train", "--store", str(store), "--task", "cls", "--fold", "all", "--preset", "cpu-tiny", "--run", "r", "--max-steps", "2")
+    result = _petctl(home, "calibrate", "--run", "r")
+    assert "Classifier gate" in result.stdout
+    return home
+
+
+def test_thresholds_json_and_pictures(trained: Path, store: Path):
+    run_dir = trained / "runs/r"
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    splits = json.loads((store / "splits.json").read_text())
+    manifest = json.loads((store / "manifest.json").read_text())["cases"]
+    assert t["version"] == 1 and t["test_cases"] == splits["test"]
+    assert 0.01 <= t["segmentation"]["threshold"] <= 0.99
+    assert t["segmentation"]["num_positives"] == sum(manifest[c]["positive"] for c in splits["test"])
+    curve = [v for v in t["segmentation"]["mean_dice_curve"] if v is not None]
+    assert max(curve) == pytest.approx(t["segmentation"]["mean_dice"])
+    cls = t["classifier"]
+    scores = {c: r["cls_score"] for c, r in t["cases"].items()}
+    positives = [c for c in splits["test"] if manifest[c]["positive"]]
+    assert cls["threshold"] == pytest.approx(min(scores[c] for c in positives))  # sensitivity 1.0, highest such
+    assert (run_dir / "calibration_dice.png").stat().st_size > 1000
+    assert (run_dir / "calibration_roc.png").stat().st_size > 1000
+    step = json.loads((run_dir / "steps/calibrate.json").read_text())
+    assert step["status"] == "done" and "seg_threshold" in step["metrics"]
+
+
+def test_predict_masks_keep_the_input_geometry(trained: Path, cohort: Path, tmp_path: Path):
+    data = tmp_path / "in"
+    (data / "imagesTs").mkdir(parents=True)
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (cohort / "labelsTr").iterdir())
+    flipped = [c for c in cases if np.any(np.diag(nib.load(str(cohort / "labelsTr" / f"{c}.nii.gz")).affine)[:3] < 0)]
+    own_ct = [c for c in cases if nib.load(str(cohort / "imagesTr" / f"{c}_0000.nii.gz")).shape
+              != nib.load(str(cohort / "imagesTr" / f"{c}_0001.nii.gz")).shape]
+    chosen = sorted(set(flipped[:2] + own_ct[:1] + cases[:1]))
+    assert flipped and own_ct
+    for c in chosen:
+        for ch in ("0000", "0001"):
+            shutil.copy(cohort / "imagesTr" / f"{c}_{ch}.nii.gz", data / "imagesTs")
+    before = {p.name: p.read_bytes() for p in (data / "imagesTs").iterdir()}
+    out = tmp_path / "out"
+    _petctl(trained, "predict", str(data), str(out), "--run", "r", "--no-gate", "--save-probabilities", "uint8", "--preview")
+    for c in chosen:
+        ref = nib.load(str(cohort / "labelsTr" / f"{c}.nii.gz"))
+        pred = nib.load(str(out / f"{c}.nii.gz"))
+        assert pred.shape == ref.shape
+        assert np.allclose(pred.affine, ref.affine, atol=1e-4)
+        assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(ref.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+        prob = np.asarray(nib.load(str(out / f"{c}_prob.nii.gz")).dataobj)
+        assert prob.dtype == np.uint8 and prob.max() <= 255
+        assert (out / f"{c}_preview.png").stat().st_size > 1000
+    assert {p.name: p.read_bytes() for p in (data / "imagesTs").iterdir()} == before  # inputs untouched
+    summary = json.loads((out / "predictions.json").read_text())
+    assert set(summary["written"]) == set(chosen) and not summary["skipped"]
+
+
+def test_gate_writes_empty_masks_without_segmenting(trained: Path, cohort: Path, tmp_path: Path):
+    gated_run = trained / "runs/g"
+    shutil.copytree(trained / "runs/r", gated_run)
+    (gated_run / "run.json").write_text((gated_run / "run.json").read_text().replace('"run": "r"', '"run": "g"'))
+    t = json.loads((gated_run / "thresholds.json").read_text())
+    t["classifier"]["threshold"] = 1.01  # every scan looks healthy
+    (gated_run / "thresholds.json").write_text(json.dumps(t))
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    out = tmp_path / "out"
+    result = _petctl(trained, "predict", str(case), str(out), "--run", "g")
+    name = case.name[: -len("_0000.nii.gz")]
+    mask = nib.load(str(out / f"{name}.nii.gz"))
+    assert not np.asarray(mask.dataobj).any()
+    assert mask.shape == nib.load(str(case.with_name(f"{name}_0001.nii.gz"))).shape
+    record = json.loads((out / "predictions.json").read_text())["written"][name]
+    assert record["gated"] is True and record["cls_score"] < 1.01
+    assert "yes" in result.stdout
+
+
+def test_bad_case_is_named_and_others_go_on(trained: Path, cohort: Path, tmp_path: Path):
+    data = tmp_path / "in"
+    data.mkdir()
+    good = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    name = good.name[: -len("_0000.nii.gz")]
+    for ch in ("0000", "0001"):
+        shutil.copy(good.with_name(f"{name}_{ch}.nii.gz"), data)
+    shutil.copy(good, data / "broken_0000.nii.gz")
+    (data / "broken_0001.nii.gz").write_bytes(b"not a nifti")
+    shutil.copy(good, data / "bad id_0000.nii.gz")
+    shutil.copy(good.with_name(f"{name}_0001.nii.gz"), data / "bad id_0001.nii.gz")
+    result = _petctl(trained, "predict", str(data), str(tmp_path / "out"), "--run", "r", "--no-gate", check=False)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "broken: PET is not a readable NIfTI" in result.stderr.replace("\n", " ")
+    assert "bad id" in result.stderr and "refused" in result.stderr
+    assert (tmp_path / "out" / f"{name}.nii.gz").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_retrain_merged_keeps_thresholds_and_links_parent(trained: Path, store: Path):
+    _petctl(trained, "retrain-merged", "--run", "r", "--max-steps", "2")
+    merged = trained / "runs/r-merged"
+    run = json.loads((merged / "run.json").read_text())
+    assert run["parent"] == "r"
+    assert json.loads((merged / "thresholds.json").read_text()) == json.loads((trained / "runs/r/thresholds.json").read_text())
+    splits = json.loads((store / "splits.json").read_text())
+    for k in range(len(splits["merged_seg_folds"])):
+        cfg = json.loads((merged / f"seg-merged/fold{k}/checkpoints/last/meta.json").read_text())["config"]
+        assert cfg["merged"] is True and set(splits["test"]) & (set(cfg["train"]) | set(cfg["val"]))
+    assert (merged / "cls-merged").is_dir()
