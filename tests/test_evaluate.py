@@ -147,6 +147,24 @@ def test_fast_equals_loop_and_definition_on_random_masks(seed: int) -> None:
     assert fast.fpv_ml == pytest.approx(expected.fpv_ml) and fast.fnv_ml == pytest.approx(expected.fnv_ml)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_small_masks_in_a_large_volume(seed: int) -> None:
+    """Labelling inside the foreground box: the same metrics wherever the masks sit, edges included."""
+    gt, pred = random_masks(seed, shape=(5, 6, 7))
+    rng = np.random.default_rng(seed)
+    big_gt, big_pred = np.zeros((16, 17, 18), np.uint8), np.zeros((16, 17, 18), np.uint8)
+    corner = [int(rng.choice([0, rng.integers(0, b - s), b - s])) for b, s in zip(big_gt.shape, gt.shape)]
+    box = tuple(slice(c, c + s) for c, s in zip(corner, gt.shape))
+    big_gt[box], big_pred[box] = gt, pred
+    if seed % 3 == 0:
+        big_pred[box] = 0
+        big_pred[-1, -1, -1] = 1  # a lone false positive in the far corner stretches the box
+    expected = case_metrics_loop(big_gt, big_pred, 0.01)
+    assert same(case_metrics(big_gt, big_pred, 0.01), expected)
+    if seed % 3:
+        assert same(expected, case_metrics_loop(gt, pred, 0.01))
+
+
 def test_fortran_order_input_from_nibabel() -> None:
     gt, pred = random_masks(3)
     assert same(case_metrics(np.asfortranarray(gt), np.asfortranarray(pred), 1.0), case_metrics(gt, pred, 1.0))

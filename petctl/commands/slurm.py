@@ -1,0 +1,158 @@
+"""Run the whole chain on a SLURM cluster: `plan` renders sbatch scripts, `submit` queues them, `cancel` stops them.
+
+`petctl slurm plan` writes HOME/runs/RUN/slurm/: prepare (CPU) → segmentation and classifier training
+arrays (one task per fold, or per fold × projection) → calibrate → merged retrain arrays → optional
+predict, each waiting for the one before (`afterok`), plus plan.json. Training tasks start one
+accelerate launcher per node with `srun`; SIGUSR1 (sent 120 s before the time limit, or by
+`scancel --signal=USR1 --batch JOB`) makes every rank save its checkpoint, then the task requeues
+itself and resumes. `submit` registers every step as pending with its SLURM job id, so
+`petctl status` shows the SLURM state beside the registry's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from petctl.errors import PetctlError
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
+
+RunOpt = Annotated[str, typer.Option("--run", help="Registry run name (the plan lives in HOME/runs/RUN/slurm/).")]
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")]
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from petctl.cli import user_errors  # imported late: petctl.cli imports this module
+
+        return user_errors(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _absolute(path: Path) -> str:
+    return os.path.abspath(path)  # jobs run elsewhere: no relative paths in the scripts
+
+
+def _spacing(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    from petctl.commands.prepare import _spacing as parse
+
+    return parse(text)
+
+
+def plan(
+    run: RunOpt,
+    store: Annotated[Path, typer.Option("--store", help="Store that prepare writes and training reads.")],
+    data: Annotated[Path, typer.Option("--data", help="Raw cohort folder for prepare.")],
+    preset: Annotated[str, typer.Option("--preset", help="autopet-paper, cpu-small or cpu-tiny.")] = "autopet-paper",
+    partition: Annotated[Optional[str], typer.Option("--partition", help="SLURM partition.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="SLURM account.")] = None,
+    qos: Annotated[Optional[str], typer.Option("--qos", help="SLURM QOS.")] = None,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes per training task (multi-node accelerate when > 1).")] = 1,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node; 0 = CPU-only (gloo, one process per node).")] = 1,
+    cpus_per_task: Annotated[int, typer.Option("--cpus-per-task", help="CPUs per node (prepare uses them as workers).")] = 8,
+    mem: Annotated[Optional[str], typer.Option("--mem", help="Memory per node, e.g. 64G.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="Time limit per job, e.g. 1-00:00:00 (training requeues itself).")] = None,
+    constraint: Annotated[Optional[str], typer.Option("--constraint", help="SLURM node features, e.g. a100.")] = None,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (prepare --folds; array sizes).")] = 5,
+    spacing: Annotated[Optional[str], typer.Option("--spacing", help="Store spacing x,y,z in mm (default: the preset's).")] = None,
+    cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop training after this many steps (smoke runs).")] = None,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no or bf16.")] = "no",
+    predict_input: Annotated[Optional[Path], typer.Option("--predict-input", help="NIfTI cases to predict at the end.")] = None,
+    predict_output: Annotated[Optional[Path], typer.Option("--predict-output", help="Where predict writes the masks.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scripts instead of writing them.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a plan whose jobs were already submitted.")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Render the chain's sbatch scripts and plan.json into HOME/runs/RUN/slurm/."""
+    from petctl.console import console
+    from petctl.engine.slurm import SlurmConfig, plan_dir, read_plan, render_plan, submitted_ids, write_plan
+    from petctl.home import resolve_home
+
+    cfg = SlurmConfig(
+        run=run, data=_absolute(data), store=_absolute(store), home=_absolute(resolve_home(home)), workdir=os.getcwd(),
+        preset=preset, num_folds=folds, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+        partition=partition, account=account, qos=qos, mem=mem, time=time_limit, constraint=constraint,
+        spacing=_spacing(spacing), cycles=cycles, epochs=epochs, max_steps=max_steps, mixed_precision=mixed_precision,
+        predict_input=_absolute(predict_input) if predict_input else None,
+        predict_output=_absolute(predict_output) if predict_output else None,
+    )
+    result, scripts = render_plan(cfg)
+    if dry_run:
+        for name, text in scripts.items():
+            typer.echo(f"# ==> {name} <==\n{text}")
+        return
+    folder = plan_dir(cfg.home, run)
+    if (folder / "plan.json").exists() and not force:
+        earlier = submitted_ids(read_plan(folder))
+        if earlier:
+            raise PetctlError(f"run {run} was already submitted (jobs {', '.join(earlier)}); "
+                              f"`petctl slurm cancel --run {run}` them, or pass --force to replace the plan")
+    write_plan(result, scripts, folder)
+    _jobs_table(f"SLURM plan for run {run} → {folder}", [(j.name, j.array, j.after, j.filename) for j in result.jobs])
+    console.print(f"submit with: petctl slurm submit --run {run}" + (f" --home {home}" if home else ""))
+
+
+def submit(
+    run: RunOpt,
+    only: Annotated[Optional[str], typer.Option("--only", help="Comma list of jobs to submit (e.g. train-seg); the others are assumed done.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Submit the planned chain (sbatch --dependency=afterok) and register every step as pending."""
+    from petctl.commands.not_built import VERBS
+    from petctl.console import console
+    from petctl.engine.registry import Registry
+    from petctl.engine.slurm import plan_dir, read_plan, submit_plan
+    from petctl.home import resolve_home
+
+    home_dir = resolve_home(home)
+    folder = plan_dir(home_dir, run)
+    selected = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    result = submit_plan(folder, Registry(home_dir), unavailable_verbs=VERBS, only=selected)
+    jobs = read_plan(folder)["jobs"]
+    _jobs_table(f"run {run}: submitted", [(j["name"], j["array"], j["after"], result.submitted.get(j["name"], "-"))
+                                          for j in jobs if j["name"] in result.submitted], last="SLURM job")
+    for name, why in result.skipped.items():
+        if why != "not selected":
+            console.print(f"[yellow]not submitted:[/] {name}: {why}")
+    console.print(f"follow with: petctl status --run {run}")
+
+
+def cancel(run: RunOpt, home: HomeOpt = None) -> None:
+    """scancel the run's submitted jobs; steps still pending are marked failed (cancelled)."""
+    from petctl.console import console
+    from petctl.engine.registry import Registry
+    from petctl.engine.slurm import cancel_plan, plan_dir
+    from petctl.home import resolve_home
+
+    home_dir = resolve_home(home)
+    ids = cancel_plan(plan_dir(home_dir, run), Registry(home_dir))
+    console.print(f"cancelled {', '.join(ids)}" if ids else f"run {run} has no submitted jobs")
+
+
+def _jobs_table(title: str, rows: list[tuple[str, int | None, Any, str]], last: str = "script") -> None:
+    from rich.table import Table
+
+    from petctl.console import console
+
+    table = Table(title=title, title_justify="left")
+    for header in ("job", "array tasks", "after", last):
+        table.add_column(header, no_wrap=True)
+    for name, array, after, info in rows:
+        table.add_row(name, str(array) if array else "-", ", ".join(after) or "-", info)
+    console.print(table)
+
+
+app.command("plan", help=plan.__doc__)(_user_errors(plan))
+app.command("submit", help=submit.__doc__)(_user_errors(submit))
+app.command("cancel", help=cancel.__doc__)(_user_errors(cancel))
