@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from petctl import __version__
-from petctl.commands import calibrate, evaluate, not_built, predict, prepare, retrain_merged, status, synth, train
+from petctl.commands import calibrate, demo, evaluate, predict, prepare, retrain_merged, slurm, status, synth, train
 from petctl.errors import EXIT_USAGE, PetctlError
 
 app = typer.Typer(
@@ -67,12 +67,10 @@ app.command("train", help=train.__doc__)(user_errors(train.train))
 app.command("calibrate", help=calibrate.__doc__)(user_errors(calibrate.calibrate))
 app.command("retrain-merged", help=retrain_merged.__doc__)(user_errors(retrain_merged.retrain_merged))
 app.command("predict", help=predict.__doc__)(user_errors(predict.predict))
+app.command("demo", help=demo.__doc__)(user_errors(demo.demo))
 app.command("evaluate", help=evaluate.__doc__)(user_errors(evaluate.evaluate))
-for _verb in not_built.VERBS:
-    app.command(_verb, help=not_built.help_for(_verb), context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        not_built.make(_verb)
-    )
 app.command("status", help=status.__doc__)(user_errors(status.status))
+app.add_typer(slurm.app, name="slurm", help="Generate, submit and cancel the sbatch chain: prepare → train → calibrate → retrain → predict.")
 
 
 def main() -> None:

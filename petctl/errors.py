@@ -10,8 +10,6 @@ EXIT_USAGE = 2
 """A user error: bad option, missing folder, unreadable config."""
 EXIT_SKIPPED = 3
 """The stage finished but skipped at least one bad case (each named on its own line)."""
-EXIT_NOT_BUILT = 4
-"""The verb exists in the CLI but its capability is not implemented yet."""
 
 
 class PetctlError(Exception):

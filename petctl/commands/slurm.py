@@ -64,6 +64,7 @@ def plan(
     constraint: Annotated[Optional[str], typer.Option("--constraint", help="SLURM node features, e.g. a100.")] = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (prepare --folds; array sizes).")] = 5,
     spacing: Annotated[Optional[str], typer.Option("--spacing", help="Store spacing x,y,z in mm (default: the preset's).")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help="prepare --test-fraction (default: prepare's).")] = None,
     cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop training after this many steps (smoke runs).")] = None,
@@ -83,7 +84,7 @@ def plan(
         run=run, data=_absolute(data), store=_absolute(store), home=_absolute(resolve_home(home)), workdir=os.getcwd(),
         preset=preset, num_folds=folds, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
         partition=partition, account=account, qos=qos, mem=mem, time=time_limit, constraint=constraint,
-        spacing=_spacing(spacing), cycles=cycles, epochs=epochs, max_steps=max_steps, mixed_precision=mixed_precision,
+        spacing=_spacing(spacing), test_fraction=test_fraction, cycles=cycles, epochs=epochs, max_steps=max_steps, mixed_precision=mixed_precision,
         predict_input=_absolute(predict_input) if predict_input else None,
         predict_output=_absolute(predict_output) if predict_output else None,
     )
@@ -109,7 +110,6 @@ def submit(
     home: HomeOpt = None,
 ) -> None:
     """Submit the planned chain (sbatch --dependency=afterok) and register every step as pending."""
-    from petctl.commands.not_built import VERBS
     from petctl.console import console
     from petctl.engine.registry import Registry
     from petctl.engine.slurm import plan_dir, read_plan, submit_plan
@@ -118,7 +118,7 @@ def submit(
     home_dir = resolve_home(home)
     folder = plan_dir(home_dir, run)
     selected = [s.strip() for s in only.split(",") if s.strip()] if only else None
-    result = submit_plan(folder, Registry(home_dir), unavailable_verbs=VERBS, only=selected)
+    result = submit_plan(folder, Registry(home_dir), only=selected)
     jobs = read_plan(folder)["jobs"]
     _jobs_table(f"run {run}: submitted", [(j["name"], j["array"], j["after"], result.submitted.get(j["name"], "-"))
                                           for j in jobs if j["name"] in result.submitted], last="SLURM job")

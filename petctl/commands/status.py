@@ -84,8 +84,11 @@ def _metrics_cell(step: StepRecord) -> str:
 
 
 def step_columns() -> list[StepColumn]:
-    """The steps table's columns. A later SLURM state column is one more `StepColumn` here,
-    whose cell looks the step's `slurm_job_id` up in a dict fetched once per table."""
+    """The steps table's columns. The SLURM state is looked up lazily, once per table, and only
+    when a step has a SLURM job id (`JobStates`: squeue, then scontrol, then sacct; "–" without SLURM)."""
+    from petctl.engine.slurm import JobStates
+
+    slurm = JobStates()
     return [
         StepColumn("step", lambda s: s.step),
         StepColumn("kind", lambda s: s.kind),
@@ -95,6 +98,7 @@ def step_columns() -> list[StepColumn]:
         StepColumn("duration", duration),
         StepColumn("host", lambda s: s.host or "-"),
         StepColumn("SLURM job", lambda s: s.slurm_job_id or "-"),
+        StepColumn("SLURM state", lambda s: slurm.state(s.slurm_job_id)),
         StepColumn("metrics / message", _metrics_cell, no_wrap=False),
     ]
 

@@ -71,6 +71,8 @@ class SlurmConfig:
     constraint: str | None = None
     spacing: tuple[float, float, float] | None = None
     """Store spacing for prepare; None = the preset's."""
+    test_fraction: float | None = None
+    """prepare --test-fraction; None = prepare's default."""
     cycles: int | None = None
     epochs: int | None = None
     max_steps: int | None = None
@@ -102,6 +104,11 @@ class SlurmConfig:
     def processes_per_node(self) -> int:
         return max(1, self.gpus_per_node)
 
+    @property
+    def merged_run(self) -> str:
+        """The merged retrain's run, as `petctl retrain-merged` names it."""
+        return f"{self.run}-merged"
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -114,8 +121,9 @@ class SlurmConfig:
 
 @dataclass(frozen=True)
 class PlannedStep:
-    """A registry step a job runs: array task `task` (None for a plain job) runs `step`."""
+    """A registry step a job runs: array task `task` (None for a plain job) runs `step` of `run`."""
 
+    run: str
     step: str
     kind: str
     task: int | None = None
@@ -252,6 +260,8 @@ def _common(cfg: SlurmConfig, job: Job, *, nodes: int = 1, gpus: int = 0) -> dic
 def _render_prepare(cfg: SlurmConfig, job: Job, spacing: Sequence[float]) -> str:
     command = _petctl(cfg, "prepare", cfg.data, "--store", cfg.store, "--spacing", ",".join(f"{s:g}" for s in spacing),
                       "--folds", str(cfg.num_folds), "--run", cfg.run)
+    if cfg.test_fraction is not None:
+        command += ["--test-fraction", f"{cfg.test_fraction:g}"]
     return _template("prepare").render({**_common(cfg, job), "command": shell_words(command)})
 
 
@@ -264,8 +274,9 @@ def _render_train(cfg: SlurmConfig, job: Job, task: str, merged: bool, axes: Seq
     from petctl.engine.launch import launch_command
 
     folder = plan_dir(cfg.home, cfg.run)
+    run = cfg.merged_run if merged else cfg.run
     module_args = ["--config", CONFIG, "--store", cfg.store, "--fold", FOLD, "--task", task, "--out", OUT,
-                   "--run", cfg.run, "--home", cfg.home]
+                   "--run", run, "--home", cfg.home]
     if axes:
         module_args += ["--projection", AXIS]
     if merged:
@@ -277,15 +288,22 @@ def _render_train(cfg: SlurmConfig, job: Job, task: str, merged: bool, axes: Seq
         mixed_precision=cfg.mixed_precision, cpu=cfg.gpus_per_node == 0, module_args=module_args,
         threads=max(1, cfg.cpus_per_task // cfg.processes_per_node),
     )
+    argv[0] = cfg.python  # launch_command names this machine's interpreter; the nodes use the plan's
     argv[argv.index("--main_process_port") + 1] = PORT
     family = f"{task}{'-merged' if merged else ''}"
+    runs = Path(cfg.home) / "runs"
+    prologue = ""
+    if merged:  # as `petctl retrain-merged` does: the merged run keeps the parent's calibrated thresholds
+        thresholds = [shlex.quote(str(runs / r / "thresholds.json")) for r in (cfg.run, cfg.merged_run)]
+        prologue = f"cp -- {thresholds[0]} {thresholds[1]} || exit 1\n"
     values = {
         **_common(cfg, job, nodes=cfg.nodes, gpus=cfg.gpus_per_node),
         "axes": " ".join(shlex.quote(a) for a in axes),
-        "family_dir": shlex.quote(str(Path(cfg.home) / "runs" / cfg.run / family)),
+        "family_dir": shlex.quote(str(runs / run / family)),
+        "prologue": prologue,
         "config": shlex.quote(str(folder / "train_config.json")),
         "launch": shell_words(argv),
-        "srun_options": f"--gpus-per-node={cfg.gpus_per_node}" if cfg.gpus_per_node else "",
+        "srun_options": f"--gpus-per-node={cfg.gpus_per_node} " if cfg.gpus_per_node else "",
     }
     return _template("train").render(values)
 
@@ -300,19 +318,21 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
 
     def train_job(task: str, merged: bool, after: tuple[str, ...]) -> tuple[Job, str, bool, tuple[str, ...]]:
         family = f"{task}{'-merged' if merged else ''}"
+        run = cfg.merged_run if merged else cfg.run
         if task == "seg":
-            steps = tuple(PlannedStep(f"train-{family}-fold{f}", "train-seg", f) for f in range(k))
+            steps = tuple(PlannedStep(run, f"train-{family}-fold{f}", "train-seg", f) for f in range(k))
             job_axes: tuple[str, ...] = ()
         else:
-            steps = tuple(PlannedStep(f"train-{family}-fold{f}-{a}", "train-cls", f * len(axes) + i)
+            steps = tuple(PlannedStep(run, f"train-{family}-fold{f}-{a}", "train-cls", f * len(axes) + i)
                           for f in range(k) for i, a in enumerate(axes))
             job_axes = axes
         job = Job(f"train-{family}", "train", f"train-{family}.sbatch", after, steps, len(steps))
         return job, task, merged, job_axes
 
-    prepare = Job("prepare", "prepare", "prepare.sbatch", (), (PlannedStep("prepare", "prepare"),))
+    prepare = Job("prepare", "prepare", "prepare.sbatch", (), (PlannedStep(cfg.run, "prepare", "prepare"),))
     trains = [train_job("seg", False, ("prepare",)), train_job("cls", False, ("prepare",))]
-    calibrate = Job("calibrate", "calibrate", "calibrate.sbatch", ("train-seg", "train-cls"), (PlannedStep("calibrate", "calibrate"),))
+    calibrate = Job("calibrate", "calibrate", "calibrate.sbatch", ("train-seg", "train-cls"),
+                    (PlannedStep(cfg.run, "calibrate", "calibrate"),))
     trains += [train_job("seg", True, ("calibrate",)), train_job("cls", True, ("calibrate",))]
     scripts = {
         prepare.filename: _render_prepare(cfg, prepare, cfg.spacing or TrainConfig.from_json(train_json).spacing),
@@ -323,9 +343,9 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
     jobs = [prepare, trains[0][0], trains[1][0], calibrate, trains[2][0], trains[3][0]]
     if cfg.predict_input is not None and cfg.predict_output is not None:
         predict = Job("predict", "predict", "predict.sbatch", ("train-seg-merged", "train-cls-merged"),
-                      (PlannedStep("predict", "predict"),))
+                      (PlannedStep(cfg.merged_run, "predict", "predict"),))
         scripts[predict.filename] = _render_step(
-            cfg, predict, _petctl(cfg, "predict", "--run", cfg.run, cfg.predict_input, cfg.predict_output))
+            cfg, predict, _petctl(cfg, "predict", "--run", cfg.merged_run, cfg.predict_input, cfg.predict_output))
         jobs.append(predict)
     return Plan(cfg, tuple(jobs), train_json), scripts
 
@@ -439,12 +459,14 @@ def submit_plan(folder: Path, registry: Any, *, unavailable_verbs: Sequence[str]
             raise PetctlError(f"sbatch refused {name}: {_first_line(result.stderr or result.stdout)}{note}")
         ids[name] = result.stdout.strip().split(";")[0]
     registry.create_run(cfg.run, kind="train", config={"store": cfg.store, "preset": cfg.preset, "slurm": str(folder)})
+    if any(j["name"].endswith("-merged") for j in plan["jobs"] if j["name"] in ids):
+        registry.create_run(cfg.merged_run, kind="train", config={"store": cfg.store, "parent": cfg.run}, parent=cfg.run)
     for job in plan["jobs"]:
         if job["name"] in ids or only is None:  # with `only`, the other jobs keep their earlier ids
             job["job_id"] = ids.get(job["name"])
         if job["name"] in ids:
             for s in job["steps"]:
-                registry.mark_pending(cfg.run, s["step"], kind=s["kind"], slurm_job_id=step_job_id(ids[job["name"]], s["task"]))
+                registry.mark_pending(s["run"], s["step"], kind=s["kind"], slurm_job_id=step_job_id(ids[job["name"]], s["task"]))
     from petctl.engine.registry import write_json_atomic
 
     write_json_atomic(folder / "plan.json", plan)
@@ -481,12 +503,11 @@ def cancel_plan(folder: Path, registry: Any, *, runner: Runner = subprocess.run)
     result = _slurm(runner, ["scancel", *ids])
     if result.returncode != 0:
         raise PetctlError(f"scancel failed: {_first_line(result.stderr)}")
-    run = plan["run"]
     for job in plan["jobs"]:
         for s in job["steps"] if job.get("job_id") else ():
-            record = registry.step(run, s["step"])
+            record = registry.step(s["run"], s["step"])
             if record is not None and record.status == "pending":
-                registry.fail_step(run, s["step"], f"cancelled (SLURM job {step_job_id(job['job_id'], s['task'])})")
+                registry.fail_step(s["run"], s["step"], f"cancelled (SLURM job {step_job_id(job['job_id'], s['task'])})")
     return ids
 
 
@@ -545,12 +566,13 @@ class JobStates:
     """Looks job states up lazily: one squeue call for all the user's jobs, then per array/job id
     `scontrol show job` and sacct for the ones squeue no longer lists, all within `budget_s`."""
 
-    def __init__(self, budget_s: float = 4.0, call_timeout_s: float = 2.0, runner: Runner = subprocess.run) -> None:
+    def __init__(self, budget_s: float = 4.0, call_timeout_s: float = 2.0, runner: Runner = subprocess.run,
+                 available: bool | None = None) -> None:
         self.budget_s, self.call_timeout_s, self._runner = budget_s, call_timeout_s, runner
         self._deadline: float | None = None
         self._known: dict[str, str] | None = None
         self._asked: set[str] = set()
-        self.available = shutil.which("squeue") is not None
+        self.available = shutil.which("squeue") is not None if available is None else available
 
     def _ask(self, argv: list[str]) -> str | None:
         assert self._deadline is not None

@@ -1,0 +1,153 @@
+"""`petctl demo`: the whole AutoPET-II method end to end on one machine, every stage for real.
+
+synth (or --data) → prepare → segmentation folds and classifier folds (accelerate) → calibrate →
+(retrain-merged) → gated ensemble predict of the held-out imagesTs → evaluate against labelsTs →
+a report (report.md, PNGs) in OUT. Each stage is a registry step, visible in `petctl status`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from petctl.errors import PetctlError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo-out"
+    """Folder for the cohort, the store, predictions and the report."""
+    data: str | None = None
+    """An nnU-Net raw cohort; default: synthesize one (the embedded default cohort)."""
+    preset: str = "cpu-small"
+    run: str = "demo"
+    cases: int = 24
+    """Synthetic training cases (imagesTr)."""
+    test_cases: int = 10
+    """Synthetic held-out cases of new patients (imagesTs/labelsTs), predicted and evaluated."""
+    seed: int = 0
+    folds: int = 3
+    """Cross-validation folds (the paper uses 5; fewer keep the CPU demo within ~20 minutes)."""
+    workers: int = 2
+    processes: int = 1
+    retrain_merged: bool = False
+    fresh: bool = False
+    """Delete OUT and the run first (otherwise a re-run resumes)."""
+
+    def __post_init__(self) -> None:
+        if self.cases < 8 or self.folds < 2:
+            raise PetctlError("the demo needs at least 8 cases and 2 folds")
+
+
+def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Callable[[str], Any],
+             progress_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run every stage; returns the summary written to OUT/summary.json."""
+    from petctl.engine.calibrate import calibrate
+    from petctl.engine.config import preset as get_preset
+    from petctl.engine.evaluate import evaluate_folders, write_csv
+    from petctl.engine.folds import FoldLaunch, train_folds
+    from petctl.engine.predict import PredictOptions, predict, write_summary
+    from petctl.engine.prepare import PrepareConfig, run as prepare
+    from petctl.engine.registry import Registry, step_context
+    from petctl.engine.report import write_report
+    from petctl.engine.synth import make_cohort
+
+    out = Path(cfg.out)
+    registry = Registry(home)
+    if cfg.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        for run in (cfg.run, f"{cfg.run}-merged"):
+            shutil.rmtree(Path(home) / "runs" / run, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    train_cfg = get_preset(cfg.preset)
+    timings: dict[str, float] = {}
+    registry.create_run(cfg.run, kind="demo", config={**asdict(cfg), "store": str((out / "store").resolve())})
+
+    def stage(name: str) -> Any:
+        say(f"[bold cyan]── {name}[/]")
+        return time.perf_counter()
+
+    # data
+    t = stage("data")
+    data = Path(cfg.data) if cfg.data else out / "raw"
+    if cfg.data is None and not (data / "synth.json").exists():
+        with step_context(registry, cfg.run, "synth", kind="synth", config={"cases": cfg.cases, "test_cases": cfg.test_cases, "seed": cfg.seed}):
+            summary = make_cohort(data, num_cases=cfg.cases, seed=cfg.seed, num_test_cases=cfg.test_cases)
+            say(f"synthesized {len(summary.case_ids)} training + {len(summary.test_case_ids)} test cases → {data}")
+    timings["data"] = time.perf_counter() - t
+
+    t = stage("prepare")
+    store = out / "store"
+    prep_cfg = PrepareConfig(data=str(data), store=str(store), spacing=train_cfg.spacing, workers=cfg.workers,
+                             num_folds=cfg.folds, seed=cfg.seed)
+    with step_context(registry, cfg.run, "prepare", kind="prepare", config=prep_cfg.to_json()):
+        result = prepare(prep_cfg, on_skip=lambda c, r: warn(f"{c}: {r}"))
+        registry.update_step(cfg.run, "prepare", metrics={"cases": len(result.prepared) + len(result.reused), "skipped": len(result.skipped)})
+    say(f"prepared {len(result.prepared) + len(result.reused)} cases at {train_cfg.spacing} mm; test {len(result.splits['test'])}")
+    timings["prepare"] = time.perf_counter() - t
+
+    launch = FoldLaunch(processes=cfg.processes)
+    for task in ("seg", "cls"):
+        t = stage(f"train {task} folds")
+        folds = list(range(len(result.splits[f"{task}_folds"])))
+        code = train_folds(train_cfg, store, task, folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
+                           run_config={"store": str(store.resolve()), "preset": cfg.preset})
+        if code:
+            raise PetctlError(f"training {task} folds failed with status {code} (re-run `petctl demo` to resume)")
+        timings[f"train_{task}"] = time.perf_counter() - t
+
+    t = stage("calibrate")
+    run_dir = Path(home) / "runs" / cfg.run
+    with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={}):
+        thresholds = calibrate(run_dir)
+        seg, cls = thresholds["segmentation"], thresholds["classifier"]
+        registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "test_dice": seg["mean_dice"],
+                                                            "cls_threshold": cls["threshold"], "cls_auroc": cls["auroc"]})
+    timings["calibrate"] = time.perf_counter() - t
+
+    predict_run = cfg.run
+    if cfg.retrain_merged:
+        t = stage("retrain-merged")
+        predict_run = f"{cfg.run}-merged"
+        for task in ("seg", "cls"):
+            folds = list(range(len(result.splits[f"merged_{task}_folds"])))
+            code = train_folds(train_cfg, store, task, folds, run=predict_run, home=home, merged=True, launch=launch, say=say, warn=warn,
+                               run_config={"store": str(store.resolve()), "parent": cfg.run}, parent=cfg.run)
+            if code:
+                raise PetctlError(f"retraining merged {task} folds failed with status {code}")
+        shutil.copy2(run_dir / "thresholds.json", Path(home) / "runs" / predict_run / "thresholds.json")
+        timings["retrain_merged"] = time.perf_counter() - t
+
+    evaluation = None
+    if (data / "imagesTs").is_dir():
+        t = stage("predict (held-out imagesTs)")
+        predictions = out / "predictions"
+        step = "predict-demo"
+        with step_context(registry, predict_run, step, kind="predict", config={"input": str(data), "output": str(predictions)}):
+            pred = predict(Path(home) / "runs" / predict_run, data, predictions, PredictOptions(gate=True),
+                           on_skip=lambda c, r: warn(f"{c}: {r}"))
+            write_summary(predictions, pred)
+            gated = sum(r["gated"] for r in pred.written.values())
+            registry.update_step(predict_run, step, metrics={"cases": len(pred.written), "gated": gated, "skipped": len(pred.skipped)})
+        timings["predict"] = time.perf_counter() - t
+        if (data / "labelsTs").is_dir():
+            t = stage("evaluate")
+            with step_context(registry, predict_run, "evaluate-demo", kind="evaluate", config={}):
+                evaluation = evaluate_folders(data / "labelsTs", predictions)
+                write_csv(evaluation.cases, out / "metrics.csv")
+                s = evaluation.summary
+                registry.update_step(predict_run, "evaluate-demo", metrics={"dice": s.mean_dice, "fpv_ml_negatives": s.mean_fpv_ml_negative,
+                                                                             "fnv_ml": s.mean_fnv_ml, "cases": s.num_cases})
+            timings["evaluate"] = time.perf_counter() - t
+
+    t = stage("report")
+    summary = write_report(out, run_dir=run_dir, predict_run_dir=Path(home) / "runs" / predict_run, data=data, cfg=cfg,
+                           thresholds=thresholds, evaluation=evaluation, timings=timings, train_cfg=train_cfg)
+    timings["report"] = time.perf_counter() - t
+    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,146 @@
+"""The demo's report: report.md plus the pictures a person would rather look at.
+
+- training_curves.png: per fold, train loss and validation top-K AUROC / Dice per cycle, and the
+  classifiers' validation AUROC;
+- calibration_dice.png / calibration_roc.png (copied from the run);
+- test_cases.png: coronal PET MIPs of test cases, ground truth and prediction side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _fold_metrics(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    if folder.is_dir():
+        for path in sorted(folder.glob("fold*/metrics.json")):
+            out[path.parent.name] = json.loads(path.read_text())
+    return out
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for name, m in seg.items():
+        cyc = [c["cycle"] for c in m["cycles"]]
+        axes[0].plot(cyc, [c["train_loss"] for c in m["cycles"]], "o-", label=name)
+        axes[1].plot(cyc, [c.get("top_k_auroc") for c in m["cycles"]], "o-", label=f"{name} top-K AUROC")
+        axes[1].plot(cyc, [c.get("dice_at_best") for c in m["cycles"]], "s--", label=f"{name} Dice")
+    for name, m in cls.items():
+        axes[2].plot([c["cycle"] for c in m["cycles"]], [c.get("auroc") for c in m["cycles"]], "o-", label=name)
+    axes[0].set(title="segmentation: train loss", xlabel="cycle")
+    axes[1].set(title="segmentation: validation", xlabel="cycle", ylim=(0, 1.02))
+    axes[2].set(title="MIP classifier: validation AUROC", xlabel="cycle", ylim=(0, 1.02))
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_test_cases(path: Path, data: Path, predictions: Path, cases: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    from petctl.engine.geometry import spacing_of, to_canonical
+    from petctl.engine.mip import mip
+
+    fig, axes = plt.subplots(2, len(cases), figsize=(2.6 * len(cases), 7.5), squeeze=False)
+    for j, case in enumerate(cases):
+        pet = nib.load(str(data / "imagesTs" / f"{case}_0001.nii.gz"))
+        pet_c, canon = to_canonical(np.asarray(pet.dataobj, np.float32), pet.affine)
+        sx, _, sz = spacing_of(canon)
+        img = mip(pet_c, "y")
+        for i, (label, folder) in enumerate((("ground truth", data / "labelsTs"), ("prediction", predictions))):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray_r", vmin=0, vmax=np.percentile(img, 99.5), aspect=sz / sx)
+            file = folder / f"{case}.nii.gz"
+            if file.exists():
+                m = mip(to_canonical(np.asarray(nib.load(str(file)).dataobj), pet.affine)[0], "y")
+                ax.imshow(np.ma.masked_where(m == 0, m), cmap="autumn", alpha=0.65, aspect=sz / sx)
+            ax.set_title(f"{case}\n{label}", fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path, cfg: Any, thresholds: dict[str, Any],
+                 evaluation: Any, timings: dict[str, float], train_cfg: Any) -> dict[str, Any]:
+    out = Path(out)
+    seg, cls = _fold_metrics(run_dir / "seg"), _fold_metrics(run_dir / "cls")
+    plot_training(out / "training_curves.png", seg, cls)
+    for name in ("calibration_dice.png", "calibration_roc.png"):
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, out / name)
+    s_thr, c_thr = thresholds["segmentation"], thresholds.get("classifier") or {}
+    lines = [
+        "# petctl demo report", "",
+        f"Preset `{train_cfg.preset}` ({train_cfg.arch}, patch {train_cfg.patch_size}, {train_cfg.num_cycles}×{train_cfg.epochs_per_cycle} cycles, "
+        f"spacing {train_cfg.spacing} mm), {cfg.folds} folds, seed {cfg.seed}, data `{data}`.", "",
+        "## Thresholds (calibrated on the held-out test split of the training cohort)", "",
+        "| what | threshold | quality |", "| --- | --- | --- |",
+        f"| segmentation (ensemble, max mean Dice) | {s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives |",
+    ]
+    if c_thr:
+        lines.append(f"| classifier gate (sensitivity 1.0) | {c_thr['threshold']:.4f} | AUROC {c_thr['auroc']:.3f}, specificity "
+                     f"{c_thr['specificity']:.3f}, {c_thr['negatives_skipping_segmentation']}/{c_thr['negatives']} negatives skip segmentation |")
+    lines += ["", "## Segmentation folds (the paper's Table 1)", "", "| fold | best cycle | top-K AUROC | best threshold | Dice @ threshold |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, m in seg.items():
+        b = m.get("best") or {}
+        lines.append(f"| {name} | {_fmt(b.get('cycle'))} | {_fmt(b.get('top_k_auroc'), 4)} | {_fmt(b.get('best_threshold'), 2)} | {_fmt(b.get('dice_at_best'), 4)} |")
+    lines += ["", "## Classifier folds", "", "| fold | best cycle | AUROC |", "| --- | --- | --- |"]
+    for name, m in cls.items():
+        b = m.get("best") or {}
+        lines.append(f"| {name} | {_fmt(b.get('cycle'))} | {_fmt(b.get('auroc'), 4)} |")
+    summary: dict[str, Any] = {"thresholds": {"segmentation": s_thr["threshold"], "classifier": c_thr.get("threshold")},
+                               "calibration": {"test_dice": s_thr["mean_dice"], "classifier_auroc": c_thr.get("auroc")}}
+    if evaluation is not None:
+        s = evaluation.summary
+        pred_info = json.loads((out / "predictions" / "predictions.json").read_text())["written"]
+        labels = [evaluation.cases[c].is_positive for c in evaluation.cases]
+        scores = [pred_info[c].get("cls_score", float("nan")) for c in evaluation.cases]
+        from petctl.engine.metrics import auroc
+
+        test_auroc = float(auroc(np.array(labels, bool), np.array(scores, float))) if all(np.isfinite(scores)) else float("nan")
+        summary["test"] = {"mean_dice": s.mean_dice, "mean_fpv_ml_negatives": s.mean_fpv_ml_negative, "mean_fpv_ml": s.mean_fpv_ml,
+                           "mean_fnv_ml": s.mean_fnv_ml, "classifier_auroc": test_auroc, "num_positive": s.num_positive,
+                           "num_negative": s.num_negative, "gated": sum(bool(r.get("gated")) for r in pred_info.values()),
+                           "problems": evaluation.problems}
+        lines += ["", "## Held-out test cases (imagesTs, new patients)", "",
+                  "| mean Dice (positives) | mean FPV mL (negatives) | mean FPV mL (all) | mean FNV mL (positives) | classifier AUROC | gated |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| {_fmt(s.mean_dice)} | {_fmt(s.mean_fpv_ml_negative)} | {_fmt(s.mean_fpv_ml)} | {_fmt(s.mean_fnv_ml)} | {_fmt(test_auroc)} | "
+                  f"{summary['test']['gated']}/{s.num_cases} |", "", "| case | Dice | FPV mL | FNV mL | gate score | gated |", "| --- | --- | --- | --- | --- | --- |"]
+        for case, m in evaluation.cases.items():
+            r = pred_info.get(case, {})
+            lines.append(f"| {case} | {_fmt(m.dice)} | {_fmt(m.fpv_ml)} | {_fmt(m.fnv_ml)} | {_fmt(r.get('cls_score'))} | {'yes' if r.get('gated') else 'no'} |")
+        shown = sorted(evaluation.cases, key=lambda c: (not evaluation.cases[c].is_positive, c))[:6]
+        if shown:
+            plot_test_cases(out / "test_cases.png", data, out / "predictions", shown)
+    lines += ["", "## Timings", "", "| stage | seconds |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += ["", "## Pictures", "", "![training curves](training_curves.png)", "", "![calibration](calibration_dice.png)",
+              "![classifier ROC](calibration_roc.png)", "", "![test cases](test_cases.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return summary
