@@ -16,12 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(TORCH) -e '.[test]'
 	touch $(STAMP)
 
-# Until `petctl demo` (the whole method) lands, the main job runs the foundation chain.
+# The main job: the whole method end to end on the embedded synthetic cohort (report in demo-out/).
 demo: $(STAMP)
-	rm -rf demo-out
-	PETCTL_HOME=demo-out/home $(BIN)/petctl synth demo-out/raw --cases 24 --seed 0
-	PETCTL_HOME=demo-out/home $(BIN)/petctl prepare demo-out/raw --store demo-out/store --workers 2 --run demo
-	PETCTL_HOME=demo-out/home $(BIN)/petctl status
+	$(BIN)/petctl demo --out demo-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -103,10 +103,10 @@ def cpu_small() -> TrainConfig:
         features=(8, 8, 16, 32, 64, 8),
         spacing=(4.0, 4.0, 6.0),
         patch_size=(32, 32, 32),
-        patches_per_scan=8,
+        patches_per_scan=16,
         batch_size=8,
         num_cycles=2,
-        epochs_per_cycle=6,
+        epochs_per_cycle=10,
         lr=3e-3,
         lr_min_ratio=0.02,
         num_workers=0,
@@ -114,7 +114,7 @@ def cpu_small() -> TrainConfig:
         cls_model="resnet10t",
         cls_img_size=(160, 96),
         cls_num_cycles=2,
-        cls_epochs_per_cycle=4,
+        cls_epochs_per_cycle=5,
         cls_lr=1e-3,
     )
 

@@ -1,0 +1,34 @@
+"""`petctl demo` end to end (tiny preset): every stage runs and the report is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
+    env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "2",
+           "--out", str(out), "--fresh"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["timings_s"]) >= {"data", "prepare", "train_seg", "train_cls", "calibrate", "predict", "evaluate", "report"}
+    test = summary["test"]
+    assert test["num_positive"] + test["num_negative"] == 3 and not test["problems"]
+    report = (out / "report.md").read_text()
+    for heading in ("## Thresholds", "## Segmentation folds", "## Classifier folds", "## Held-out test cases", "## Timings"):
+        assert heading in report
+    for png in ("training_curves.png", "calibration_dice.png", "calibration_roc.png", "test_cases.png"):
+        assert (out / png).stat().st_size > 2000, png
+    test_ids = sorted(p.name for p in (out / "raw" / "labelsTs").glob("*.nii.gz"))
+    assert len(test_ids) == 3 and sorted(p.name for p in (out / "predictions").glob("*.nii.gz")) == test_ids
+    status = subprocess.run([sys.executable, "-m", "petctl", "status", "--json"], env=env, capture_output=True, text=True)
+    steps = {s["step"]: s["status"] for r in json.loads(status.stdout)["runs"] for s in r["steps"]}
+    for step in ("synth", "prepare", "train-seg-fold0", "train-seg-fold1", "train-cls-fold0-x", "train-cls-fold1-y", "calibrate",
+                 "predict-demo", "evaluate-demo"):
+        assert steps.get(step) == "done", (step, steps)
