@@ -93,7 +93,7 @@ def test_plan_chain_dependencies_and_steps():
     # classifier task id → fold × axis, in the order the script maps it
     assert [(s.task, s.step) for s in jobs["train-cls"].steps][:3] == [(0, "train-cls-fold0-x"), (1, "train-cls-fold0-y"),
                                                                         (2, "train-cls-fold1-x")]
-    assert {s.run for s in jobs["train-seg-merged"].steps} == {"r1-merged"} and jobs["predict"].steps[0].run == "r1-merged"
+    assert {s.run for s in jobs["train-seg-merged"].steps} == {"r1-merged"} and jobs["predict"].steps == ()
     assert "#SBATCH --array=0-5" in scripts["train-cls.sbatch"]
     assert "--dependency" not in "".join(scripts.values())  # dependencies are given at submit time
     assert "predict" not in {j.name for j in render_plan(_cfg(predict_input=None, predict_output=None))[0].jobs}
@@ -527,7 +527,9 @@ def test_chain_on_local_cluster(slurm_cluster, cohort: Path, tmp_path: Path):
     expected = {s["step"]: s["run"] for j in plan["jobs"] for s in j["steps"]}
     states = {step: registry.step(run, step).status for step, run in expected.items()}
     assert set(states.values()) == {"done"}, states
-    assert len(expected) == 1 + 2 + 4 + 1 + 2 + 4 + 1
+    assert len(expected) == 1 + 2 + 4 + 1 + 2 + 4
+    predicted = [s for s in registry.steps("c-merged") if s.kind == "predict"]
+    assert [(s.status, s.slurm_job_id) for s in predicted] == [("done", ids[-1])]
     assert (tmp_path / "masks" / f"{first[0].name[: -len('_0000.nii.gz')]}.nii.gz").exists()
     assert (home / "runs/c-merged/thresholds.json").exists()
     assert {_scontrol_state(i) for i in ids} == {"COMPLETED"}

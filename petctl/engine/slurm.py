@@ -342,8 +342,9 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
         scripts[job.filename] = _render_train(cfg, job, task, merged, job_axes)
     jobs = [prepare, trains[0][0], trains[1][0], calibrate, trains[2][0], trains[3][0]]
     if cfg.predict_input is not None and cfg.predict_output is not None:
-        predict = Job("predict", "predict", "predict.sbatch", ("train-seg-merged", "train-cls-merged"),
-                      (PlannedStep(cfg.merged_run, "predict", "predict"),))
+        # no pending placeholder: predict names its step by the time it starts (predict-YYYYmmdd-HHMMSS)
+        # and records this job's id in it itself
+        predict = Job("predict", "predict", "predict.sbatch", ("train-seg-merged", "train-cls-merged"))
         scripts[predict.filename] = _render_step(
             cfg, predict, _petctl(cfg, "predict", "--run", cfg.merged_run, cfg.predict_input, cfg.predict_output))
         jobs.append(predict)

@@ -334,8 +334,10 @@ _DTYPES = {"float16": "f2", "float32": "f4", "uint8": "u1", "int32": "i4", "int1
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    from petctl.engine.registry import read_json as read_retrying
+
     try:
-        return json.loads(Path(path).read_text())
+        return read_retrying(Path(path))
     except FileNotFoundError:
         raise PetctlError(f"{path}: missing (is this a prepared petctl store?)") from None
     except json.JSONDecodeError as exc:
@@ -360,20 +362,16 @@ def iter_chunk_files(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON by temp-file-then-rename so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def read_json(path: Path) -> dict[str, Any]:
+    """A stage's JSON file, or one clear PetctlError when it is missing or corrupt."""
     return _read_json(path)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Temp file + fsync + rename (the registry's writer): readers never see a partial file."""
+    from petctl.engine.registry import write_json_atomic as write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write(Path(path), payload)
 
 
