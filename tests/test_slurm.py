@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "slurm"
 UPDATE = os.environ.get("PETCTL_UPDATE_SNAPSHOTS") == "1"
 # a path component that tries every way out of a quoted shell word (and out of an #SBATCH value)
-NASTY = "we'ird \"dir\" $(touch pwned1) `touch pwned2`; touch pwned3 #x %y \\z"
+NASTY = "we'ird \"dir\" $(touch pwned1) `touch pwned2`; touch pwned3 #x %y"
 
 
 def _cfg(**changes) -> SlurmConfig:
@@ -121,7 +121,7 @@ def test_sbatch_quote(value, expected):
 
 @pytest.mark.parametrize("changes", [{}, GPU])
 def test_scripts_are_valid_bash(changes, tmp_path):
-    _, scripts = render_plan(_cfg(**changes, home=f"/tmp/{NASTY}", store=f"/s/{NASTY}"))
+    _, scripts = render_plan(_cfg(**changes, home=f"/tmp/{NASTY}", store=f"/s/{NASTY}\\"))
     for name, text in scripts.items():
         (tmp_path / name).write_text(text)
         result = subprocess.run(["bash", "-n", str(tmp_path / name)], capture_output=True, text=True)
@@ -131,6 +131,7 @@ def test_scripts_are_valid_bash(changes, tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (dict(run="a;b"), "may only use"), (dict(num_folds=1), "--folds"), (dict(partition="gpu\nrm -rf /"), "line break"),
     (dict(predict_input="/x", predict_output=None), "go together"), (dict(gpus_per_node=-1), "--gpus-per-node"),
+    (dict(home="/a\\b"), "backslash"),
 ])
 def test_config_validation(bad, message):
     with pytest.raises(PetctlError, match=message):
@@ -145,11 +146,11 @@ STUB_SRUN = r"""#!/bin/bash
 while [[ $1 == --* ]]; do [[ $1 == --nodes=* ]] && N=${1#--nodes=}; shift; done
 PIDS=()
 for ((i = 0; i < N; i++)); do SLURM_NODEID=$i "$@" & PIDS+=($!); done
-trap 'kill -USR1 "${PIDS[@]}"' USR1
-trap 'kill -TERM "${PIDS[@]}"' TERM
+trap 'SIGNALLED=1; kill -USR1 "${PIDS[@]}"' USR1
+trap 'SIGNALLED=1; kill -TERM "${PIDS[@]}"' TERM
 CODE=0
 for p in "${PIDS[@]}"; do
-  while :; do wait "$p"; c=$?; kill -0 "$p" 2>/dev/null || break; done
+  while :; do SIGNALLED=; wait "$p"; c=$?; [[ -z $SIGNALLED ]] && break; done
   ((c > CODE)) && CODE=$c
 done
 exit $CODE
@@ -183,7 +184,7 @@ def sandbox(tmp_path: Path):
         (stubs / name).chmod(0o755)
     root = tmp_path / NASTY
     (root / "work").mkdir(parents=True)
-    cfg = _cfg(nodes=2, data=str(root / "raw"), store=str(root / "store"), home=str(root / "home"), workdir=str(root / "work"),
+    cfg = _cfg(nodes=2, data=str(root / "raw"), store=str(root / "st\\ore"), home=str(root / "home"), workdir=str(root / "work"),
                python=str(stubs / "python"), predict_input=str(root / "in"), predict_output=str(root / "out"))
     plan, scripts = render_plan(cfg)
     folder = plan_dir(cfg.home, cfg.run)
@@ -538,29 +539,40 @@ def test_chain_on_local_cluster(slurm_cluster, cohort: Path, tmp_path: Path):
     print(f"chain wall time {time.monotonic() - t0:.0f} s")
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_preempted_task_checkpoints_requeues_and_resumes(slurm_cluster, store: Path, tmp_path: Path):
-    t0 = time.monotonic()
-    home = tmp_path / "home"
-    _petctl(home, "slurm", "plan", "--run", "p", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
-            "--gpus-per-node", "0", "--cpus-per-task", "2", "--folds", "2", "--cycles", "1", "--epochs", "30")
-    folder = home / "runs/p/slurm"
+def _submit_one_task(home: Path, run: str, *plan_args: str) -> tuple[str, Path]:
+    """Plan, then sbatch array task 0 of the segmentation training alone; (array job id, its log)."""
+    _petctl(home, "slurm", "plan", "--run", run, *plan_args)
+    folder = home / "runs" / run / "slurm"
     job = subprocess.run(["sbatch", "--parsable", "--array=0", str(folder / "train-seg.sbatch")],
-                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip()
-    log = folder / "logs" / f"p-train-seg-{job}_0.out"
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return job, folder / "logs" / f"{run}-train-seg-{job}_0.out"
+
+
+def _preempt_at_step_10(job: str, log: Path) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (log.exists() and "step 10/" in log.read_text()):
         time.sleep(1)
     assert log.exists() and "step 10/" in log.read_text(), log.read_text() if log.exists() else "no log"
     subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], check=True)
-    _wait_for_jobs([job], folder / "logs", timeout_s=240)
-    text = log.read_text()
-    assert "requeueing job" in text and "restart 1)" in text and "resuming at" in text, text[-3000:]
-    step = Registry(home).step("p", "train-seg-fold0")
+
+
+def _assert_resumed(text: str, step) -> None:
+    assert "requeueing job" in text and "restart 1)" in text and "resuming at cycle 1" in text, text[-3000:]
     assert step.status == "done" and step.attempts == 2, step
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_task_checkpoints_requeues_and_resumes(slurm_cluster, store: Path, tmp_path: Path):
+    t0 = time.monotonic()
+    home = tmp_path / "home"
+    job, log = _submit_one_task(home, "p", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
+                                "--gpus-per-node", "0", "--cpus-per-task", "2", "--folds", "2", "--cycles", "1", "--epochs", "5")
+    _preempt_at_step_10(job, log)
+    _wait_for_jobs([job], log.parent, timeout_s=300)
+    _assert_resumed(log.read_text(), Registry(home).step("p", "train-seg-fold0"))
     meta = json.loads((home / "runs/p/seg/fold0/checkpoints/last/meta.json").read_text())
-    assert meta["position"]["cycle"] == 1
+    assert meta["position"]["cycle"] == 1 and meta["position"]["global_step"] > 10
     assert _scontrol_state(f"{job}_0") == "COMPLETED"
     print(f"preemption round trip {time.monotonic() - t0:.0f} s")
 
@@ -568,21 +580,37 @@ def test_preempted_task_checkpoints_requeues_and_resumes(slurm_cluster, store: P
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_training_task_across_two_nodes(slurm_cluster, store: Path, tmp_path: Path):
+    """One task, one gloo process on each emulated node; preempted and resumed too (torchrun's path)."""
     t0 = time.monotonic()
     home = tmp_path / "home"
-    _petctl(home, "slurm", "plan", "--run", "m", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
-            "--gpus-per-node", "0", "--nodes", "2", "--cpus-per-task", "1", "--folds", "2", "--max-steps", "3")
-    folder = home / "runs/m/slurm"
-    job = subprocess.run(["sbatch", "--parsable", "--array=0", str(folder / "train-seg.sbatch")],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    _wait_for_jobs([job], folder / "logs", timeout_s=300)
-    log = (folder / "logs" / f"m-train-seg-{job}_0.out").read_text()
-    assert f"on {socket.gethostname().split('.')[0]}-[1-2]" in log  # one task, both emulated nodes
-    meta_path = home / "runs/m/seg/fold0/checkpoints/last/meta.json"
-    assert meta_path.exists(), log[-3000:]
-    meta = json.loads(meta_path.read_text())
-    assert meta["num_processes"] == 2 and meta["position"]["global_step"] == 3
+    job, log = _submit_one_task(home, "m", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
+                                "--gpus-per-node", "0", "--nodes", "2", "--cpus-per-task", "1", "--folds", "2", "--cycles", "1",
+                                "--epochs", "5")
+    _preempt_at_step_10(job, log)
+    _wait_for_jobs([job], log.parent, timeout_s=300)
+    text = log.read_text()
+    assert f"on {socket.gethostname().split('.')[0]}-[1-2]" in text  # one task, both emulated nodes
+    _assert_resumed(text, Registry(home).step("m", "train-seg-fold0"))
+    meta = json.loads((home / "runs/m/seg/fold0/checkpoints/last/meta.json").read_text())
+    assert meta["num_processes"] == 2 and meta["position"]["cycle"] == 1
     digests = meta["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert _scontrol_state(f"{job}_0") == "COMPLETED"
-    print(f"two-node task {time.monotonic() - t0:.0f} s")
+    print(f"two-node task with preemption {time.monotonic() - t0:.0f} s")
+
+
+@pytest.mark.slurm
+def test_sbatch_reads_quoted_directives(slurm_cluster, tmp_path: Path):
+    """A home path with quotes, `#`, `%`, `;` and `$()` reaches sbatch's --output intact."""
+    home = tmp_path / NASTY
+    _petctl(home, "slurm", "plan", "--run", "q", "--store", str(tmp_path / "s"), "--data", str(tmp_path / "missing"),
+            "--gpus-per-node", "0", "--cpus-per-task", "1", "--folds", "2", "--preset", "cpu-tiny", cwd=tmp_path)
+    folder = home / "runs/q/slurm"
+    job = subprocess.run(["sbatch", "--parsable", str(folder / "prepare.sbatch")], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    _wait_for_jobs([job], folder / "logs", timeout_s=120)
+    log = folder / "logs" / f"q-prepare-{job}.out"
+    assert log.exists(), list((folder / "logs").iterdir())
+    assert "petctl: run q, prepare:" in log.read_text()
+    assert _scontrol_state(job) == "FAILED"  # no such cohort: prepare fails, as it should
+    assert not list(tmp_path.rglob("pwned*"))

@@ -36,6 +36,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     loss: str = "bce"
     """bce (the paper's choice), dice, or dice_ce."""
+    output_prior: float | None = 0.01
+    """Initial sigmoid output (bias prior) of the segmentation head; None keeps the default init."""
     augment: bool = True
     num_workers: int = 2
     grad_accum: int = 1

@@ -9,6 +9,7 @@ exit status `EXIT_PREEMPTED`), the registry step, `metrics.json` and `progress.p
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -87,9 +88,9 @@ def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        torch.save(model_state, tmp / "model.pt")
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state()},
-                   tmp / "training_state.pt")
+        _save_tensors(model_state, tmp / "model.pt")
+        _save_tensors({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state()},
+                      tmp / "training_state.pt")
         meta = {
             "version": CHECKPOINT_VERSION,
             "config": config,
@@ -111,9 +112,26 @@ def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | 
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PetctlError(f"{folder}: no space left on device while saving the checkpoint; free space and re-run "
+                              "(the previous checkpoint is kept)") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_tensors(obj: Any, path: Path) -> None:
+    """torch.save through memory, then a plain write: a full disk raises OSError(ENOSPC) rather than
+    torch's opaque "unexpected pos" error."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def find_checkpoint(folder: Path) -> Path | None:
@@ -239,6 +257,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                     return EXIT_PREEMPTED
                 if cfg.max_steps is not None and position.global_step >= cfg.max_steps:
                     checkpoint("last", None)
+                    _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
                     return 0
             position.epoch += 1
             position.step_in_epoch = 0
@@ -266,12 +285,18 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                 report.registry.update_step(report.run, report.step, metrics={
                     "cycle": record["cycle"], "train_loss": train_loss, cfg.selection_name: selection,
                     f"best_{cfg.selection_name}": best_metric, **{k: v for k, v in val.items() if isinstance(v, (int, float)) and k != "selection"}})
-    if report.registry is not None:
-        best = best_record(history)
-        report.registry.finish_step(report.run, report.step, metrics={
-            "best_cycle": best.get("cycle"), cfg.selection_name: best.get("selection"), "steps": position.global_step,
-            **{k: v for k, v in best.items() if isinstance(v, (int, float)) and k not in ("cycle", "selection", "global_step", "seconds", "lr_end")}})
+    _record_done(report, history, cfg, position)
     return 0
+
+
+def _record_done(report: StepRef, history: list[dict[str, Any]], cfg: LoopConfig, position: Position, **more: Any) -> None:
+    """Mark the registry step done with the best cycle's numbers (main rank only)."""
+    if report.registry is None:
+        return
+    best = best_record(history)
+    report.registry.finish_step(report.run, report.step, metrics={
+        "best_cycle": best.get("cycle"), cfg.selection_name: best.get("selection"), "steps": position.global_step, **more,
+        **{k: v for k, v in best.items() if isinstance(v, (int, float)) and k not in ("cycle", "selection", "global_step", "seconds", "lr_end")}})
 
 
 def best_record(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -93,9 +93,13 @@ def scan_case(src: CaseSource, parts_dir: str) -> dict[str, Any]:
     label = loaded.label
     hist = case_histograms(loaded.ct, loaded.pet, label)
     tmp = Path(parts_dir) / f".{src.case}.npz.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{k: h.counts for k, h in hist.items()})
-    os.replace(tmp, Path(parts_dir) / f"{src.case}.npz")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: h.counts for k, h in hist.items()})
+        os.replace(tmp, Path(parts_dir) / f"{src.case}.npz")
+    except BaseException:  # a full disk must not leave a partial part file taking space
+        tmp.unlink(missing_ok=True)
+        raise
     _, canon_affine = to_canonical(np.empty((1, 1, 1)), loaded.affine)
     voxel_ml = float(abs(np.linalg.det(loaded.affine[:3, :3]))) / 1000.0
     lesion_voxels = int(label.sum()) if label is not None else 0

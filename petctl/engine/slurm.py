@@ -13,7 +13,6 @@ job in" from squeue, then `scontrol show job`, then sacct, whichever answers, wi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -31,8 +30,6 @@ from petctl.errors import PetctlError
 PLAN_VERSION = 1
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 """The `*.sbatch.tmpl` files (the repository's top-level `slurm/` folder)."""
-PREEMPT_WARNING_S = 120
-"""SIGUSR1 reaches a training job this long before its time limit (`--signal=B:USR1@120`)."""
 
 # Words of a command line that are shell code, not values: NUL cannot occur in a path or option,
 # so a user's value can never be mistaken for one of these.
@@ -58,12 +55,15 @@ class SlurmConfig:
     """Folder the jobs `cd` into (where the plan was made)."""
     preset: str = "autopet-paper"
     num_folds: int = 5
+    """prepare --folds, and the size of the segmentation arrays (× projections for the classifier)."""
     nodes: int = 1
     """Nodes per training task (multi-node accelerate when > 1)."""
     gpus_per_node: int = 1
     """GPUs per node; 0 = CPU-only cluster (no gres, ACCELERATE_USE_CPU=true, one process per node)."""
     cpus_per_task: int = 8
+    """CPUs per node (one task per node); prepare's workers."""
     partition: str | None = None
+    """This and the next five: the sbatch options of the same name (None = the cluster's default)."""
     account: str | None = None
     qos: str | None = None
     mem: str | None = None
@@ -74,10 +74,13 @@ class SlurmConfig:
     test_fraction: float | None = None
     """prepare --test-fraction; None = prepare's default."""
     cycles: int | None = None
+    """Overrides of the preset's cycles and epochs per cycle (as `petctl train --cycles/--epochs`)."""
     epochs: int | None = None
     max_steps: int | None = None
+    """Stop each training task after this many steps (smoke runs)."""
     mixed_precision: str = "no"
     predict_input: str | None = None
+    """With `predict_output`: the final predict job's input and output folders (absolute)."""
     predict_output: str | None = None
     python: str = sys.executable
     """The interpreter that runs petctl on the compute nodes (same shared filesystem)."""
@@ -86,9 +89,10 @@ class SlurmConfig:
         from petctl.engine.registry import check_name
 
         check_name(self.run, "run")
-        for name in ("num_folds", "nodes", "cpus_per_task"):
+        check_name(self.merged_run, "merged run")
+        for name in ("nodes", "cpus_per_task"):
             if getattr(self, name) < 1:
-                raise PetctlError(f"--{name.replace('num_', '').replace('_', '-')} must be at least 1")
+                raise PetctlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.num_folds < 2:
             raise PetctlError("--folds must be at least 2 (cross-validation)")
         if self.gpus_per_node < 0:
@@ -99,6 +103,8 @@ class SlurmConfig:
             value = getattr(self, f.name)
             if isinstance(value, str) and ("\n" in value or "\r" in value or "\0" in value):
                 raise PetctlError(f"{f.name} may not contain a line break or NUL ({value[:40]!r})")
+        if "\\" in self.home:  # SLURM drops backslashes from --output paths (its escape character)
+            raise PetctlError(f"petctl home may not contain a backslash for SLURM jobs ({self.home[:60]!r})")
 
     @property
     def processes_per_node(self) -> int:
@@ -137,10 +143,10 @@ class Job:
     """e.g. "prepare", "train-seg", "train-cls-merged"; the script is `<name>.sbatch`."""
     verb: str
     """The petctl verb the job runs (jobs of verbs not built yet are not submitted)."""
-    script: str
     after: tuple[str, ...] = ()
     """Jobs that must finish successfully first (`--dependency=afterok:...`)."""
     steps: tuple[PlannedStep, ...] = ()
+    """The registry steps it runs, registered as pending when it is submitted."""
     array: int | None = None
     """Number of array tasks, or None for a plain job."""
 
@@ -151,19 +157,21 @@ class Job:
 
 @dataclass(frozen=True)
 class Plan:
+    """The chain: jobs in submission order (each after the ones it waits for)."""
+
     config: SlurmConfig
     jobs: tuple[Job, ...]
     train_config: dict[str, Any]
     """The TrainConfig JSON every training task copies to its fold folder."""
 
-    def to_json(self, job_ids: Mapping[str, str] | None = None) -> dict[str, Any]:
-        ids = job_ids or {}
+    def to_json(self) -> dict[str, Any]:
+        """plan.json; `submit_plan` fills in each job's `job_id`."""
         return {
             "version": PLAN_VERSION,
             "run": self.config.run,
             "config": self.config.to_json(),
             "jobs": [{"name": j.name, "verb": j.verb, "script": j.filename, "after": list(j.after), "array": j.array,
-                      "steps": [dataclasses.asdict(s) for s in j.steps], "job_id": ids.get(j.name)} for j in self.jobs],
+                      "steps": [dataclasses.asdict(s) for s in j.steps], "job_id": None} for j in self.jobs],
         }
 
 
@@ -177,8 +185,8 @@ def shell_words(argv: Sequence[str]) -> str:
 
 
 def sbatch_quote(value: str | int) -> str:
-    """A value for an `#SBATCH` line. sbatch parses those itself: double quotes group, a backslash
-    escapes the next character, and an unescaped `#` starts a comment even inside quotes."""
+    """A value for an `#SBATCH` line, which sbatch parses itself (no shell): double quotes group,
+    a backslash escapes the next character, and `#` may start a comment, so it is escaped too."""
     text = str(value)
     if re.fullmatch(r"[A-Za-z0-9_.,:=@+/%-]+", text):
         return text
@@ -326,12 +334,12 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
             steps = tuple(PlannedStep(run, f"train-{family}-fold{f}-{a}", "train-cls", f * len(axes) + i)
                           for f in range(k) for i, a in enumerate(axes))
             job_axes = axes
-        job = Job(f"train-{family}", "train", f"train-{family}.sbatch", after, steps, len(steps))
+        job = Job(f"train-{family}", "train", after, steps, len(steps))
         return job, task, merged, job_axes
 
-    prepare = Job("prepare", "prepare", "prepare.sbatch", (), (PlannedStep(cfg.run, "prepare", "prepare"),))
+    prepare = Job("prepare", "prepare", (), (PlannedStep(cfg.run, "prepare", "prepare"),))
     trains = [train_job("seg", False, ("prepare",)), train_job("cls", False, ("prepare",))]
-    calibrate = Job("calibrate", "calibrate", "calibrate.sbatch", ("train-seg", "train-cls"),
+    calibrate = Job("calibrate", "calibrate", ("train-seg", "train-cls"),
                     (PlannedStep(cfg.run, "calibrate", "calibrate"),))
     trains += [train_job("seg", True, ("calibrate",)), train_job("cls", True, ("calibrate",))]
     scripts = {
@@ -344,7 +352,7 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
     if cfg.predict_input is not None and cfg.predict_output is not None:
         # no pending placeholder: predict names its step by the time it starts (predict-YYYYmmdd-HHMMSS)
         # and records this job's id in it itself
-        predict = Job("predict", "predict", "predict.sbatch", ("train-seg-merged", "train-cls-merged"))
+        predict = Job("predict", "predict", ("train-seg-merged", "train-cls-merged"))
         scripts[predict.filename] = _render_step(
             cfg, predict, _petctl(cfg, "predict", "--run", cfg.merged_run, cfg.predict_input, cfg.predict_output))
         jobs.append(predict)

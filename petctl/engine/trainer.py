@@ -53,11 +53,13 @@ class SegTask:
     """One segmentation fold: model, patch batches, loss and validation."""
 
     def __init__(self, cfg: TrainConfig, store_root: Path, train_cases: list[str], val_cases: list[str], accelerator: Any) -> None:
-        from petctl.engine.models import build_seg_model, load_pretrained_swin_unetr
+        from petctl.engine.models import build_seg_model, init_output_prior, load_pretrained_swin_unetr
         from petctl.engine.sampling import AugmentConfig, SegPatchDataset, make_loader
 
         self.cfg, self.store_root, self.val_cases = cfg, Path(store_root), val_cases
         self.model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+        if cfg.output_prior:
+            init_output_prior(self.model, cfg.output_prior)
         if cfg.pretrained:
             if cfg.arch != "swin_unetr":
                 raise PetctlError("--pretrained loads Swin-UNETR (BTCV layout) weights; the preset's arch is " + cfg.arch)

@@ -1,0 +1,372 @@
+"""Hostile and unusual inputs for prepare and predict, and the security promises around them.
+
+One cohort holds the odd cases next to ordinary ones: float 0/1 labels, a float label with 0.5,
+a 15° oblique affine, mismatched qform/sform, 0.8×0.8×8 mm voxels, case ids that try to leave the
+output folder, and a header that claims a volume too large for memory. It lives in a non-ASCII
+folder with a space, reached through a symlink, with `imagesTr` itself a symlink, and is prepared
+through the CLI under umask 027. Each bad case must be one line naming it; every other case is
+prepared. Predict gets the same treatment with a run of random-weight networks (no training
+needed), plus outputs that would leave the output folder or overwrite an input.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from petctl.engine.store import CaseStore
+
+COARSE = (6.0, 6.0, 8.0)
+UMASK = 0o027
+REFUSED_ID = "case id holds characters that are not allowed in a file name"
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    return nib.load(str(path))
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype: type | None = None, qform: np.ndarray | None = None) -> None:
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype) if dtype else np.asarray(data), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine if qform is None else qform, code=1)
+    nib.save(img, str(path))
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    """A world rotation about an axis that is not a coordinate axis (a truly oblique grid)."""
+    axis = np.array([1.0, 2.0, 3.0]) / math.sqrt(14.0)
+    a = math.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    r = np.eye(4)
+    r[:3, :3] = np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * k @ k
+    return r
+
+
+def _huge_header_nifti(path: Path, affine: np.ndarray) -> None:
+    """A .nii.gz whose header claims 2048³ float32 voxels (32 GiB) but holds 1 KiB of data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2048, 2048, 2048))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    hdr["vox_offset"] = 352
+    with gzip.open(path, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4 + b"\0" * 1024)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The odd cohort, prepared through the CLI under umask 027 at the coarse test spacing."""
+    from typer.testing import CliRunner
+
+    from petctl.cli import app
+    from petctl.engine.synth import make_cohort
+
+    root = tmp_path_factory.mktemp("hostile")
+    src = root / "src"
+    make_cohort(src, num_cases=8, seed=21, scale=0.5)
+    data = root / "données patient" / "raw"
+    images = root / "images réelles"
+    shutil.copytree(src / "imagesTr", images)
+    data.mkdir(parents=True)
+    (data / "imagesTr").symlink_to(images, target_is_directory=True)  # a symlinked folder inside the cohort
+    shutil.copytree(src / "labelsTr", data / "labelsTr")
+    shutil.copy(src / "metadata.csv", data / "metadata.csv")
+    img, lab = images, data / "labelsTr"
+
+    def ch(case: str, c: int) -> Path:
+        return img / f"{case}_{c:04d}.nii.gz"
+
+    cases = sorted(p.name[: -len(".nii.gz")] for p in lab.iterdir())
+    lesion = {c: int(np.asarray(_load(lab / f"{c}.nii.gz").dataobj).sum()) for c in cases}
+    biggest = max(cases, key=lesion.get)
+    same_grid = [c for c in cases if lesion[c] and _load(ch(c, 0)).shape == _load(ch(c, 1)).shape
+                 and np.allclose(_load(ch(c, 0)).affine, _load(ch(c, 1)).affine)]
+    assert same_grid, "the synthetic cohort should hold a positive case with CT and PET on one grid"
+
+    def derive(new: str, base: str, *, affine=None, label=None, label_dtype=None, pet_qform=None) -> None:
+        """Copy case `base` as `new`, optionally changing the affines (same change for every file) or the label."""
+        for c in (0, 1):
+            im = _load(ch(base, c))
+            aff = affine(im.affine) if affine else im.affine
+            _save(np.asarray(im.dataobj), aff, ch(new, c), dtype=im.get_data_dtype().type,
+                  qform=pet_qform(aff) if (pet_qform and c == 1) else None)
+        lb = _load(lab / f"{base}.nii.gz")
+        values = np.asarray(lb.dataobj) if label is None else label(np.asarray(lb.dataobj))
+        _save(values, affine(lb.affine) if affine else lb.affine, lab / f"{new}.nii.gz", dtype=label_dtype)
+
+    def with_half(label: np.ndarray) -> np.ndarray:
+        out = label.astype(np.float32)
+        out[tuple(np.argwhere(label)[0])] = 0.5
+        return out
+
+    rotate = _rotation(15.0)
+    aniso = lambda a: a @ np.diag([0.8 / nib.affines.voxel_sizes(a)[0], 0.8 / nib.affines.voxel_sizes(a)[1],  # noqa: E731
+                                   8.0 / nib.affines.voxel_sizes(a)[2], 1.0])
+    derive("float01", biggest, label_dtype=np.float32)
+    derive("floathalf", biggest, label=with_half)
+    derive("oblique", biggest, affine=lambda a: rotate @ a)
+    derive("qsform", biggest, pet_qform=lambda a: a + np.r_[np.zeros((3, 4)), [[0, 0, 0, 0]]] + np.c_[np.zeros((4, 3)), [10, 0, 0, 0]])
+    derive("aniso", same_grid[0], affine=aniso)
+    derive("..x", biggest)
+    derive("bad id", biggest)
+    derive("huge", same_grid[0])
+    _huge_header_nifti(ch("huge", 1), _load(ch(same_grid[0], 1)).affine)
+
+    link = root / "lien vers données"
+    link.symlink_to(root / "données patient", target_is_directory=True)
+    out = root / "sortie é" / "store"
+    home = root / "home"
+    collect = _Collect()
+    logging.getLogger("petctl.engine.nifti").addHandler(collect)
+    old_umask = os.umask(UMASK)
+    old_home = os.environ.get("PETCTL_HOME")
+    os.environ["PETCTL_HOME"] = str(home)
+    try:
+        result = CliRunner().invoke(app, ["prepare", str(link / "raw"), "--store", str(out), "--spacing", "6,6,8", "--folds", "2"])
+    finally:
+        os.umask(old_umask)
+        logging.getLogger("petctl.engine.nifti").removeHandler(collect)
+        if old_home is None:
+            os.environ.pop("PETCTL_HOME")
+        else:
+            os.environ["PETCTL_HOME"] = old_home
+    return {"root": root, "data": link / "raw", "src": src, "store": out, "home": home, "result": result, "warnings": collect.lines,
+            "biggest": biggest, "aniso_base": same_grid[0], "rotate": rotate}
+
+
+# -- prepare -----------------------------------------------------------------------------------------
+EXPECTED_SKIPS = {
+    "floathalf": "label holds values other than 0/1 (0.5)",
+    "..x": REFUSED_ID,
+    "bad id": REFUSED_ID,
+    "huge": "PET has 8,589,934,592 voxels, above the limit of",
+}
+
+
+def test_each_bad_case_is_one_line_and_the_rest_is_prepared(hostile: dict):
+    result, store = hostile["result"], hostile["store"]
+    text = result.output
+    assert result.exit_code == 3, text
+    assert "Traceback" not in text
+    for case, reason in EXPECTED_SKIPS.items():
+        lines = [l for l in text.splitlines() if l.startswith(f"skipped: {case}: ")]
+        assert len(lines) == 1 and reason in lines[0], (case, text)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert set(manifest["skipped"]) == set(EXPECTED_SKIPS)
+    prepared = set(manifest["cases"])
+    assert {"float01", "oblique", "qsform", "aniso"} <= prepared and len(prepared) == 8 + 4
+    assert CaseStore(store).list() == sorted(prepared)
+    # nothing was written for a refused id, inside or outside the store
+    root = hostile["root"]
+    assert not list(root.rglob("*x.zarr")) and not (store.parent / "x.zarr").exists()
+
+
+def test_paths_with_spaces_non_ascii_and_symlinks_are_recorded_as_given(hostile: dict):
+    prep = json.loads((hostile["store"] / "prepare.json").read_text())["config"]
+    assert prep["data"] == str(hostile["data"]) and "données" in prep["data"] and prep["store"] == str(hostile["store"])
+    assert Path(prep["data"]).parent.is_symlink() and (Path(prep["data"]) / "imagesTr").is_symlink()
+
+
+def test_float_zero_one_labels_are_accepted_exactly(hostile: dict):
+    s = CaseStore(hostile["store"])
+    twin = hostile["biggest"]
+    assert s.load("float01").label.read_all().tobytes() == s.load(twin).label.read_all().tobytes()
+    assert s.load("float01").label.read_all().sum() > 0
+
+
+def test_oblique_affine_is_prepared_and_maps_back_exactly(hostile: dict):
+    """15° about an oblique axis: the canonical grid stays oblique, resampling runs along the voxel
+    axes, and the recorded geometry maps the stored label back onto the original grid."""
+    from petctl.engine.geometry import CaseGeometry, to_original
+
+    s = CaseStore(hostile["store"])
+    stored = s.load("oblique")
+    geometry = CaseGeometry.from_json(stored.attrs["geometry"])
+    ref = _load(hostile["data"] / "labelsTr" / "oblique.nii.gz")
+    assert np.allclose(np.array(geometry.original_affine), ref.affine)
+    assert abs(np.array(geometry.stored_affine)[:3, :3] @ np.ones(3) - np.diag(np.array(geometry.stored_affine))[:3]).max() > 0.1  # still oblique
+    back = to_original(stored.label.read_all().astype(np.float32), geometry) >= 0.5
+    truth = np.asarray(ref.dataobj) > 0
+    assert back.shape == truth.shape
+    assert _dice(back, truth) > 0.9
+    # the rotation changed nothing but the world placement: the stored arrays equal the unrotated twin's
+    twin = s.load(hostile["biggest"])
+    assert stored.label.read_all().tobytes() == twin.label.read_all().tobytes()
+
+
+def test_mismatched_qform_and_sform_uses_the_sform_with_a_warning(hostile: dict):
+    from petctl.engine.geometry import CaseGeometry
+
+    warnings = {w for w in hostile["warnings"] if w.startswith("qsform:")}  # once per pass that reads it (scan, write)
+    assert warnings == {"qsform: PET qform and sform differ; using the sform"}, hostile["warnings"]
+    assert not [w for w in hostile["warnings"] if not w.startswith("qsform:")]
+    pet = _load(hostile["data"] / "imagesTr" / "qsform_0001.nii.gz")
+    assert not np.allclose(pet.get_qform(), pet.get_sform())
+    geometry = CaseGeometry.from_json(CaseStore(hostile["store"]).load("qsform").attrs["geometry"])
+    assert np.allclose(np.array(geometry.original_affine), pet.get_sform())
+
+
+def test_very_anisotropic_voxels_are_prepared_and_map_back(hostile: dict):
+    from petctl.engine.geometry import CaseGeometry, to_original
+
+    stored = CaseStore(hostile["store"]).load("aniso")
+    geometry = CaseGeometry.from_json(stored.attrs["geometry"])
+    assert np.allclose(nib.affines.voxel_sizes(np.array(geometry.original_affine)), [0.8, 0.8, 8.0])
+    assert np.allclose(geometry.stored_spacing, COARSE, rtol=0.2)
+    assert stored.label.read_all().sum() > 0  # the lesion survives 7.5× in-plane downsampling
+    back = to_original(stored.label.read_all().astype(np.float32), geometry)
+    assert back.shape == _load(hostile["data"] / "labelsTr" / "aniso.nii.gz").shape
+
+
+def test_a_volume_too_large_is_refused_from_its_header_without_reading_data(tmp_path: Path):
+    """The header claims 32 GiB; the file holds 1 KiB. Reading the data would fail differently."""
+    from petctl.engine.cohort import CaseSource
+    from petctl.engine.nifti import load_case
+    from petctl.errors import CaseError
+
+    _huge_header_nifti(tmp_path / "big.nii.gz", np.diag([2.0, 2.0, 3.0, 1.0]))
+    src = CaseSource("big", tmp_path / "big.nii.gz", tmp_path / "big.nii.gz", None, "big", None)
+    with pytest.raises(CaseError, match=r"PET has 8,589,934,592 voxels, above the limit of 536,870,912"):
+        load_case(src, need_label=False)
+    assert (tmp_path / "big.nii.gz").stat().st_size < 4096
+
+
+def test_files_created_by_prepare_respect_the_umask(hostile: dict):
+    """Run under umask 027: files 0640, folders 0750 — nothing group-writable or world-accessible."""
+    for root in (hostile["store"], hostile["home"]):
+        entries = [root, *root.rglob("*")]
+        assert len(entries) > 20
+        modes = {p: p.stat().st_mode & 0o777 for p in entries}
+        wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o750 if p.is_dir() else 0o640)}
+        assert not wrong, wrong
+
+
+# -- predict -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def random_run(hostile: dict) -> Path:
+    """A run of two random-weight cpu-tiny segmentation folds on the hostile store, no classifier gate."""
+    from petctl.engine.config import cpu_tiny
+    from petctl.engine.loop import Position, save_checkpoint
+    from petctl.engine.models import build_seg_model
+
+    cfg = cpu_tiny()
+    run_dir = hostile["root"] / "home" / "runs" / "random"
+    for k in range(2):
+        model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+        save_checkpoint(run_dir / "seg" / f"fold{k}" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
+                        scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": k, "store": str(hostile["store"])},
+                        metric=None)
+    (run_dir / "thresholds.json").write_text(json.dumps({"version": 1, "segmentation": {"threshold": 0.5}}))
+    return run_dir
+
+
+def test_predict_names_each_bad_case_and_keeps_odd_geometries(hostile: dict, random_run: Path, tmp_path: Path):
+    from petctl.engine.predict import PredictOptions, predict
+
+    data = tmp_path / "entrée é"
+    data.mkdir()
+    images = hostile["data"] / "imagesTr"
+    for case in ("oblique", "qsform", "aniso", "..x", "huge"):
+        for c in ("0000", "0001"):
+            shutil.copy(images / f"{case}_{c}.nii.gz", data)
+    link = tmp_path / "lien"
+    link.symlink_to(data, target_is_directory=True)
+    out = tmp_path / "sortie é"
+    skipped: list[str] = []
+    old = os.umask(UMASK)
+    try:
+        result = predict(random_run, link, out, PredictOptions(gate=False, save_probabilities="uint8"),
+                         on_skip=lambda c, r: skipped.append(f"{c}: {r}"))
+    finally:
+        os.umask(old)
+    assert set(result.written) == {"oblique", "qsform", "aniso"}, result.skipped
+    assert set(result.skipped) == {"..x", "huge"} and len(skipped) == 2
+    assert "would leave the output folder" in result.skipped["..x"]
+    assert "voxels, above the limit" in result.skipped["huge"]
+    for case in result.written:
+        pet = _load(data / f"{case}_0001.nii.gz")
+        mask = _load(out / f"{case}.nii.gz")
+        assert mask.shape == pet.shape and np.allclose(mask.affine, pet.affine, atol=1e-5)
+        assert np.allclose(mask.get_sform(), pet.get_sform(), atol=1e-5)
+    for p in [out, *out.iterdir()]:
+        assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
+    assert not list(tmp_path.glob("*x.nii.gz")) and not (out.parent / "x.nii.gz").exists()
+
+
+def test_predict_never_overwrites_an_input_nor_writes_through_a_symlink(hostile: dict, random_run: Path, tmp_path: Path):
+    """Output folder = input folder, where case `a_0000`'s mask would be case `a`'s CT; and a
+    planted symlink `b.nii.gz` that points outside the output folder."""
+    from petctl.engine.predict import predict
+
+    images = hostile["data"] / "imagesTr"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case, name in (("oblique", "a"), ("qsform", "a_0000"), ("oblique", "b")):
+        for c in ("0000", "0001"):
+            shutil.copy(images / f"{case}_{c}.nii.gz", folder / f"{name}_{c}.nii.gz")
+    victim = tmp_path / "victim.nii.gz"
+    victim.write_bytes(b"precious")
+    (folder / "b.nii.gz").symlink_to(victim)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    result = predict(random_run, folder, folder)
+    assert set(result.written) == {"a"}
+    assert "would overwrite an input file" in result.skipped["a_0000"]
+    assert "leaves the output folder" in result.skipped["b"]
+    assert victim.read_bytes() == b"precious"
+    after = {name: (folder / name).read_bytes() for name in before}
+    assert after == before  # every input byte-identical
+    assert _load(folder / "a.nii.gz").shape == _load(folder / "a_0001.nii.gz").shape
+
+
+# -- security ------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_malicious_pretrained_checkpoint_through_the_cli_is_refused(hostile: dict, tmp_path: Path):
+    """`petctl train --pretrained evil.pt`: one clear line, no code run, the registry step failed."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": _Payload(marker)}}, evil)
+    env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "petctl", "train", "--store", str(hostile["store"]), "--fold", "0",
+                             "--preset", "autopet-paper", "--pretrained", str(evil), "--run", "p", "--max-steps", "1"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if "refused by weights_only loading" in l]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "evil.pt" in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    step = json.loads((tmp_path / "home/runs/p/steps/train-seg-fold0.json").read_text())
+    assert step["status"] == "failed" and "refused by weights_only loading" in step["message"]
