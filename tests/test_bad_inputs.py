@@ -209,7 +209,8 @@ def test_oblique_affine_is_prepared_and_maps_back_exactly(hostile: dict):
     geometry = CaseGeometry.from_json(stored.attrs["geometry"])
     ref = _load(hostile["data"] / "labelsTr" / "oblique.nii.gz")
     assert np.allclose(np.array(geometry.original_affine), ref.affine)
-    assert abs(np.array(geometry.stored_affine)[:3, :3] @ np.ones(3) - np.diag(np.array(geometry.stored_affine))[:3]).max() > 0.1  # still oblique
+    axes = np.array(geometry.stored_affine)[:3, :3]
+    assert np.abs(axes - np.diag(np.diag(axes))).max() > 0.5  # the stored grid is still oblique (mm off the axes)
     back = to_original(stored.label.read_all().astype(np.float32), geometry) >= 0.5
     truth = np.asarray(ref.dataobj) > 0
     assert back.shape == truth.shape
@@ -238,7 +239,9 @@ def test_very_anisotropic_voxels_are_prepared_and_map_back(hostile: dict):
     geometry = CaseGeometry.from_json(stored.attrs["geometry"])
     assert np.allclose(nib.affines.voxel_sizes(np.array(geometry.original_affine)), [0.8, 0.8, 8.0])
     assert np.allclose(geometry.stored_spacing, COARSE, rtol=0.2)
-    assert stored.label.read_all().sum() > 0  # the lesion survives 7.5× in-plane downsampling
+    assert geometry.stored_shape[2] > 5 * geometry.stored_shape[0]  # 8 mm slices → ~6 mm, 0.8 mm pixels → ~6 mm
+    twin = CaseGeometry.from_json(CaseStore(hostile["store"]).load(hostile["aniso_base"]).attrs["geometry"])
+    assert (geometry.crop_lo, geometry.crop_hi) == (twin.crop_lo, twin.crop_hi)  # same voxels are body, whatever their size
     back = to_original(stored.label.read_all().astype(np.float32), geometry)
     assert back.shape == _load(hostile["data"] / "labelsTr" / "aniso.nii.gz").shape
 
@@ -258,9 +261,9 @@ def test_a_volume_too_large_is_refused_from_its_header_without_reading_data(tmp_
 
 def test_files_created_by_prepare_respect_the_umask(hostile: dict):
     """Run under umask 027: files 0640, folders 0750 — nothing group-writable or world-accessible."""
-    for root in (hostile["store"], hostile["home"]):
+    for root, at_least in ((hostile["store"], 50), (hostile["home"], 4)):
         entries = [root, *root.rglob("*")]
-        assert len(entries) > 20
+        assert len(entries) >= at_least
         modes = {p: p.stat().st_mode & 0o777 for p in entries}
         wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o750 if p.is_dir() else 0o640)}
         assert not wrong, wrong
@@ -269,18 +272,17 @@ def test_files_created_by_prepare_respect_the_umask(hostile: dict):
 # -- predict -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def random_run(hostile: dict) -> Path:
-    """A run of two random-weight cpu-tiny segmentation folds on the hostile store, no classifier gate."""
+    """A run of one random-weight cpu-tiny segmentation fold on the hostile store, no classifier gate."""
     from petctl.engine.config import cpu_tiny
     from petctl.engine.loop import Position, save_checkpoint
     from petctl.engine.models import build_seg_model
 
     cfg = cpu_tiny()
     run_dir = hostile["root"] / "home" / "runs" / "random"
-    for k in range(2):
-        model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
-        save_checkpoint(run_dir / "seg" / f"fold{k}" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
-                        scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": k, "store": str(hostile["store"])},
-                        metric=None)
+    model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+    save_checkpoint(run_dir / "seg" / "fold0" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
+                    scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": 0, "store": str(hostile["store"])},
+                    metric=None)
     (run_dir / "thresholds.json").write_text(json.dumps({"version": 1, "segmentation": {"threshold": 0.5}}))
     return run_dir
 

@@ -464,7 +464,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         if result.returncode != 0:
             pytest.skip(f"slurmctld/munged are missing and cannot be installed: {(result.stderr or result.stdout).strip()[-300:]}")
     base = Path(f"/tmp/petctl-slurm-test-{os.getpid()}")  # short: the munge socket path has a length limit
-    env = {**os.environ, "SLURM_LOCAL_BASE": str(base), "SLURM_LOCAL_NODES": "2", "SLURM_LOCAL_CPUS": "2",
+    env = {**os.environ, "SLURM_LOCAL_BASE": str(base), "SLURM_LOCAL_NODES": "2", "SLURM_LOCAL_CPUS": "1",
            "SLURM_LOCAL_PORT": str(_free_port_block()), "SLURM_LOCAL_CRED_EXPIRE": "15"}
     previous = os.environ.get("SLURM_CONF")
     try:
@@ -517,7 +517,7 @@ def test_chain_on_local_cluster(slurm_cluster, cohort: Path, tmp_path: Path):
     for path in first:
         shutil.copy(path, new / path.name)
     _petctl(home, "slurm", "plan", "--run", "c", "--store", str(tmp_path / "store"), "--data", str(cohort), "--preset", "cpu-tiny",
-            "--gpus-per-node", "0", "--cpus-per-task", "2", "--folds", "2", "--spacing", "6,6,8", "--test-fraction", "0.25",
+            "--gpus-per-node", "0", "--cpus-per-task", "1", "--folds", "2", "--spacing", "6,6,8", "--test-fraction", "0.25",
             "--cycles", "1", "--predict-input", str(new.parent), "--predict-output", str(tmp_path / "masks"), cwd=tmp_path)
     _petctl(home, "slurm", "submit", "--run", "c")
     plan = read_plan(home / "runs/c/slurm")
@@ -567,7 +567,7 @@ def test_preempted_task_checkpoints_requeues_and_resumes(slurm_cluster, store: P
     t0 = time.monotonic()
     home = tmp_path / "home"
     job, log = _submit_one_task(home, "p", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
-                                "--gpus-per-node", "0", "--cpus-per-task", "2", "--folds", "2", "--cycles", "1", "--epochs", "5")
+                                "--gpus-per-node", "0", "--cpus-per-task", "1", "--folds", "2", "--cycles", "1", "--epochs", "5")
     _preempt_at_step_10(job, log)
     _wait_for_jobs([job], log.parent, timeout_s=300)
     _assert_resumed(log.read_text(), Registry(home).step("p", "train-seg-fold0"))
@@ -585,7 +585,7 @@ def test_training_task_across_two_nodes(slurm_cluster, store: Path, tmp_path: Pa
     home = tmp_path / "home"
     job, log = _submit_one_task(home, "m", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
                                 "--gpus-per-node", "0", "--nodes", "2", "--cpus-per-task", "1", "--folds", "2", "--cycles", "1",
-                                "--epochs", "5")
+                                "--epochs", "10")  # each rank sees half the cases: 2 steps an epoch
     _preempt_at_step_10(job, log)
     _wait_for_jobs([job], log.parent, timeout_s=300)
     text = log.read_text()

@@ -86,7 +86,7 @@ def train_folds(cfg: TrainConfig, store: Path, task: str, folds: list[int], *, r
             args += ["--max-steps", str(launch.max_steps)]
         cmd = launch_command(processes=launch.processes, nodes=launch.nodes, machine_rank=launch.machine_rank,
                              main_address=launch.main_address, port=launch.port or free_port(),
-                             mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args)
+                             mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)
         say(f"[bold]{task} {name}[/]: {launch.processes} process(es) × {launch.nodes} node(s), preset {cfg.preset}")
         code = run_forwarding_signals(cmd, env)
         record = registry.step(run, f"train-{family}-{name}")

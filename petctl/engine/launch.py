@@ -25,8 +25,13 @@ def launch_command(
     cpu: bool = False,
     module_args: Sequence[str] = (),
     threads: int | None = None,
+    quiet: bool = False,
 ) -> list[str]:
-    """The `accelerate launch` argv for one fold (processes = total across all nodes)."""
+    """The `accelerate launch` argv for one fold (processes = total across all nodes).
+
+    `quiet`: when the single training process fails, the launcher exits 1 without its own
+    traceback (the process has printed its error already).
+    """
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, processes // max(1, nodes)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -44,6 +49,8 @@ def launch_command(
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_address or "127.0.0.1")]
     if cpu and processes == 1 and nodes == 1:
         cmd += ["--cpu"]
+    if quiet:
+        cmd += ["--quiet"]
     cmd += ["-m", "petctl.engine.launch", *module_args]
     return cmd
 

@@ -110,8 +110,6 @@ def as_binary_label(case: str, lab: np.ndarray) -> np.ndarray:
 
 def resample_onto(case: str, data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray) -> np.ndarray:
     """Trilinear resampling of `data` onto another grid, -1024 (air) outside; refuses poor overlap."""
-    from scipy.ndimage import map_coordinates
-
     vox2vox = np.linalg.inv(affine) @ target_affine
     corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float)
     src = (vox2vox @ corners.T).T[:, :3]
@@ -120,7 +118,31 @@ def resample_onto(case: str, data: np.ndarray, affine: np.ndarray, shape: tuple[
     frac = float(np.prod(inside / np.maximum(hi - lo, 1e-6)))
     if frac < 0.5:
         raise CaseError(case, f"CT and PET fields of view overlap only {frac:.0%}; cannot match their grids")
-    grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    coords = vox2vox[:3, :3].astype(np.float32) @ grid + vox2vox[:3, 3:4].astype(np.float32)
-    out = map_coordinates(data, coords, order=1, mode="constant", cval=-1024.0, prefilter=False)
-    return out.reshape(shape).astype(np.float32)
+    return _affine_resample(data, vox2vox, tuple(int(v) for v in shape), fill=-1024.0)
+
+
+def _affine_resample(data: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, int, int], fill: float) -> np.ndarray:
+    """Trilinear sampling of `data` at vox2vox @ (i, j, k) for every output voxel (torch grid_sample).
+
+    grid_sample works in normalized coordinates with the axes reversed ((D, H, W) → (x, y, z));
+    with align_corners=True, index i of an axis of n voxels sits at 2i/(n-1) - 1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def normalize(n: tuple[int, ...]) -> np.ndarray:
+        # voxel index (a0, a1, a2, 1) → normalized (x=a2, y=a1, z=a0, 1)
+        m = np.zeros((4, 4))
+        for out_axis, in_axis in enumerate((2, 1, 0)):
+            size = max(n[in_axis] - 1, 1)
+            m[out_axis, in_axis] = 2.0 / size
+            m[out_axis, 3] = -1.0
+        m[3, 3] = 1.0
+        return m
+
+    theta = normalize(data.shape) @ vox2vox @ np.linalg.inv(normalize(shape))
+    src = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32) - fill)[None, None]  # zeros outside → fill
+    with torch.no_grad():
+        grid = F.affine_grid(torch.from_numpy(theta[:3]).float()[None], [1, 1, *shape], align_corners=True)
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy() + np.float32(fill)

@@ -128,9 +128,7 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
     rng = np.random.default_rng(_case_seed(cfg.seed, src.case))
     components, num_components = cc3d.connected_components(label, connectivity=26, return_N=True)
     lesion_coords = sample_lesion_coords(components, num_components, cfg.lesion_samples_per_component, rng)
-    body_idx = np.argwhere(body)
-    if len(body_idx) > cfg.body_samples:
-        body_idx = body_idx[np.sort(rng.choice(len(body_idx), cfg.body_samples, replace=False))]
+    body_idx = sample_body_coords(body, cfg.body_samples, rng)
     entry = {
         **summary,
         "stored_shape": list(geometry.stored_shape),
@@ -163,13 +161,34 @@ def preprocess(loaded: Any, fingerprint: dict[str, Any], spacing: Sequence[float
 
 
 def normalize(image_cxyz: np.ndarray, fingerprint: dict[str, Any]) -> np.ndarray:
-    """Clip each channel to its training [p5, p95] and z-normalize with the clipped mean/std."""
-    out = np.empty_like(image_cxyz, dtype=np.float32)
+    """Clip each channel to its training [p5, p95] and z-normalize with the clipped mean/std (in place)."""
+    out = np.asarray(image_cxyz, dtype=np.float32)
     for c, name in enumerate(("ct", "pet")):
         stats = fingerprint[name]
-        lo, hi = stats["clip"]
-        out[c] = (np.clip(image_cxyz[c], lo, hi) - stats["mean"]) / stats["std"]
+        lo, hi = (np.float32(v) for v in stats["clip"])
+        np.clip(out[c], lo, hi, out=out[c])
+        out[c] -= np.float32(stats["mean"])
+        out[c] /= np.float32(stats["std"])
     return out
+
+
+def sample_body_coords(body: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `count` body voxels (x, y, z), drawn uniformly without listing the whole mask."""
+    flat = body.ravel()
+    total = int(flat.sum()) if flat.size <= 4 * count else None
+    if total is not None and total <= count:
+        return np.argwhere(body).astype(np.int32)
+    picked = np.zeros(0, dtype=np.int64)
+    for _ in range(20):  # rejection sampling: the body fills a good share of the cropped volume
+        draw = rng.integers(0, flat.size, size=4 * count)
+        picked = np.unique(np.concatenate([picked, draw[flat[draw]]]))
+        if len(picked) >= count:
+            break
+    else:
+        idx = np.flatnonzero(flat)
+        picked = idx if len(idx) <= count else idx[rng.choice(len(idx), count, replace=False)]
+    picked = np.sort(rng.permutation(picked)[:count])
+    return np.stack(np.unravel_index(picked, body.shape), axis=1).astype(np.int32)
 
 
 def sample_lesion_coords(components: np.ndarray, num_components: int, per_component: int, rng: np.random.Generator) -> np.ndarray:

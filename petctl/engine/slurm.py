@@ -321,36 +321,30 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
     from petctl.engine.config import TrainConfig
 
     train_json = train_config_json(cfg)
-    axes = tuple(TrainConfig.from_json(train_json).cls_projections)
-    k = cfg.num_folds
+    train_cfg = TrainConfig.from_json(train_json)
+    axes, k = tuple(train_cfg.cls_projections), cfg.num_folds
+    scripts: dict[str, str] = {}
 
-    def train_job(task: str, merged: bool, after: tuple[str, ...]) -> tuple[Job, str, bool, tuple[str, ...]]:
+    def train_job(task: str, merged: bool, after: tuple[str, ...]) -> Job:
         family = f"{task}{'-merged' if merged else ''}"
         run = cfg.merged_run if merged else cfg.run
-        if task == "seg":
+        if task == "seg":  # array task id = fold; classifier: fold × projection axis
             steps = tuple(PlannedStep(run, f"train-{family}-fold{f}", "train-seg", f) for f in range(k))
-            job_axes: tuple[str, ...] = ()
         else:
             steps = tuple(PlannedStep(run, f"train-{family}-fold{f}-{a}", "train-cls", f * len(axes) + i)
                           for f in range(k) for i, a in enumerate(axes))
-            job_axes = axes
         job = Job(f"train-{family}", "train", after, steps, len(steps))
-        return job, task, merged, job_axes
+        scripts[job.filename] = _render_train(cfg, job, task, merged, axes if task == "cls" else ())
+        return job
 
     prepare = Job("prepare", "prepare", (), (PlannedStep(cfg.run, "prepare", "prepare"),))
-    trains = [train_job("seg", False, ("prepare",)), train_job("cls", False, ("prepare",))]
-    calibrate = Job("calibrate", "calibrate", ("train-seg", "train-cls"),
-                    (PlannedStep(cfg.run, "calibrate", "calibrate"),))
-    trains += [train_job("seg", True, ("calibrate",)), train_job("cls", True, ("calibrate",))]
-    scripts = {
-        prepare.filename: _render_prepare(cfg, prepare, cfg.spacing or TrainConfig.from_json(train_json).spacing),
-        calibrate.filename: _render_step(cfg, calibrate, _petctl(cfg, "calibrate", "--run", cfg.run)),
-    }
-    for job, task, merged, job_axes in trains:
-        scripts[job.filename] = _render_train(cfg, job, task, merged, job_axes)
-    jobs = [prepare, trains[0][0], trains[1][0], calibrate, trains[2][0], trains[3][0]]
+    scripts[prepare.filename] = _render_prepare(cfg, prepare, cfg.spacing or train_cfg.spacing)
+    jobs = [prepare, train_job("seg", False, ("prepare",)), train_job("cls", False, ("prepare",))]
+    calibrate = Job("calibrate", "calibrate", ("train-seg", "train-cls"), (PlannedStep(cfg.run, "calibrate", "calibrate"),))
+    scripts[calibrate.filename] = _render_step(cfg, calibrate, _petctl(cfg, "calibrate", "--run", cfg.run))
+    jobs += [calibrate, train_job("seg", True, ("calibrate",)), train_job("cls", True, ("calibrate",))]
     if cfg.predict_input is not None and cfg.predict_output is not None:
-        # no pending placeholder: predict names its step by the time it starts (predict-YYYYmmdd-HHMMSS)
+        # no pending placeholder: predict names its step when it starts (predict-YYYYmmdd-HHMMSS)
         # and records this job's id in it itself
         predict = Job("predict", "predict", ("train-seg-merged", "train-cls-merged"))
         scripts[predict.filename] = _render_step(

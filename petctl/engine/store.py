@@ -4,10 +4,11 @@ Layout of `STORE/cases/<case>.zarr` (standard Zarr v3, readable by any Zarr v3 l
 
 - `image`  float16 (C=2, X, Y, Z), channel 0 = CT, 1 = PET, z-normalized, canonical (RAS) voxel
   order. Inner chunks (2, 48, 48, 48) — both channels in one chunk so one decompression serves a
-  patch of both, and a 96³ patch touches at most 27 chunks; Blosc LZ4HC + byte shuffle (LZ4
-  decompression speed, ~12% smaller than LZ4; slower to write, which prepare can afford). Measured
-  on prepared synthetic cases (single thread, patches/s · MiB): 32³ LZ4+shuffle 201 · 3.63,
+  patch of both, and a 96³ patch touches at most 27 chunks; Blosc LZ4 + byte shuffle. Measured on
+  prepared synthetic cases (single thread, patches/s · MiB): 32³ LZ4+shuffle 201 · 3.63,
   32³ LZ4 302 · 4.15, 48³ LZ4+shuffle 280 · 3.46, 48³ LZ4HC+shuffle 307 · 3.06, 48³ zstd 96 · 3.32.
+  LZ4HC reads ~10% faster and is ~12% smaller but compresses >10× slower, which made it a third
+  of prepare's time per case (bench/prepare.py); LZ4 keeps the store below nnU-Net's size.
   One shard per array covers the whole case, so a case is a handful of files, not thousands
   (shared HPC filesystems suffer under millions of small files).
 - `label`  uint8 (X, Y, Z), same chunk/shard geometry.
@@ -54,7 +55,7 @@ _EMPTY = 2**64 - 1
 def _codecs() -> list[Any]:
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname="lz4hc", clevel=5, shuffle="shuffle")]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
 
 
 def _shard_shape(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
@@ -124,22 +125,8 @@ class CaseStore:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             spatial = tuple(int(s) for s in label_xyz.shape)
             img_chunks = (image_cxyz.shape[0], CHUNK, CHUNK, CHUNK)
-            group.create_array(
-                "image",
-                data=np.ascontiguousarray(image_cxyz, dtype=IMAGE_DTYPE),
-                chunks=img_chunks,
-                shards=_shard_shape(image_cxyz.shape, img_chunks),
-                compressors=_codecs(),
-                fill_value=0,
-            )
-            group.create_array(
-                "label",
-                data=np.ascontiguousarray(label_xyz, dtype=np.uint8),
-                chunks=(CHUNK,) * 3,
-                shards=_shard_shape(spatial, (CHUNK,) * 3),
-                compressors=_codecs(),
-                fill_value=0,
-            )
+            _write_sharded(group, "image", np.ascontiguousarray(image_cxyz, dtype=IMAGE_DTYPE), (image_cxyz.shape[0], CHUNK, CHUNK, CHUNK))
+            _write_sharded(group, "label", np.ascontiguousarray(label_xyz, dtype=np.uint8), (CHUNK,) * 3)
             for name, arr in (("lesion_coords", lesion_coords), ("body_coords", body_coords)):
                 arr = np.ascontiguousarray(arr, dtype=np.int32)
                 group.create_array(name, data=arr, chunks=tuple(max(1, s) for s in arr.shape), compressors=_codecs())
@@ -212,6 +199,46 @@ class CaseStore:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"])
+
+
+def _write_sharded(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """Write `data` as a one-shard Zarr v3 array: zarr-python writes the metadata, we write the shard.
+
+    zarr-python's sharded write path spends ~0.5 s of CPU per case in its event loop; this writes
+    the same bytes (inner chunks padded with the fill value, `bytes` + Blosc, all-fill chunks left
+    out, index of (offset, nbytes) little-endian uint64 + CRC32C at the end) in a few tens of ms.
+    The tests read every array back with zarr-python.
+    """
+    import google_crc32c
+
+    group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=_shard_shape(data.shape, chunks),
+                       compressors=_codecs(), fill_value=0, write_data=False)
+    grid = tuple(-(-s // c) for s, c in zip(data.shape, chunks))
+    index = np.full((int(np.prod(grid)), 2), _EMPTY, dtype="<u8")
+    pieces: list[bytes] = []
+    offset = 0
+    for flat, cidx in enumerate(np.ndindex(*grid)):
+        sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(cidx, chunks, data.shape))
+        block = data[sl]
+        if not block.any():
+            continue  # equals the fill value: not stored, as zarr does
+        if block.shape != chunks:
+            padded = np.zeros(chunks, dtype=data.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        encoded = _blosc.compress(np.ascontiguousarray(block, dtype=data.dtype.newbyteorder("<")), b"lz4", 5, _blosc.SHUFFLE)
+        index[flat] = (offset, len(encoded))
+        pieces.append(encoded)
+        offset += len(encoded)
+    index_bytes = index.tobytes()
+    pieces.append(index_bytes)
+    pieces.append(np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes())
+    shard = Path(group.store.root) / group.path / name / "c" / "/".join("0" for _ in data.shape) if group.path else \
+        Path(group.store.root) / name / "c" / "/".join("0" for _ in data.shape)
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    with open(shard, "wb") as fh:
+        for piece in pieces:
+            fh.write(piece)
 
 
 class ShardReader:
