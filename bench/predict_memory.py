@@ -3,9 +3,10 @@
 Synthesizes a 512×512×1000 whole-body phantom at 0.98×0.98×2 mm (legs, torso with lungs, spine,
 liver and bladder, neck, head; a few hot lesions): CT int16 HU and PET float32 SUV, written as
 .nii.gz like AutoPET's files. A run is built the way `bench/gate.py` builds one — the preset's
-networks (cpu-small) with random weights, 5 segmentation folds, on a store prepared from a small
-synthetic cohort for its fingerprint — with a thresholds.json without a classifier gate, so the
-whole segmentation path runs. `petctl predict` then runs in a child process; its peak RSS is the
+networks (cpu-small) with random weights, on a store prepared from a small synthetic cohort for its
+fingerprint — with a thresholds.json without a classifier gate, so the whole segmentation path
+runs. One segmentation fold by default: the folds' probabilities are summed into one array, so
+memory does not grow with them, only time does (`--folds 5` for the method's ensemble). `petctl predict` then runs in a child process; its peak RSS is the
 child's `ru_maxrss`. A second child only imports petctl's predict path and loads the run's
 networks: the fixed runtime baseline, printed for information.
 Target: peak RSS < 4 × the float32 input volume (512·512·1000·4 B ≈ 1.05 GB).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def write_case(folder: Path, shape: tuple[int, int, int], spacing: tuple[float, 
     nib.save(nib.Nifti1Image(pet, affine), str(folder / "wholebody_0001.nii.gz"))
 
 
-def build(work: Path, preset: str) -> Path:
+def build(work: Path, preset: str, num_folds: int) -> Path:
     """A store (for its fingerprint) and a run of random-weight networks without a gate; returns HOME."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gate import build_run
@@ -105,49 +106,70 @@ def build(work: Path, preset: str) -> Path:
     store = work / "store"
     prepare(PrepareConfig(data=str(work / "raw"), store=str(store), spacing=get_preset(preset).spacing, num_folds=2))
     home = work / "home"
-    run_dir = build_run(home, store, preset, num_folds=5)
+    run_dir = build_run(home, store, preset, num_folds=num_folds)
+    shutil.rmtree(run_dir / "cls")  # no gate: the classifiers are not needed
     (run_dir / "thresholds.json").write_text(json.dumps({"version": 1, "segmentation": {"threshold": 0.5}}))
     Registry(home).create_run(run_dir.name, kind="train", config={"store": str(store)})
     return home
 
 
-def child_peak_rss(cmd: list[str], env: dict[str, str]) -> tuple[int, float, str]:
-    """(peak RSS bytes, seconds, output tail) of one child process, alone in its own fork."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+_MEASURE = """
+import sys
+code = 0
+try:
+{body}
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print("VMHWM", int(status["VmHWM"].split()[0]) * 1024, flush=True)
+sys.exit(code)
+"""
+
+
+def child_peak_rss(body: str, env: dict[str, str]) -> tuple[int, float, str]:
+    """(peak RSS bytes, seconds, output tail) of `body` run in a fresh child process.
+
+    The child reports its own VmHWM (the high-water RSS of its address space, which exec made
+    new). `ru_maxrss` of RUSAGE_CHILDREN is not used: Linux folds the parent's RSS at fork into it.
+    """
+    code = _MEASURE.format(body="\n".join("    " + line for line in body.strip().splitlines()))
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if done.returncode != 0:
-        raise SystemExit(f"child failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    if peak <= before:
-        raise SystemExit("this child's peak is below an earlier child's: ru_maxrss cannot tell; run one measurement per process")
-    return peak * 1024, seconds, (done.stdout + done.stderr)[-1500:]
+    marks = [line for line in done.stdout.splitlines() if line.startswith("VMHWM ")]
+    if done.returncode != 0 or not marks:
+        raise SystemExit(f"child failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return int(marks[-1].split()[1]), seconds, (done.stdout + done.stderr)[-1500:]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 256×256×500 phantom (one eighth)")
     parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--folds", type=int, default=1, help="segmentation folds in the run (time grows with them, memory not)")
     args = parser.parse_args()
     shape = (256, 256, 500) if args.quick else (512, 512, 1000)
     spacing = (0.98 * 512 / shape[0], 0.98 * 512 / shape[1], 2.0 * 1000 / shape[2])  # same body size in mm
 
     work = Path(tempfile.mkdtemp(prefix="petctl-bench-predmem-"))
     t0 = time.perf_counter()
-    home = build(work, args.preset)
+    home = build(work, args.preset, args.folds)
     write_case(work / "in", shape, spacing)
     print(f"phantom {shape[0]}×{shape[1]}×{shape[2]} at {spacing[0]:.2f}×{spacing[1]:.2f}×{spacing[2]:.2f} mm, "
           f"{sum(p.stat().st_size for p in (work / 'in').iterdir()) / 1e6:.0f} MB on disk; set-up {time.perf_counter() - t0:.0f} s")
 
     env = {**os.environ, "PETCTL_HOME": str(home), "HF_HOME": str(work / "hf")}
-    baseline_code = ("from pathlib import Path; import petctl.engine.predict, petctl.engine.nifti; "
-                     "from petctl.engine.ensemble import RunModels; "
-                     f"RunModels.load(Path({str(home / 'runs' / 'bench')!r}), need_cls=False)")
-    # the smaller child first: ru_maxrss of RUSAGE_CHILDREN is a maximum over every child waited for
-    base_rss, _, _ = child_peak_rss([sys.executable, "-c", baseline_code], env)
-    peak_rss, seconds, tail = child_peak_rss([sys.executable, "-m", "petctl", "predict", "--run", "bench", "--no-gate",
-                                              str(work / "in"), str(work / "out")], env)
+    base_rss, _, _ = child_peak_rss(f"""
+import petctl.engine.predict, petctl.engine.nifti
+from pathlib import Path
+from petctl.engine.ensemble import RunModels
+RunModels.load(Path({str(home / 'runs' / 'bench')!r}), need_cls=False)
+""", env)
+    peak_rss, seconds, tail = child_peak_rss(f"""
+from petctl.cli import main
+sys.argv = ["petctl", "predict", "--run", "bench", "--no-gate", {str(work / 'in')!r}, {str(work / 'out')!r}]
+main()
+""", env)
     import nibabel as nib
 
     mask = nib.load(str(work / "out" / "wholebody.nii.gz"))
@@ -155,7 +177,7 @@ def main() -> int:
     input_bytes = shape[0] * shape[1] * shape[2] * 4
     ratio = peak_rss / input_bytes
     print(f"float32 input volume   {input_bytes / 1e9:6.2f} GB")
-    print(f"runtime baseline RSS   {base_rss / 1e9:6.2f} GB  (imports + 5 networks, no volume)")
+    print(f"runtime baseline RSS   {base_rss / 1e9:6.2f} GB  (imports + {args.folds} fold(s)' networks, no volume)")
     print(f"predict peak RSS       {peak_rss / 1e9:6.2f} GB  in {seconds:.0f} s  "
           f"({(peak_rss - base_rss) / input_bytes:.2f}× the input above the baseline)")
     print(f"target peak < {TARGET:g}× input: {'met' if ratio < TARGET else 'MISSED'}")

@@ -2,13 +2,16 @@
 submit/cancel/status against a fake SLURM, and the chain on a real local SLURM cluster.
 
 The `slurm` tests start a throwaway cluster with tools/local-slurm/start-local-slurm.sh (2 emulated
-nodes × 2 CPUs on this host, requeued jobs may restart after 15 s instead of SLURM's 120 s) and stop
-it by PID at the end. Wall times on the 2-core development VM (shared with other jobs):
-  cluster start + stop                                     ~2 s
-  test_chain_on_local_cluster (prepare → 2 seg + 4 cls → calibrate → 2 + 4 merged → predict) ~3-4 min
-  test_preempted_task_checkpoints_requeues_and_resumes     ~1.5 min
-  test_training_task_across_two_nodes                      ~40 s
-The other tests here take about 5 s together.
+nodes × 1 CPU on this host; a requeued job may start again after 15 s instead of SLURM's 120 s) and
+stop it by PID at the end, also when a test fails. Wall times on the 2-core development VM (shared
+with other jobs; most of each task is Python/torch start-up, 3 interpreters per task):
+  cluster start + stop                                                       ~15 s
+  test_chain_on_local_cluster: prepare → 2 seg + 4 cls → calibrate
+    → 2 + 4 merged → predict, 15 jobs, at most 2 at a time                   ~4-5 min
+  test_preempted_task_checkpoints_requeues_and_resumes (single node)         ~1.5 min
+  test_training_task_across_two_nodes (2 × 1 gloo rank, preempted too)       ~1.5 min
+  test_sbatch_reads_quoted_directives                                        ~3 s
+The other tests here need no cluster and take about 5 s together.
 """
 
 from __future__ import annotations
