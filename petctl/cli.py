@@ -70,7 +70,7 @@ app.command("predict", help=predict.__doc__)(user_errors(predict.predict))
 app.command("demo", help=demo.__doc__)(user_errors(demo.demo))
 app.command("evaluate", help=evaluate.__doc__)(user_errors(evaluate.evaluate))
 app.command("status", help=status.__doc__)(user_errors(status.status))
-app.add_typer(slurm.app, name="slurm", help="Generate, submit and cancel the sbatch chain: prepare → train → calibrate → retrain → predict.")
+app.add_typer(slurm.app, name="slurm", help=slurm.__doc__)
 
 
 def main() -> None:

@@ -343,20 +343,12 @@ def test_submit_holds_registers_then_releases(planned):
     assert "--dependency=afterok:101" in sbatch[1] and "--dependency=afterok:102:103" in sbatch[3]
     assert "--dependency=afterok:105:106" in sbatch[6]
     assert fake.calls[-1] == ["scontrol", "release", "101,102,103,104,105,106,107"]
-    assert result.submitted["train-cls"] == "103" and not result.skipped
+    assert result["train-cls"] == "103" and len(result) == 7
     step = registry.step("r1", "train-cls-fold1-y")
     assert step.status == "pending" and step.slurm_job_id == "103_3"
     assert registry.step("r1-merged", "train-seg-merged-fold0").slurm_job_id == "105_0"
     assert registry.run("r1-merged").parent == "r1"
     assert [j["job_id"] for j in read_plan(folder)["jobs"]] == [str(i) for i in range(101, 108)]
-
-
-def test_submit_skips_unbuilt_verbs_and_what_waits_for_them(planned):
-    folder, registry = planned
-    result = submit_plan(folder, registry, unavailable_verbs=("calibrate",), runner=FakeSlurm())
-    assert list(result.submitted) == ["prepare", "train-seg", "train-cls"]
-    assert "not built" in result.skipped["calibrate"] and "calibrate" in result.skipped["train-seg-merged"]
-    assert "predict" in result.skipped and registry.step("r1", "calibrate") is None
 
 
 def test_submit_refusal_is_one_line_and_cancels_the_rest(planned):

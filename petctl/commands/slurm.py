@@ -118,13 +118,10 @@ def submit(
     home_dir = resolve_home(home)
     folder = plan_dir(home_dir, run)
     selected = [s.strip() for s in only.split(",") if s.strip()] if only else None
-    result = submit_plan(folder, Registry(home_dir), only=selected)
+    ids = submit_plan(folder, Registry(home_dir), only=selected)
     jobs = read_plan(folder)["jobs"]
-    _jobs_table(f"run {run}: submitted", [(j["name"], j["array"], j["after"], result.submitted.get(j["name"], "-"))
-                                          for j in jobs if j["name"] in result.submitted], last="SLURM job")
-    for name, why in result.skipped.items():
-        if why != "not selected":
-            console.print(f"[yellow]not submitted:[/] {name}: {why}")
+    _jobs_table(f"run {run}: submitted", [(j["name"], j["array"], j["after"], ids[j["name"]]) for j in jobs if j["name"] in ids],
+                last="SLURM job")
     console.print(f"follow with: petctl status --run {run}")
 
 

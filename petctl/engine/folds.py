@@ -106,8 +106,10 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, frame: object) -> None:
+        # Always SIGTERM: torchrun's agent (multi-process launches) dies of an unhandled USR1 and
+        # orphans its ranks, while it passes SIGTERM on to them; the ranks treat both alike.
         try:
-            os.killpg(proc.pid, signum)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 

@@ -62,14 +62,17 @@ def _ornt(affine: np.ndarray) -> np.ndarray:
     return nib.orientations.io_orientation(affine)
 
 
-def to_canonical(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Permute/flip voxel axes to the closest RAS order (exact: no interpolation)."""
+def to_canonical(volume: np.ndarray, affine: np.ndarray, *, contiguous: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip voxel axes to the closest RAS order (exact: no interpolation).
+
+    `contiguous=False` returns a strided view instead of a copy (a whole-body volume is gigabytes).
+    """
     import nibabel as nib
 
     ornt = _ornt(affine)
     data = nib.orientations.apply_orientation(volume, ornt)
     new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
-    return np.ascontiguousarray(data), new_affine
+    return (np.ascontiguousarray(data) if contiguous else data), new_affine
 
 
 def from_canonical(volume: np.ndarray, geometry: CaseGeometry) -> np.ndarray:

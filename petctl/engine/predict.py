@@ -133,6 +133,8 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             mask_path = _safe_output(output, src.case, ".nii.gz", inputs)
             loaded = load_case(src, need_label=False)
             image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
+            pet, affine = (loaded.pet if options.preview else None), loaded.affine
+            del loaded  # the full-size CT (and PET) are not needed past here: peak memory
             image_t = torch.from_numpy(image).float()
             reference = nib.load(str(src.pet))
             record: dict[str, Any] = {"stored_shape": list(image.shape[1:])}
@@ -160,7 +162,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                 else:
                     _save_nifti(p, reference, prob_path, np.float16)
             if options.preview:
-                preview_png(_safe_output(output, src.case, "_preview.png", inputs), loaded.pet, mask, loaded.affine, src.case, record)
+                preview_png(_safe_output(output, src.case, "_preview.png", inputs), pet, mask, affine, src.case, record)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             result.written[src.case] = record
         except CaseError as exc:

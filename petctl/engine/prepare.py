@@ -148,10 +148,11 @@ def preprocess(loaded: Any, fingerprint: dict[str, Any], spacing: Sequence[float
     """
     from petctl.engine.geometry import label_to_stored, plan_geometry, to_canonical, to_stored
 
-    ct_c, _ = to_canonical(loaded.ct, loaded.affine)
-    pet_c, _ = to_canonical(loaded.pet, loaded.affine)
+    # one channel at a time, through views: only one channel's crop is ever copied (predict's peak memory)
+    ct_c, _ = to_canonical(loaded.ct, loaded.affine, contiguous=False)
+    pet_c, _ = to_canonical(loaded.pet, loaded.affine, contiguous=False)
     geometry = plan_geometry(loaded.pet.shape, loaded.affine, ct_c > fingerprint["crop_threshold_hu"], spacing, margin)
-    image = to_stored(np.stack([ct_c, pet_c]), geometry)
+    image = np.concatenate([to_stored(ct_c[None], geometry), to_stored(pet_c[None], geometry)])
     label = None
     if loaded.label is not None:
         lab_c, _ = to_canonical(loaded.label, loaded.affine)

@@ -21,7 +21,7 @@ import string
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -142,7 +142,7 @@ class Job:
     name: str
     """e.g. "prepare", "train-seg", "train-cls-merged"; the script is `<name>.sbatch`."""
     verb: str
-    """The petctl verb the job runs (jobs of verbs not built yet are not submitted)."""
+    """The petctl verb the job runs (recorded in plan.json)."""
     after: tuple[str, ...] = ()
     """Jobs that must finish successfully first (`--dependency=afterok:...`)."""
     steps: tuple[PlannedStep, ...] = ()
@@ -413,44 +413,27 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "no message")
 
 
-@dataclass(frozen=True)
-class Submission:
-    submitted: dict[str, str] = field(default_factory=dict)
-    """Job name → SLURM job id."""
-    skipped: dict[str, str] = field(default_factory=dict)
-    """Job name → why it was not submitted."""
-
-
-def submit_plan(folder: Path, registry: Any, *, unavailable_verbs: Sequence[str] = (), only: Sequence[str] | None = None,
-                runner: Runner = subprocess.run) -> Submission:
+def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = None,
+                runner: Runner = subprocess.run) -> dict[str, str]:
     """Submit the plan's jobs in order with `sbatch --parsable --hold --dependency=afterok:…`, register
-    every step as pending with its job id, then release them. Jobs whose verb is not built yet are
-    skipped with everything that depends on them; `only` limits the jobs (dependencies outside it are
-    assumed done). When sbatch refuses a job, the jobs already submitted are cancelled."""
+    every step as pending with its job id, then release them; returns job name → SLURM job id.
+    `only` limits the jobs (dependencies outside it are assumed done). When sbatch refuses a job,
+    the jobs already submitted are cancelled and the error is one line."""
+    from petctl.engine.registry import write_json_atomic
+
     plan = read_plan(folder)
     names = [j["name"] for j in plan["jobs"]]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise PetctlError(f"no job {unknown[0]!r} in the plan (jobs: {', '.join(names)})")
     cfg = SlurmConfig.from_json(plan["config"])
-    active = _active(runner, [j["job_id"] for j in plan["jobs"] if j.get("job_id") and (only is None or j["name"] in only)])
+    selected = [j for j in plan["jobs"] if only is None or j["name"] in only]
+    active = _active(runner, [j["job_id"] for j in selected if j.get("job_id")])
     if active:
         raise PetctlError(f"run {cfg.run} still has SLURM jobs queued or running ({', '.join(active)}); "
                           f"`petctl slurm cancel --run {cfg.run}` first")
     ids: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    for job in plan["jobs"]:
-        name = job["name"]
-        if only is not None and name not in only:
-            skipped[name] = "not selected"
-            continue
-        blocked = [a for a in job["after"] if a in skipped and skipped[a] != "not selected"]
-        if job["verb"] in unavailable_verbs:
-            skipped[name] = f"`petctl {job['verb']}` is not built yet"
-            continue
-        if blocked:
-            skipped[name] = f"waits for {blocked[0]}, which is not submitted"
-            continue
+    for job in selected:
         argv = ["sbatch", "--parsable", "--hold"]
         after = [ids[a] for a in job["after"] if a in ids]
         if after:
@@ -459,26 +442,22 @@ def submit_plan(folder: Path, registry: Any, *, unavailable_verbs: Sequence[str]
         result = _slurm(runner, argv)
         if result.returncode != 0:
             note = _cancel_ids(runner, list(ids.values())) if ids else ""
-            raise PetctlError(f"sbatch refused {name}: {_first_line(result.stderr or result.stdout)}{note}")
-        ids[name] = result.stdout.strip().split(";")[0]
+            raise PetctlError(f"sbatch refused {job['name']}: {_first_line(result.stderr or result.stdout)}{note}")
+        ids[job["name"]] = result.stdout.strip().split(";")[0]
     registry.create_run(cfg.run, kind="train", config={"store": cfg.store, "preset": cfg.preset, "slurm": str(folder)})
-    if any(j["name"].endswith("-merged") for j in plan["jobs"] if j["name"] in ids):
+    if any(name.endswith("-merged") for name in ids):
         registry.create_run(cfg.merged_run, kind="train", config={"store": cfg.store, "parent": cfg.run}, parent=cfg.run)
-    for job in plan["jobs"]:
-        if job["name"] in ids or only is None:  # with `only`, the other jobs keep their earlier ids
-            job["job_id"] = ids.get(job["name"])
-        if job["name"] in ids:
-            for s in job["steps"]:
-                registry.mark_pending(s["run"], s["step"], kind=s["kind"], slurm_job_id=step_job_id(ids[job["name"]], s["task"]))
-    from petctl.engine.registry import write_json_atomic
-
+    for job in selected:  # with `only`, the other jobs keep their earlier ids
+        job["job_id"] = ids[job["name"]]
+        for s in job["steps"]:
+            registry.mark_pending(s["run"], s["step"], kind=s["kind"], slurm_job_id=step_job_id(job["job_id"], s["task"]))
     write_json_atomic(folder / "plan.json", plan)
     if ids:
         result = _slurm(runner, ["scontrol", "release", ",".join(ids.values())])
         if result.returncode != 0:
             raise PetctlError(f"submitted but could not release the held jobs {', '.join(ids.values())}: "
                               f"{_first_line(result.stderr)} (run `scontrol release` yourself)")
-    return Submission(ids, skipped)
+    return ids
 
 
 def _active(runner: Runner, ids: Sequence[str]) -> list[str]:
