@@ -432,23 +432,41 @@ def test_killing_one_ddp_rank_fails_the_other_and_the_registry_step(store: Path,
 
 
 # -- many writers on one registry ------------------------------------------------------------------
-def test_eight_concurrent_petctl_processes_share_one_registry(store: Path, tmp_path: Path):
-    """3 short trainings (two folds of one run, one other run) and 5 `status --json` loops at once."""
+def _random_weight_run(home: Path, run: str, store: Path) -> None:
+    """A predict-ready run without training: one random-weight cpu-tiny fold, no classifier gate."""
+    from petctl.engine.config import cpu_tiny
+    from petctl.engine.loop import Position, save_checkpoint
+    from petctl.engine.models import build_seg_model
+    from petctl.engine.registry import Registry
+
+    cfg = cpu_tiny()
+    Registry(home).create_run(run, kind="train", config={"store": str(store)})
+    model = build_seg_model(cfg.arch, features=cfg.features, patch_size=cfg.patch_size)
+    save_checkpoint(home / "runs" / run / "seg" / "fold0" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
+                    scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": 0, "store": str(store)}, metric=None)
+    (home / "runs" / run / "thresholds.json").write_text(json.dumps({"version": 1, "segmentation": {"threshold": 0.5}}))
+
+
+def test_eight_concurrent_petctl_processes_share_one_registry(cohort: Path, store: Path, tmp_path: Path):
+    """3 short trainings (two folds of one run, one other run), 1 predict and 4 `status --json` loops at once."""
     env = _env(tmp_path)
+    home = tmp_path / "home"
+    _random_weight_run(home, "rnd", store)
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
     base = [sys.executable, "-m", "petctl"]
-    trains = {
-        ("shared", "train-seg-fold0"): ["train", "--store", str(store), "--fold", "0", "--run", "shared"],
-        ("shared", "train-seg-fold1"): ["train", "--store", str(store), "--fold", "1", "--run", "shared"],
-        ("other", "train-seg-fold0"): ["train", "--store", str(store), "--fold", "0", "--run", "other"],
+    writers = {
+        ("shared", "train-seg-fold0"): ["train", "--store", str(store), "--fold", "0", "--run", "shared", "--preset", "cpu-tiny", "--max-steps", "2"],
+        ("shared", "train-seg-fold1"): ["train", "--store", str(store), "--fold", "1", "--run", "shared", "--preset", "cpu-tiny", "--max-steps", "2"],
+        ("other", "train-seg-fold0"): ["train", "--store", str(store), "--fold", "0", "--run", "other", "--preset", "cpu-tiny", "--max-steps", "2"],
+        ("rnd", "predict-*"): ["predict", "--run", "rnd", "--no-gate", str(case), str(tmp_path / "pred")],
     }
-    procs = [subprocess.Popen(base + args + ["--preset", "cpu-tiny", "--max-steps", "2"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args in trains.values()]
+    procs = [subprocess.Popen(base + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args in writers.values()]
     stop = tmp_path / "stop"
     status_loop = textwrap.dedent(f"""
         import json, os, subprocess, time
         bad, calls = [], 0
         while not os.path.exists({str(stop)!r}) or calls < 2:
-            time.sleep(1.0 if calls else 0.0)  # readers, not CPU hogs: the 2 cores belong to the trainings
+            time.sleep(2.0 if calls else 0.0)  # readers, not CPU hogs: the 2 cores belong to the trainings
             r = subprocess.run({base!r} + ["status", "--json"], capture_output=True, text=True)
             calls += 1
             try:
@@ -460,7 +478,7 @@ def test_eight_concurrent_petctl_processes_share_one_registry(store: Path, tmp_p
         print(json.dumps({{"calls": calls, "bad": bad}}))
     """)
     watchers = [subprocess.Popen([sys.executable, "-c", status_loop], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for _ in range(5)]
+                for _ in range(4)]
     try:
         outputs = [p.communicate(timeout=600)[0] for p in procs]
         stop.touch()
@@ -474,11 +492,11 @@ def test_eight_concurrent_petctl_processes_share_one_registry(store: Path, tmp_p
         assert p.returncode == 0, out[-3000:]
     for r in reports:
         assert r["calls"] >= 2 and not r["bad"], r
-    home = tmp_path / "home"
     files = _json_files_parse(home)
     assert files and not [f for f in home.rglob("*") if f.name.endswith((".tmp", ".lock"))]
-    for run, step in trains:
-        record = json.loads((home / "runs" / run / "steps" / f"{step}.json").read_text())
-        assert record["status"] == "done", record
+    for run, step in writers:
+        records = [json.loads(f.read_text()) for f in (home / "runs" / run / "steps").glob(f"{step}.json")]
+        assert len(records) == 1 and records[0]["status"] == "done", (run, step, records)
         assert json.loads((home / "runs" / run / "run.json").read_text())["run"] == run
-    assert {p.name for p in (home / "runs").iterdir()} == {"shared", "other"}
+    assert {p.name for p in (home / "runs").iterdir()} == {"shared", "other", "rnd"}
+    assert (tmp_path / "pred" / f"{case.name[: -len('_0000.nii.gz')]}.nii.gz").exists()

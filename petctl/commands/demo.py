@@ -23,6 +23,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic cohort and the splits.")] = 0,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (the paper uses 5).")] = 3,
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
+    clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
@@ -30,11 +31,12 @@ def demo(
     from rich.table import Table
 
     from petctl.console import console, error_line
+    from petctl.commands.prepare import percentile_pair
     from petctl.engine.demo import DemoConfig, run_demo
     from petctl.home import resolve_home
 
     cfg = DemoConfig(out=str(out), data=str(data) if data else None, preset=preset, run=run, cases=cases, test_cases=test_cases,
-                     seed=seed, folds=folds, workers=workers, retrain_merged=retrain_merged, fresh=fresh)
+                     seed=seed, folds=folds, workers=workers, clip=percentile_pair(clip), retrain_merged=retrain_merged, fresh=fresh)
     summary = run_demo(cfg, resolve_home(home), say=console.print, warn=error_line)
     table = Table(title="petctl demo")
     table.add_column("what")

@@ -25,6 +25,14 @@ def _spacing(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def percentile_pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PetctlError(f"--clip must look like 5,95 (got {text!r})") from None
+    return lo, hi
+
+
 def prepare(
     data: Annotated[Path, typer.Argument(help="Cohort folder: nnU-Net raw layout (imagesTr/labelsTr) or AutoPET layout.")],
     store: Annotated[Path, typer.Option("--store", help="Output store folder (created).")],
@@ -34,6 +42,7 @@ def prepare(
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Fraction of cases held out as the test set.")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed for splits and coordinate samples.")] = 0,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="CSV: case,patient,diagnosis or AutoPET's Subject ID,diagnosis.")] = None,
+    clip: Annotated[str, typer.Option("--clip", help="Clip percentiles low,high of the training foreground (the method: 5,95; nnU-Net: 0.5,99.5).")] = "5,95",
     run: Annotated[Optional[str], typer.Option("--run", help="Registry run name (default: the store folder's name).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -44,7 +53,7 @@ def prepare(
 
     cfg = PrepareConfig(
         data=str(data), store=str(store), spacing=_spacing(spacing), workers=workers, num_folds=folds,
-        test_fraction=test_fraction, seed=seed, metadata=str(metadata) if metadata else None,
+        test_fraction=test_fraction, seed=seed, metadata=str(metadata) if metadata else None, clip_percentiles=percentile_pair(clip),
     )
     registry = Registry(resolve_home(home))
     run_name = run or store.resolve().name

@@ -33,6 +33,8 @@ class DemoConfig:
     folds: int = 3
     """Cross-validation folds (the paper uses 5; fewer keep the CPU demo within ~20 minutes)."""
     workers: int = 2
+    clip: tuple[float, float] = (5.0, 95.0)
+    """prepare's clip percentiles."""
     processes: int = 1
     retrain_merged: bool = False
     fresh: bool = False
@@ -83,7 +85,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     t = stage("prepare")
     store = out / "store"
     prep_cfg = PrepareConfig(data=str(data), store=str(store), spacing=train_cfg.spacing, workers=cfg.workers,
-                             num_folds=cfg.folds, seed=cfg.seed)
+                             num_folds=cfg.folds, seed=cfg.seed, clip_percentiles=tuple(cfg.clip))
     with step_context(registry, cfg.run, "prepare", kind="prepare", config=prep_cfg.to_json()):
         result = prepare(prep_cfg, on_skip=lambda c, r: warn(f"{c}: {r}"))
         registry.update_step(cfg.run, "prepare", metrics={"cases": len(result.prepared) + len(result.reused), "skipped": len(result.skipped)})

@@ -93,10 +93,11 @@ def case_histograms(ct: np.ndarray, pet: np.ndarray, label: np.ndarray | None) -
     }
 
 
-def _modality_stats(hist: Histogram) -> dict[str, Any]:
-    pct = {f"{q:g}": hist.percentile(q) for q in PERCENTILES}
-    mean, std = hist.clipped_mean_std(pct[f"{CLIP[0]:g}"], pct[f"{CLIP[1]:g}"])
-    return {"percentiles": pct, "clip": [pct[f"{CLIP[0]:g}"], pct[f"{CLIP[1]:g}"]], "mean": mean, "std": max(std, 1e-6), "num_voxels": hist.total}
+def _modality_stats(hist: Histogram, clip: tuple[float, float] = CLIP) -> dict[str, Any]:
+    pct = {f"{q:g}": hist.percentile(q) for q in sorted({*PERCENTILES, *clip})}
+    lo, hi = hist.percentile(clip[0]), hist.percentile(clip[1])
+    mean, std = hist.clipped_mean_std(lo, hi)
+    return {"percentiles": pct, "clip_percentiles": list(clip), "clip": [lo, hi], "mean": mean, "std": max(std, 1e-6), "num_voxels": hist.total}
 
 
 def summarize(
@@ -104,8 +105,9 @@ def summarize(
     spacings: Sequence[Sequence[float]],
     shapes: Sequence[Sequence[int]],
     cases: Sequence[str],
+    clip: tuple[float, float] = CLIP,
 ) -> dict[str, Any]:
-    """Sum per-case histograms (streamed) into the fingerprint JSON payload."""
+    """Sum per-case histograms (streamed) into the fingerprint JSON payload (clip: percentiles)."""
     total = {k: Histogram.empty(k.split("_")[0]) for k in ("ct", "pet", "ct_body", "pet_body")}
     for part in parts:
         for k in total:
@@ -117,8 +119,8 @@ def summarize(
         "foreground": foreground,
         "num_cases": len(cases),
         "cases": sorted(cases),
-        "ct": _modality_stats(ct),
-        "pet": _modality_stats(pet),
+        "ct": _modality_stats(ct, clip),
+        "pet": _modality_stats(pet, clip),
         "crop_threshold_hu": total["ct_body"].percentile(5.0) if total["ct_body"].total else BODY_HU,
         "median_spacing": [float(v) for v in np.median(np.asarray(spacings, float), axis=0)] if len(spacings) else None,
         "median_shape": [int(v) for v in np.median(np.asarray(shapes, float), axis=0)] if len(shapes) else None,
