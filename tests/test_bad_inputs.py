@@ -269,6 +269,22 @@ def test_files_created_by_prepare_respect_the_umask(hostile: dict):
         assert not wrong, wrong
 
 
+def test_checkpoint_files_respect_the_umask(tmp_path: Path):
+    import torch
+
+    from petctl.engine.loop import Position, save_checkpoint
+
+    old = os.umask(UMASK)
+    try:
+        save_checkpoint(tmp_path / "run" / "checkpoints" / "last", model_state={"w": torch.ones(3)}, optimizer_state=None,
+                        scheduler_state=None, position=Position(), config={}, metric=None)
+    finally:
+        os.umask(old)
+    entries = [tmp_path / "run", *(tmp_path / "run").rglob("*")]
+    assert len(entries) == 6
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in entries} == {str(p): oct(0o750 if p.is_dir() else 0o640) for p in entries}
+
+
 # -- predict -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def random_run(hostile: dict) -> Path:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import pytest
 
 from petctl.engine.store import CaseStore
@@ -107,8 +106,25 @@ def _assert_same_store(store: Path, reference: Path) -> None:
     assert not [p.name for p in (store / "cases").iterdir() if p.name.startswith(".")]
 
 
-def _prepare_cmd(cohort: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "petctl", "prepare", str(cohort), "--store", str(out), *COARSE_ARGS]
+_SLOW_CASE_RENAME = textwrap.dedent("""
+    import os, sys, time
+    real_replace = os.replace
+    def replace(src, dst, *args, **kwargs):
+        if "/.tmp-" in str(src):  # a finished temp case folder waits before its rename: a window to kill in
+            time.sleep(0.5)
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
+    sys.argv = ["petctl", *sys.argv[1:]]
+    from petctl.cli import main
+    main()
+""")
+
+
+def _prepare_cmd(cohort: Path, out: Path, *, slow_case_rename: bool = False) -> list[str]:
+    """`petctl prepare` as a child process; `slow_case_rename` holds each complete temp case folder
+    for 0.5 s before its rename, so a kill lands while it exists (cases are written in milliseconds)."""
+    args = ["prepare", str(cohort), "--store", str(out), *COARSE_ARGS]
+    return [sys.executable, "-c", _SLOW_CASE_RENAME, *args] if slow_case_rename else [sys.executable, "-m", "petctl", *args]
 
 
 # -- SIGKILL during prepare ------------------------------------------------------------------------
@@ -135,7 +151,8 @@ def test_sigkill_during_prepare_then_rerun_gives_the_uninterrupted_store(cohort:
     out = tmp_path / "store"
     condition = {"during the scan pass": _scan_started, "after 3 cases": _three_cases_written,
                  "while a temp case folder exists": _temp_case_exists}[moment]
-    proc = subprocess.Popen(_prepare_cmd(cohort, out), env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_prepare_cmd(cohort, out, slow_case_rename=moment == "while a temp case folder exists"), env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(lambda: condition(out), proc, moment)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
