@@ -167,7 +167,7 @@ from pathlib import Path
 from petctl.engine.ensemble import RunModels
 RunModels.load(Path({str(home / 'runs' / 'bench')!r}), need_cls=False)
 """, env)
-    peak_rss, seconds, tail = child_peak_rss(f"""
+    peak_rss, seconds, _ = child_peak_rss(f"""
 from petctl.cli import main
 sys.argv = ["petctl", "predict", "--run", "bench", "--no-gate", {str(work / 'in')!r}, {str(work / 'out')!r}]
 main()
@@ -176,6 +176,7 @@ main()
 
     mask = nib.load(str(work / "out" / "wholebody.nii.gz"))
     assert mask.shape == shape, (mask.shape, shape)
+    shutil.rmtree(work, ignore_errors=True)
     input_bytes = shape[0] * shape[1] * shape[2] * 4
     ratio = peak_rss / input_bytes
     print(f"float32 input volume   {input_bytes / 1e9:6.2f} GB")
