@@ -43,8 +43,8 @@ def train(
     run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "default",
     merged: Annotated[bool, typer.Option("--merged", help="Use the merged folds (test set folded in).")] = False,
     pretrained: Annotated[Optional[Path], typer.Option("--pretrained", help="Local Swin-UNETR checkpoint (BTCV layout).")] = None,
-    cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle.")] = None,
+    cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles (of the --task).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle (of the --task).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps (smoke runs).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -61,7 +61,8 @@ def train(
     splits = json.loads(splits_path.read_text())
     folds = _folds(fold, len(splits[f"{'merged_' if merged else ''}{task}_folds"]))
     cfg = get_preset(preset)
-    overrides = {k: v for k, v in {"num_cycles": cycles, "epochs_per_cycle": epochs, "mixed_precision": mixed_precision,
+    cycle_fields = ("num_cycles", "epochs_per_cycle") if task == "seg" else ("cls_num_cycles", "cls_epochs_per_cycle")
+    overrides = {k: v for k, v in {cycle_fields[0]: cycles, cycle_fields[1]: epochs, "mixed_precision": mixed_precision,
                                     "pretrained": str(pretrained) if pretrained else None}.items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     home_path = resolve_home(home)
