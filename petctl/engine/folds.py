@@ -57,7 +57,7 @@ def train_folds(cfg: TrainConfig, store: Path, task: str, folds: list[int], *, r
                 launch: FoldLaunch = FoldLaunch(), say: Callable[[str], Any] = print, warn: Callable[[str], Any] = print,
                 run_config: dict[str, Any] | None = None, parent: str | None = None) -> int:
     """Train the folds one after another; returns the worst exit status (75 = stopped by a signal)."""
-    from petctl.engine.launch import launch_command
+    from petctl.engine.launch import entry_args, launch_command
     from petctl.engine.loop import EXIT_PREEMPTED
     from petctl.engine.registry import Registry, check_name
 
@@ -76,14 +76,9 @@ def train_folds(cfg: TrainConfig, store: Path, task: str, folds: list[int], *, r
         out = run_dir / family / name
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        args = ["--config", str(out / "train_config.json"), "--store", str(Path(store).resolve()), "--fold", str(k), "--task", task,
-                "--out", str(out), "--run", run, "--home", str(Path(home).resolve())]
-        if axis:
-            args += ["--projection", axis]
-        if merged:
-            args.append("--merged")
-        if launch.max_steps is not None:
-            args += ["--max-steps", str(launch.max_steps)]
+        args = entry_args(config=str(out / "train_config.json"), store=str(Path(store).resolve()), fold=str(k), task=task,
+                          out=str(out), run=run, home=str(Path(home).resolve()), projection=axis, merged=merged,
+                          max_steps=launch.max_steps)
         cmd = launch_command(processes=launch.processes, nodes=launch.nodes, machine_rank=launch.machine_rank,
                              main_address=launch.main_address, port=launch.port or free_port(),
                              mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)

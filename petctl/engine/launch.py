@@ -57,6 +57,19 @@ def launch_command(
     return cmd
 
 
+def entry_args(*, config: str, store: str, fold: str, task: str, out: str, run: str, home: str,
+               projection: str | None = None, merged: bool = False, max_steps: int | None = None) -> list[str]:
+    """The argv of this module's `main` for one fold (shared by local launches and sbatch scripts)."""
+    args = ["--config", config, "--store", store, "--fold", fold, "--task", task, "--out", out, "--run", run, "--home", home]
+    if projection:
+        args += ["--projection", projection]
+    if merged:
+        args.append("--merged")
+    if max_steps is not None:
+        args += ["--max-steps", str(max_steps)]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="petctl.engine.launch")
     parser.add_argument("--config", required=True, help="TrainConfig JSON file")

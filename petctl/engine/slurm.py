@@ -279,18 +279,12 @@ def _render_step(cfg: SlurmConfig, job: Job, command: Sequence[str]) -> str:
 
 
 def _render_train(cfg: SlurmConfig, job: Job, task: str, merged: bool, axes: Sequence[str]) -> str:
-    from petctl.engine.launch import launch_command
+    from petctl.engine.launch import entry_args, launch_command
 
     folder = plan_dir(cfg.home, cfg.run)
     run = cfg.merged_run if merged else cfg.run
-    module_args = ["--config", CONFIG, "--store", cfg.store, "--fold", FOLD, "--task", task, "--out", OUT,
-                   "--run", run, "--home", cfg.home]
-    if axes:
-        module_args += ["--projection", AXIS]
-    if merged:
-        module_args.append("--merged")
-    if cfg.max_steps is not None:
-        module_args += ["--max-steps", str(cfg.max_steps)]
+    module_args = entry_args(config=CONFIG, store=cfg.store, fold=FOLD, task=task, out=OUT, run=run, home=cfg.home,
+                             projection=AXIS if axes else None, merged=merged, max_steps=cfg.max_steps)
     argv = launch_command(
         processes=cfg.processes_per_node * cfg.nodes, nodes=cfg.nodes, machine_rank=NODE_RANK, main_address=MAIN_ADDR,
         mixed_precision=cfg.mixed_precision, cpu=cfg.gpus_per_node == 0, module_args=module_args,
