@@ -36,6 +36,7 @@ def synth(
             "--scale", min=0.25, max=4.0, help="Voxels per axis relative to the default (~100x100x150 at ~4.5 mm)."
         ),
     ] = 1.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes (the voxels do not depend on it).")] = 1,
 ) -> None:
     from petctl.console import console, progress
     from petctl.engine.synth import make_cohort
@@ -49,7 +50,8 @@ def synth(
         bar.advance(task)
 
     try:
-        summary = make_cohort(out, cases, seed, layout=layout, scale=scale, num_test_cases=test_cases, on_case=advance)
+        summary = make_cohort(out, cases, seed, layout=layout, scale=scale, num_test_cases=test_cases, on_case=advance,
+                              workers=workers)
     finally:
         if bar.live.is_started:
             bar.stop()

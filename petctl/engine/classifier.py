@@ -62,7 +62,7 @@ class ClsTask:
         self.labels = case_labels(store_root)
         self.store = CaseStore(store_root)
         self.model = build_classifier_for(cfg, pretrained=True)
-        self.augment = AugmentConfig(enabled=cfg.augment)
+        self.augment = AugmentConfig(enabled=cfg.augment, flip_axes=(0,))
         per_rank = math.ceil(len(train_cases) / self.world)
         self.steps_per_epoch = max(1, math.ceil(per_rank / cfg.cls_batch_size))
         self.loss_fn = torch.nn.BCEWithLogitsLoss()

@@ -8,6 +8,7 @@ a report (report.md, PNGs) in OUT. Each stage is a registry step, visible in `pe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +37,8 @@ class DemoConfig:
     clip: tuple[float, float] = (5.0, 95.0)
     """prepare's clip percentiles."""
     processes: int = 1
+    concurrent: int | None = None
+    """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
     retrain_merged: bool = False
     fresh: bool = False
     """Delete OUT and the run first (otherwise a re-run resumes)."""
@@ -43,6 +46,16 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.cases < 8 or self.folds < 2:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
+
+
+def default_concurrency(processes: int = 1) -> int:
+    """Folds at a time: one per GPU when there are GPUs, else one single-threaded fold per CPU core."""
+    from petctl.engine.folds import gpu_count
+
+    gpus = gpu_count()
+    if gpus:
+        return max(1, gpus // max(1, processes))
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Callable[[str], Any],
@@ -78,7 +91,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     data = Path(cfg.data) if cfg.data else out / "raw"
     if cfg.data is None and not (data / "synth.json").exists():
         with step_context(registry, cfg.run, "synth", kind="synth", config={"cases": cfg.cases, "test_cases": cfg.test_cases, "seed": cfg.seed}):
-            summary = make_cohort(data, num_cases=cfg.cases, seed=cfg.seed, num_test_cases=cfg.test_cases)
+            summary = make_cohort(data, num_cases=cfg.cases, seed=cfg.seed, num_test_cases=cfg.test_cases, workers=cfg.workers)
             say(f"synthesized {len(summary.case_ids)} training + {len(summary.test_case_ids)} test cases → {data}")
     timings["data"] = time.perf_counter() - t
 
@@ -92,15 +105,15 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     say(f"prepared {len(result.prepared) + len(result.reused)} cases at {train_cfg.spacing} mm; test {len(result.splits['test'])}")
     timings["prepare"] = time.perf_counter() - t
 
-    launch = FoldLaunch(processes=cfg.processes)
-    for task in ("seg", "cls"):
-        t = stage(f"train {task} folds")
-        folds = list(range(len(result.splits[f"{task}_folds"])))
-        code = train_folds(train_cfg, store, task, folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
-                           run_config={"store": str(store.resolve()), "preset": cfg.preset})
-        if code:
-            raise PetctlError(f"training {task} folds failed with status {code} (re-run `petctl demo` to resume)")
-        timings[f"train_{task}"] = time.perf_counter() - t
+    launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
+    # Both tasks share one queue, so a classifier fold fills a core a segmentation fold leaves idle.
+    t = stage("train segmentation and classifier folds")
+    folds = list(range(len(result.splits["seg_folds"])))
+    code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
+                       run_config={"store": str(store.resolve()), "preset": cfg.preset})
+    if code:
+        raise PetctlError(f"training folds failed with status {code} (re-run `petctl demo` to resume)")
+    timings["train"] = time.perf_counter() - t
 
     t = stage("calibrate")
     run_dir = Path(home) / "runs" / cfg.run
@@ -115,12 +128,11 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     if cfg.retrain_merged:
         t = stage("retrain-merged")
         predict_run = f"{cfg.run}-merged"
-        for task in ("seg", "cls"):
-            folds = list(range(len(result.splits[f"merged_{task}_folds"])))
-            code = train_folds(train_cfg, store, task, folds, run=predict_run, home=home, merged=True, launch=launch, say=say, warn=warn,
-                               run_config={"store": str(store.resolve()), "parent": cfg.run}, parent=cfg.run)
-            if code:
-                raise PetctlError(f"retraining merged {task} folds failed with status {code}")
+        folds = list(range(len(result.splits["merged_seg_folds"])))
+        code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=predict_run, home=home, merged=True, launch=launch, say=say,
+                           warn=warn, run_config={"store": str(store.resolve()), "parent": cfg.run}, parent=cfg.run)
+        if code:
+            raise PetctlError(f"retraining merged folds failed with status {code}")
         shutil.copy2(run_dir / "thresholds.json", Path(home) / "runs" / predict_run / "thresholds.json")
         timings["retrain_merged"] = time.perf_counter() - t
 

@@ -17,9 +17,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from petctl.engine.config import TrainConfig
+from petctl.errors import PetctlError
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class FoldLaunch:
     port: int | None = None
     mixed_precision: str = "no"
     max_steps: int | None = None
+    concurrent: int = 1
+    """Fold process trees run at the same time (CPU: one core each; GPUs: the visible GPUs are
+    dealt out among them). Only for single-node launches."""
 
 
 def fold_names(task: str, folds: list[int], cfg: TrainConfig) -> list[str]:
@@ -53,15 +57,23 @@ def has_cuda() -> bool:
         return False
 
 
-def train_folds(cfg: TrainConfig, store: Path, task: str, folds: list[int], *, run: str, home: Path, merged: bool = False,
-                launch: FoldLaunch = FoldLaunch(), say: Callable[[str], Any] = print, warn: Callable[[str], Any] = print,
-                run_config: dict[str, Any] | None = None, parent: str | None = None) -> int:
-    """Train the folds one after another; returns the worst exit status (75 = stopped by a signal)."""
+def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds: list[int], *, run: str, home: Path,
+                merged: bool = False, launch: FoldLaunch = FoldLaunch(), say: Callable[[str], Any] = print,
+                warn: Callable[[str], Any] = print, run_config: dict[str, Any] | None = None, parent: str | None = None) -> int:
+    """Train the folds of one task (or of several: `("seg", "cls")`), `launch.concurrent` at a time.
+
+    Returns the worst exit status (75 = stopped by a signal). Jobs are started in order (the
+    segmentation folds, the longest, first); after a signal no further job is started.
+    """
     from petctl.engine.launch import entry_args, launch_command
     from petctl.engine.loop import EXIT_PREEMPTED
     from petctl.engine.registry import Registry, check_name
 
     check_name(run, "run")
+    if launch.concurrent < 1:
+        raise PetctlError("concurrent folds must be at least 1")
+    if launch.concurrent > 1 and launch.nodes > 1:
+        raise PetctlError("concurrent folds are for single-node launches (use one SLURM array task per fold instead)")
     registry = Registry(home)
     registry.create_run(run, kind="train", config=run_config or {"store": str(Path(store).resolve())}, parent=parent)
     run_dir = Path(home) / "runs" / run
@@ -69,57 +81,124 @@ def train_folds(cfg: TrainConfig, store: Path, task: str, folds: list[int], *, r
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if cpu and (launch.processes > 1 or launch.nodes > 1):
         env["ACCELERATE_USE_CPU"] = "true"
-    family = f"{task}{'-merged' if merged else ''}"
-    jobs = [(k, None) for k in folds] if task == "seg" else [(k, axis) for k in folds for axis in cfg.cls_projections]
-    worst = 0
-    for (k, axis), name in zip(jobs, fold_names(task, folds, cfg)):
-        out = run_dir / family / name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        args = entry_args(config=str(out / "train_config.json"), store=str(Path(store).resolve()), fold=str(k), task=task,
-                          out=str(out), run=run, home=str(Path(home).resolve()), projection=axis, merged=merged,
-                          max_steps=launch.max_steps)
-        cmd = launch_command(processes=launch.processes, nodes=launch.nodes, machine_rank=launch.machine_rank,
-                             main_address=launch.main_address, port=launch.port or free_port(),
-                             mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)
-        say(f"[bold]{task} {name}[/]: {launch.processes} process(es) × {launch.nodes} node(s), preset {cfg.preset}")
-        code = run_forwarding_signals(cmd, env)
-        record = registry.step(run, f"train-{family}-{name}")
+    slot_env = _slot_environments(launch.concurrent, cpu, env)
+    jobs: list[_Job] = []
+    for t in ([task] if isinstance(task, str) else list(task)):
+        family = f"{t}{'-merged' if merged else ''}"
+        pairs = [(k, None) for k in folds] if t == "seg" else [(k, axis) for k in folds for axis in cfg.cls_projections]
+        for (k, axis), name in zip(pairs, fold_names(t, folds, cfg)):
+            out = run_dir / family / name
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+            args = entry_args(config=str(out / "train_config.json"), store=str(Path(store).resolve()), fold=str(k), task=t,
+                              out=str(out), run=run, home=str(Path(home).resolve()), projection=axis, merged=merged,
+                              max_steps=launch.max_steps)
+            cmd = launch_command(processes=launch.processes, nodes=launch.nodes, machine_rank=launch.machine_rank,
+                                 main_address=launch.main_address, port=launch.port or free_port(),
+                                 mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)
+            jobs.append(_Job(label=f"{t} {name}", step=f"train-{family}-{name}", cmd=cmd))
+
+    def finished(job: _Job, code: int) -> int:
+        record = registry.step(run, job.step)
         if record is not None and record.status == "pending" and "stopped by signal" in (record.message or ""):
             code = EXIT_PREEMPTED  # the launcher may have died of the signal; the fold checkpointed
-        worst = max(worst, code)
         if code == EXIT_PREEMPTED:
-            warn(f"{task} {name}: stopped by signal after saving its checkpoint; re-run the same command to resume")
-            break
-        if code != 0:
-            warn(f"{task} {name}: training exited with status {code}")
-    return worst
+            warn(f"{job.label}: stopped by signal after saving its checkpoint; re-run the same command to resume")
+        elif code != 0:
+            warn(f"{job.label}: training exited with status {code}")
+        return code
+
+    def started(job: _Job, slot: int) -> None:
+        where = f" (slot {slot + 1}/{launch.concurrent})" if launch.concurrent > 1 else ""
+        say(f"[bold]{job.label}[/]: {launch.processes} process(es) × {launch.nodes} node(s), preset {cfg.preset}{where}")
+
+    return run_pool(jobs, slot_env, started=started, finished=finished, stop_code=EXIT_PREEMPTED)
 
 
-def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher in its own process group; SIGTERM/SIGUSR1 to us go to the whole group."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+@dataclass(frozen=True)
+class _Job:
+    label: str
+    step: str
+    cmd: list[str]
+
+
+def _slot_environments(concurrent: int, cpu: bool, env: dict[str, str]) -> list[dict[str, str]]:
+    """One environment per concurrent slot: on GPUs each slot sees its own share of the GPUs."""
+    if cpu or concurrent == 1:
+        return [dict(env) for _ in range(concurrent)]
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(gpu_count())]
+    if len(gpus) < concurrent:
+        raise PetctlError(f"{concurrent} concurrent folds need at least as many GPUs (found {len(gpus)})")
+    share = len(gpus) // concurrent
+    return [{**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus[i * share : (i + 1) * share])} for i in range(concurrent)]
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return sum(line.startswith("GPU") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+
+
+def run_pool(jobs: list[_Job], slot_env: list[dict[str, str]], *, started: Callable[[_Job, int], Any],
+             finished: Callable[[_Job, int], int], stop_code: int) -> int:
+    """Run jobs, len(slot_env) at a time, each launcher in its own process group.
+
+    SIGTERM/SIGUSR1 to us go to every running group as SIGTERM, and no further job starts. A
+    job whose status is `stop_code` also stops new starts. Returns the worst status.
+    """
+    pending = list(jobs)
+    running: dict[int, tuple[subprocess.Popen, _Job]] = {}
+    stopping = False
+    worst = 0
 
     def forward(signum: int, frame: object) -> None:
         # Always SIGTERM: torchrun's agent (multi-process launches) dies of an unhandled USR1 and
         # orphans its ranks, while it passes SIGTERM on to them; the ranks treat both alike.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        nonlocal stopping
+        stopping = True
+        for proc, _ in list(running.values()):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        code = proc.wait()
-        # the launcher can die of a signal while its training processes still write their checkpoint
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.2)
-        return code if code >= 0 else 128 - code
+        while running or (pending and not stopping):
+            for slot in range(len(slot_env)):
+                if slot not in running and pending and not stopping:
+                    job = pending.pop(0)
+                    started(job, slot)
+                    running[slot] = (subprocess.Popen(job.cmd, env=slot_env[slot], start_new_session=True), job)
+            done = [slot for slot, (proc, _) in running.items() if proc.poll() is not None]
+            if not done:
+                time.sleep(0.2)
+                continue
+            for slot in done:
+                proc, job = running.pop(slot)
+                code = _wait_group(proc)
+                code = finished(job, code)
+                worst = max(worst, code)
+                if code == stop_code:
+                    stopping = True
+        return worst
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _wait_group(proc: subprocess.Popen) -> int:
+    """The launcher's status, once its whole process group is gone (the launcher can die of a
+    signal while its training processes still write their checkpoint)."""
+    code = proc.wait()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.2)
+    return code if code >= 0 else 128 - code

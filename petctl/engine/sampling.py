@@ -228,6 +228,9 @@ class AugmentConfig:
     """False: `augment_batch` returns its inputs unchanged (validation, debugging)."""
     p_flip: float = 0.5
     """Probability of a flip, drawn independently for each spatial axis of each sample."""
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    """Spatial axes that may be flipped (the MIP classifier flips left-right only: a body upside
+    down or back to front is not a view it will ever be shown)."""
     p_affine: float = 0.5
     """Probability that a sample is rotated and zoomed (one draw per sample covers both)."""
     max_rotation_deg: float = 15.0
@@ -248,6 +251,8 @@ class AugmentConfig:
         lo, hi = self.zoom_range
         if not 0 < lo <= hi:
             raise PetctlError(f"augmentation zoom range must satisfy 0 < low ≤ high, got {self.zoom_range}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise PetctlError(f"augmentation flip axes must be among 0, 1, 2, got {self.flip_axes}")
         if not 0.0 <= self.max_rotation_deg <= 180.0:
             raise PetctlError("augmentation rotation must be in [0, 180] degrees")
         if not 0.0 <= self.intensity_scale < 1.0 or self.intensity_shift < 0:
@@ -272,7 +277,8 @@ def augment_batch(
         return image_bcxyz, label_b1xyz
     batch, channels = image_bcxyz.shape[:2]
     u = torch.rand(batch, 8 + 3 * channels, generator=generator, device=generator.device, dtype=torch.float64).cpu()
-    flips = (u[:, 0:3] < cfg.p_flip).tolist()
+    allowed = torch.tensor([a in cfg.flip_axes for a in range(3)])
+    flips = ((u[:, 0:3] < cfg.p_flip) & allowed).tolist()
     affine = u[:, 3] < cfg.p_affine
     angles = (u[:, 4:7] * 2 - 1) * math.radians(cfg.max_rotation_deg)
     zoom = cfg.zoom_range[0] + u[:, 7] * (cfg.zoom_range[1] - cfg.zoom_range[0])

@@ -656,6 +656,7 @@ def make_cohort(
     scale: float = 1.0,
     num_test_cases: int = 0,
     on_case: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> CohortSummary:
     """Write `num_cases` training studies (and `num_test_cases` held-out studies of new patients).
 
@@ -663,7 +664,8 @@ def make_cohort(
     imagesTs/labelsTs) or "autopet" (PETCT_<hash>/<study>/{CTres,SUV,SEG}.nii.gz and Metadata.csv).
     metadata.csv lists the test cases too (they are new patients). `scale` multiplies the voxels per
     axis. `on_case(case_id)` is called after each study. `synth.json` records every case's files,
-    patient, diagnosis and lesion count.
+    patient, diagnosis and lesion count. `workers` > 1 renders studies in that many processes (each
+    study has its own random stream, so the voxels do not depend on it).
     Raises PetctlError for bad arguments or an `out` that holds something else.
     """
     if layout not in LAYOUTS:
@@ -680,32 +682,32 @@ def make_cohort(
     num_patients = len({s.patient for s in train})
     test = _plan(seed, _TEST, num_test_cases, num_cases, num_patients) if num_test_cases else []
     records = []
-    for study in train + test:
-        images, num_lesions = _render_study(seed, study, scale, layout == "nnunet")
-        if layout == "nnunet":
-            tag = "Tr" if study.split == _TRAIN else "Ts"
-            files = {
-                "ct": f"images{tag}/{study.case}_0000.nii.gz",
-                "pet": f"images{tag}/{study.case}_0001.nii.gz",
-                "label": f"labels{tag}/{study.case}.nii.gz",
-            }
-        else:
-            folder = f"PETCT_{study.patient_key}/{_study_folder(seed, study)}"
-            files = {"ct": f"{folder}/CTres.nii.gz", "pet": f"{folder}/SUV.nii.gz", "label": f"{folder}/SEG.nii.gz"}
-        for kind, rel in files.items():
-            _save(*images[kind], out / rel)
-        records.append(
-            {
-                "case": study.case,
-                "patient": study.patient,
-                "diagnosis": study.diagnosis,
-                "split": "test" if study.split else "train",
-                "num_lesions": num_lesions,
-                "files": files,
-            }
-        )
-        if on_case is not None:
-            on_case(study.case)
+    studies = train + test
+    if workers > 1 and len(studies) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(min(workers, len(studies)))
+        outcomes = pool.map(_write_study, [(out, seed, study, scale, layout) for study in studies])
+    else:
+        pool = None
+        outcomes = (_write_study((out, seed, study, scale, layout)) for study in studies)
+    try:
+        for study, (files, num_lesions) in zip(studies, outcomes):
+            records.append(
+                {
+                    "case": study.case,
+                    "patient": study.patient,
+                    "diagnosis": study.diagnosis,
+                    "split": "test" if study.split else "train",
+                    "num_lesions": num_lesions,
+                    "files": files,
+                }
+            )
+            if on_case is not None:
+                on_case(study.case)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     _write_metadata(out, layout, train + test, records)
     marker = {
         "format": MARKER_FORMAT,
@@ -726,6 +728,25 @@ def make_cohort(
         layout=layout,
         test_case_ids=tuple(s.case for s in test),
     )
+
+
+def _write_study(job: tuple[Path, int, "_Study", float, str]) -> tuple[dict[str, str], int]:
+    """Render one study and write its three volumes; returns (files, number of lesions)."""
+    out, seed, study, scale, layout = job
+    images, num_lesions = _render_study(seed, study, scale, layout == "nnunet")
+    if layout == "nnunet":
+        tag = "Tr" if study.split == _TRAIN else "Ts"
+        files = {
+            "ct": f"images{tag}/{study.case}_0000.nii.gz",
+            "pet": f"images{tag}/{study.case}_0001.nii.gz",
+            "label": f"labels{tag}/{study.case}.nii.gz",
+        }
+    else:
+        folder = f"PETCT_{study.patient_key}/{_study_folder(seed, study)}"
+        files = {"ct": f"{folder}/CTres.nii.gz", "pet": f"{folder}/SUV.nii.gz", "label": f"{folder}/SEG.nii.gz"}
+    for kind, rel in files.items():
+        _save(*images[kind], out / rel)
+    return files, num_lesions
 
 
 def _write_metadata(out: Path, layout: str, studies: list[_Study], records: list[dict]) -> None:

@@ -1,0 +1,96 @@
+"""The fold queue: several launcher process trees at a time, signals passed to every running one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from petctl.engine.folds import FoldLaunch, _Job, _slot_environments, run_pool, train_folds
+from petctl.engine.config import preset
+from petctl.errors import PetctlError
+
+
+def _job(tmp: Path, name: str, seconds: float, code: int = 0) -> _Job:
+    # Each job records when it started and ended, and exits 75 (like a checkpointed fold) on SIGTERM.
+    script = (
+        "import signal, sys, time, pathlib\n"
+        f"p = pathlib.Path({str(tmp / name)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (p.with_suffix('.term').write_text('1'), sys.exit(75)))\n"
+        "p.with_suffix('.start').write_text(repr(time.time()))\n"
+        f"time.sleep({seconds})\n"
+        "p.with_suffix('.end').write_text(repr(time.time()))\n"
+        f"sys.exit({code})\n"
+    )
+    return _Job(label=name, step=name, cmd=[sys.executable, "-c", script])
+
+
+def _times(tmp: Path, name: str) -> tuple[float, float]:
+    return float((tmp / f"{name}.start").read_text()), float((tmp / f"{name}.end").read_text())
+
+
+def _run(jobs, slots, **kw):
+    started, codes = [], {}
+
+    def finished(job, code):
+        codes[job.label] = code
+        return code
+
+    worst = run_pool(jobs, [dict(os.environ)] * slots, started=lambda job, slot: started.append((job.label, slot)),
+                     finished=finished, stop_code=75, **kw)
+    return worst, started, codes
+
+
+def test_two_slots_run_jobs_at_the_same_time_and_keep_the_order(tmp_path: Path):
+    jobs = [_job(tmp_path, n, 1.0) for n in ("a", "b", "c")]
+    worst, started, codes = _run(jobs, 2)
+    assert worst == 0 and codes == {"a": 0, "b": 0, "c": 0}
+    assert [label for label, _ in started] == ["a", "b", "c"]
+    (a0, a1), (b0, b1), (c0, _) = (_times(tmp_path, n) for n in "abc")
+    assert b0 < a1 and a0 < b1  # a and b overlapped
+    assert c0 >= min(a1, b1) - 0.05  # c waited for a free slot
+
+
+def test_one_slot_runs_jobs_one_after_another(tmp_path: Path):
+    jobs = [_job(tmp_path, n, 0.3) for n in ("a", "b")]
+    _run(jobs, 1)
+    assert _times(tmp_path, "b")[0] >= _times(tmp_path, "a")[1]
+
+
+def test_worst_status_is_returned_and_a_failure_does_not_stop_the_queue(tmp_path: Path):
+    jobs = [_job(tmp_path, "a", 0.1, code=3), _job(tmp_path, "b", 0.1)]
+    worst, _, codes = _run(jobs, 1)
+    assert worst == 3 and codes == {"a": 3, "b": 0}
+
+
+def test_sigterm_reaches_every_running_job_and_nothing_new_starts(tmp_path: Path):
+    jobs = [_job(tmp_path, n, 30) for n in ("a", "b", "c")]
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        worst, started, codes = _run(jobs, 2)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 20
+    assert worst == 75 and codes == {"a": 75, "b": 75}
+    assert [label for label, _ in started] == ["a", "b"]
+    assert (tmp_path / "a.term").exists() and (tmp_path / "b.term").exists() and not (tmp_path / "c.start").exists()
+
+
+def test_gpu_slots_get_their_own_share_of_the_visible_gpus(monkeypatch: pytest.MonkeyPatch):
+    envs = _slot_environments(2, cpu=False, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
+    assert [e.get("CUDA_VISIBLE_DEVICES") for e in _slot_environments(2, cpu=True, env={})] == [None, None]
+    with pytest.raises(PetctlError, match="at least as many GPUs"):
+        _slot_environments(3, cpu=False, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_concurrent_folds_are_refused_for_multi_node_launches(tmp_path: Path):
+    with pytest.raises(PetctlError, match="single-node"):
+        train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r", home=tmp_path, launch=FoldLaunch(nodes=2, concurrent=2))
