@@ -12,7 +12,7 @@ from pathlib import Path
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "2",
+    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "2", "--test-fraction", "0.2",
            "--out", str(out), "--fresh"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

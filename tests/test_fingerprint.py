@@ -50,3 +50,25 @@ def test_falls_back_to_body_when_no_lesion():
 def test_outliers_land_in_edge_bins():
     h = Histogram.of("pet", np.array([-1e6, 1e6, 1.0]))
     assert h.total == 3 and h.counts[0] == 1 and h.counts[-1] == 1
+
+
+def test_pet_gets_its_own_clip_percentiles_when_asked():
+    vols = _volumes(3)
+    fp = summarize((case_histograms(*v) for v in vols), [], [], [], clip=(5, 95), pet_clip=(0, 99.5))
+    ct = np.concatenate([v[0][v[2] > 0] for v in vols])
+    pet = np.concatenate([v[1][v[2] > 0] for v in vols])
+    assert fp["ct"]["clip"] == pytest.approx([np.percentile(ct, 5), np.percentile(ct, 95)], abs=1.0)
+    assert fp["pet"]["clip"] == pytest.approx([pet.min(), np.percentile(pet, 99.5)], abs=0.01)
+    assert fp["pet"]["clip_percentiles"] == [0, 99.5]
+    clipped = np.clip(pet, *fp["pet"]["clip"])
+    assert fp["pet"]["mean"] == pytest.approx(clipped.mean(), abs=0.01)
+    same = summarize((case_histograms(*v) for v in vols), [], [], [], clip=(5, 95))
+    assert same["pet"]["clip_percentiles"] == [5, 95]
+
+
+def test_prepare_refuses_a_bad_pet_clip(tmp_path):
+    from petctl.engine.prepare import PrepareConfig
+    from petctl.errors import PetctlError
+
+    with pytest.raises(PetctlError, match="--pet-clip"):
+        PrepareConfig(data=str(tmp_path), store=str(tmp_path / "s"), pet_clip_percentiles=(50, 10))

@@ -18,12 +18,15 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder (cohort, store, predictions, report).")] = Path("demo-out"),
     preset: Annotated[str, typer.Option("--preset", help="Training preset.")] = "cpu-small",
     run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "demo",
-    cases: Annotated[int, typer.Option("--cases", help="Synthetic training cases.")] = 24,
-    test_cases: Annotated[int, typer.Option("--test-cases", help="Synthetic held-out cases (imagesTs).")] = 10,
+    cases: Annotated[int, typer.Option("--cases", help="Synthetic training cases.")] = 192,
+    test_cases: Annotated[int, typer.Option("--test-cases", help="Synthetic held-out cases (imagesTs).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic cohort and the splits.")] = 0,
-    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (the paper uses 5).")] = 3,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (the paper uses 5).")] = 2,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Held-out calibration split of the training cases.")] = 0.15,
+    concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Folds trained at the same time (default: one per CPU core, or per GPU).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
+    pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="prepare's PET clip percentiles (default: --clip).")] = None,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
@@ -36,7 +39,9 @@ def demo(
     from petctl.home import resolve_home
 
     cfg = DemoConfig(out=str(out), data=str(data) if data else None, preset=preset, run=run, cases=cases, test_cases=test_cases,
-                     seed=seed, folds=folds, workers=workers, clip=percentile_pair(clip), retrain_merged=retrain_merged, fresh=fresh)
+                     seed=seed, folds=folds, test_fraction=test_fraction, concurrent=concurrent, workers=workers,
+                     clip=percentile_pair(clip), pet_clip=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
+                     retrain_merged=retrain_merged, fresh=fresh)
     summary = run_demo(cfg, resolve_home(home), say=console.print, warn=error_line)
     table = Table(title="petctl demo")
     table.add_column("what")

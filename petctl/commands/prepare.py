@@ -25,11 +25,11 @@ def _spacing(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def percentile_pair(text: str) -> tuple[float, float]:
+def percentile_pair(text: str, option: str = "--clip") -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise PetctlError(f"--clip must look like 5,95 (got {text!r})") from None
+        raise PetctlError(f"{option} must look like 5,95 (got {text!r})") from None
     return lo, hi
 
 
@@ -43,6 +43,7 @@ def prepare(
     seed: Annotated[int, typer.Option("--seed", help="Seed for splits and coordinate samples.")] = 0,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="CSV: case,patient,diagnosis or AutoPET's Subject ID,diagnosis.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="Clip percentiles low,high of the training foreground (the method: 5,95; nnU-Net: 0.5,99.5).")] = "5,95",
+    pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="PET's own clip percentiles low,high (default: --clip); 0,99.5 keeps faint lesions above the floor.")] = None,
     run: Annotated[Optional[str], typer.Option("--run", help="Registry run name (default: the store folder's name).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -54,6 +55,7 @@ def prepare(
     cfg = PrepareConfig(
         data=str(data), store=str(store), spacing=_spacing(spacing), workers=workers, num_folds=folds,
         test_fraction=test_fraction, seed=seed, metadata=str(metadata) if metadata else None, clip_percentiles=percentile_pair(clip),
+        pet_clip_percentiles=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
     )
     registry = Registry(resolve_home(home))
     run_name = run or store.resolve().name

@@ -106,8 +106,10 @@ def summarize(
     shapes: Sequence[Sequence[int]],
     cases: Sequence[str],
     clip: tuple[float, float] = CLIP,
+    pet_clip: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Sum per-case histograms (streamed) into the fingerprint JSON payload (clip: percentiles)."""
+    """Sum per-case histograms (streamed) into the fingerprint JSON payload (clip: percentiles;
+    pet_clip: PET's own, default the same)."""
     total = {k: Histogram.empty(k.split("_")[0]) for k in ("ct", "pet", "ct_body", "pet_body")}
     for part in parts:
         for k in total:
@@ -120,7 +122,7 @@ def summarize(
         "num_cases": len(cases),
         "cases": sorted(cases),
         "ct": _modality_stats(ct, clip),
-        "pet": _modality_stats(pet, clip),
+        "pet": _modality_stats(pet, pet_clip or clip),
         "crop_threshold_hu": total["ct_body"].percentile(5.0) if total["ct_body"].total else BODY_HU,
         "median_spacing": [float(v) for v in np.median(np.asarray(spacings, float), axis=0)] if len(spacings) else None,
         "median_shape": [int(v) for v in np.median(np.asarray(shapes, float), axis=0)] if len(shapes) else None,

@@ -55,6 +55,10 @@ class PrepareConfig:
     clip_percentiles: tuple[float, float] = (5.0, 95.0)
     """Training-foreground percentiles each channel is clipped to before z-normalization (the
     method's 5–95 %; nnU-Net uses 0.5–99.5, which keeps faint, small lesions above the floor)."""
+    pet_clip_percentiles: tuple[float, float] | None = None
+    """PET's own clip percentiles (None: `clip_percentiles`). The lesion-foreground p5 is a PET
+    floor above most of the body, so a faint lesion there is clipped to the same value as the
+    tissue around it; 0,99.5 keeps it."""
 
     def __post_init__(self) -> None:
         if len(self.spacing) != 3 or any(not (0.1 <= s <= 50) for s in self.spacing):
@@ -63,9 +67,9 @@ class PrepareConfig:
             raise PetctlError("--workers must be at least 1")
         if self.num_folds < 2:
             raise PetctlError("--folds must be at least 2")
-        lo, hi = self.clip_percentiles
-        if not 0.0 <= lo < hi <= 100.0:
-            raise PetctlError(f"--clip must be two percentiles 0 ≤ low < high ≤ 100 (got {self.clip_percentiles})")
+        for name, pair in (("--clip", self.clip_percentiles), ("--pet-clip", self.pet_clip_percentiles)):
+            if pair is not None and not 0.0 <= pair[0] < pair[1] <= 100.0:
+                raise PetctlError(f"{name} must be two percentiles 0 ≤ low < high ≤ 100 (got {pair})")
         if not 0.0 < self.test_fraction < 0.9:
             raise PetctlError("--test-fraction must be in (0, 0.9)")
 
@@ -287,10 +291,12 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
         [scans[c]["shape"] for c in train],
         train,
         clip=tuple(cfg.clip_percentiles),
+        pet_clip=tuple(cfg.pet_clip_percentiles) if cfg.pet_clip_percentiles else None,
     )
     plan_id = hashlib.sha256(
         json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
-                    "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles)}, sort_keys=True).encode()
+                    "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles),
+                    **({"pc": list(cfg.pet_clip_percentiles)} if cfg.pet_clip_percentiles else {})}, sort_keys=True).encode()
     ).hexdigest()[:16]
     write_json_atomic(root / "fingerprint.json", {**fingerprint, "plan": plan_id})
     write_json_atomic(root / "splits.json", splits)
