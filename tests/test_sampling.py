@@ -310,3 +310,15 @@ def test_augmentation_is_reproducible_from_the_generator():
 def test_bad_augment_config_is_refused(change):
     with pytest.raises(PetctlError):
         dataclasses.replace(AugmentConfig(), **change)
+
+
+def test_flips_only_along_the_allowed_axes():
+    from petctl.engine.sampling import AugmentConfig, augment_batch
+
+    image = torch.arange(2 * 1 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 1, 4, 5, 6)
+    label = (image > 100).float()
+    cfg = AugmentConfig(p_flip=1.0, flip_axes=(0,), p_affine=0.0, p_intensity=0.0)
+    out, lab = augment_batch(image, label, torch.Generator().manual_seed(0), cfg)
+    assert torch.equal(out, image.flip(2)) and torch.equal(lab, label.flip(2))
+    with pytest.raises(PetctlError, match="flip axes"):
+        AugmentConfig(flip_axes=(3,))

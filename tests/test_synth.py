@@ -105,7 +105,10 @@ def test_dataset_json_and_metadata(raw: tuple[Path, CohortSummary]) -> None:
 
 def test_determinism_and_independence(raw: tuple[Path, CohortSummary], tmp_path: Path) -> None:
     out, _ = raw
-    again = make_cohort(tmp_path / "again", 3, seed=0, scale=SCALE)
+    seen: list[str] = []
+    again = make_cohort(tmp_path / "again", 3, seed=0, scale=SCALE, workers=2, on_case=seen.append)  # workers change nothing
+    assert seen == list(again.case_ids)
+    assert json.loads((tmp_path / "again" / "synth.json").read_text())["cases"] == json.loads((out / "synth.json").read_text())["cases"][:3]
     other = make_cohort(tmp_path / "other", 3, seed=1, scale=SCALE)
     for case in again.case_ids:
         for rel in (f"imagesTr/{case}_0000.nii.gz", f"imagesTr/{case}_0001.nii.gz", f"labelsTr/{case}.nii.gz"):
