@@ -205,3 +205,30 @@ def test_resumed_store_is_identical(cohort: Path, store: Path, tmp_path: Path):
     for case in a.list():
         assert np.array_equal(a.load(case).image.read_all(), b.load(case).image.read_all())
         assert np.array_equal(a.load(case).lesion_coords, b.load(case).lesion_coords)
+
+
+def test_hot_background_centres_half_the_background_patches_in_bright_non_lesion_tissue(cohort: Path, tmp_path: Path):
+    from scipy import ndimage
+
+    from petctl.engine.prepare import HOT_MARGIN
+
+    store = tmp_path / "hot"
+    cfg = PrepareConfig(data=str(cohort), store=str(store), spacing=COARSE, num_folds=2, seed=0, body_samples=512, hot_background=0.5)
+    run(cfg)
+    fp = json.loads((store / "fingerprint.json").read_text())
+    floor = (fp["pet"]["percentiles"]["5"] - fp["pet"]["mean"]) / fp["pet"]["std"] + HOT_MARGIN + 0.01  # + float16 storage
+    s = CaseStore(store)
+    shares = []
+    for case in s.list():
+        stored = s.load(case)
+        pet = stored.image.read_all()[1].astype(np.float32)
+        near_lesion = ndimage.binary_dilation(stored.label.read_all() > 0, iterations=2)
+        xyz = tuple(stored.body_coords.T)
+        hot = (pet[xyz] > floor) & ~near_lesion[xyz]
+        body_share = float(((pet > floor) & ~near_lesion).mean())
+        shares.append((hot.mean(), body_share))
+        assert len(stored.body_coords) == 512
+    # every case has physiological uptake: about half the centres are hot, far more than the body's share
+    assert all(h >= 0.45 for h, _ in shares) and all(h > 2 * b for h, b in shares), shares
+    with pytest.raises(Exception, match="hot-background"):
+        PrepareConfig(data=str(cohort), store=str(store), hot_background=1.5)

@@ -44,6 +44,7 @@ def prepare(
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="CSV: case,patient,diagnosis or AutoPET's Subject ID,diagnosis.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="Clip percentiles low,high of the training foreground (the method: 5,95; nnU-Net: 0.5,99.5).")] = "5,95",
     pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="PET's own clip percentiles low,high (default: --clip); 0,99.5 keeps faint lesions above the floor.")] = None,
+    hot_background: Annotated[float, typer.Option("--hot-background", help="Share of background patch centres in bright non-lesion tissue (0: the paper's uniform body sampling).")] = 0.0,
     run: Annotated[Optional[str], typer.Option("--run", help="Registry run name (default: the store folder's name).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -55,7 +56,7 @@ def prepare(
     cfg = PrepareConfig(
         data=str(data), store=str(store), spacing=_spacing(spacing), workers=workers, num_folds=folds,
         test_fraction=test_fraction, seed=seed, metadata=str(metadata) if metadata else None, clip_percentiles=percentile_pair(clip),
-        pet_clip_percentiles=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
+        pet_clip_percentiles=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None, hot_background=hot_background,
     )
     registry = Registry(resolve_home(home))
     run_name = run or store.resolve().name

@@ -51,6 +51,11 @@ class PrepareConfig:
     lesion_samples_per_component: int = 64
     """Bounded sample of voxel coordinates per lesion component (small lesions are not drowned)."""
     body_samples: int = 4096
+    hot_background: float = 0.0
+    """Share of the background patch centres drawn from bright non-lesion voxels (PET at least the
+    lesions' 5th percentile SUV, at least 2 voxels from a lesion: brain, heart, kidneys, bladder,
+    bowel…) instead of uniformly from the body. 0 is the paper's uniform sampling; physiological
+    uptake is where a PET segmenter's false positives come from (hard-negative sampling)."""
     crop_margin: int = 2
     clip_percentiles: tuple[float, float] = (5.0, 95.0)
     """Training-foreground percentiles each channel is clipped to before z-normalization (the
@@ -70,6 +75,8 @@ class PrepareConfig:
         for name, pair in (("--clip", self.clip_percentiles), ("--pet-clip", self.pet_clip_percentiles)):
             if pair is not None and not 0.0 <= pair[0] < pair[1] <= 100.0:
                 raise PetctlError(f"{name} must be two percentiles 0 ≤ low < high ≤ 100 (got {pair})")
+        if not 0.0 <= self.hot_background <= 1.0:
+            raise PetctlError(f"--hot-background must be within [0, 1] (got {self.hot_background})")
         if not 0.0 < self.test_fraction < 0.9:
             raise PetctlError("--test-fraction must be in (0, 0.9)")
 
@@ -138,7 +145,7 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
     rng = np.random.default_rng(_case_seed(cfg.seed, src.case))
     components, num_components = cc3d.connected_components(label, connectivity=26, return_N=True)
     lesion_coords = sample_lesion_coords(components, num_components, cfg.lesion_samples_per_component, rng)
-    body_idx = sample_body_coords(body, cfg.body_samples, rng)
+    body_idx = background_coords(image[1], label, body, fingerprint, cfg, rng)
     entry = {
         **summary,
         "stored_shape": list(geometry.stored_shape),
@@ -181,6 +188,30 @@ def normalize(image_cxyz: np.ndarray, fingerprint: dict[str, Any]) -> np.ndarray
         out[c] -= np.float32(stats["mean"])
         out[c] /= np.float32(stats["std"])
     return out
+
+
+HOT_MARGIN = 0.05
+"""z units above the lesions' PET p5 that count as bright (hot-background sampling)."""
+
+
+def background_coords(pet_norm: np.ndarray, label: np.ndarray | None, body: np.ndarray, fingerprint: dict[str, Any],
+                      cfg: PrepareConfig, rng: np.random.Generator) -> np.ndarray:
+    """The case's background patch centres: `cfg.body_samples` body voxels, of which a share
+    `cfg.hot_background` (when the case has such voxels) lie in bright non-lesion tissue."""
+    if cfg.hot_background <= 0:
+        return sample_body_coords(body, cfg.body_samples, rng)
+    from scipy import ndimage
+
+    stats = fingerprint["pet"]
+    # strictly above the lesions' p5 (with a margin): with the method's clip that p5 is the clip floor
+    # itself, which most of the body is clipped to
+    floor = (float(stats["percentiles"]["5"]) - float(stats["mean"])) / float(stats["std"]) + HOT_MARGIN
+    hot = body & (pet_norm > np.float32(floor))
+    if label is not None and label.any():
+        hot &= ~ndimage.binary_dilation(label > 0, iterations=2)
+    hot_idx = sample_body_coords(hot, int(round(cfg.body_samples * cfg.hot_background)), rng) if hot.any() else np.zeros((0, 3), np.int32)
+    rest = sample_body_coords(body, cfg.body_samples - len(hot_idx), rng)
+    return np.concatenate([rest, hot_idx]).astype(np.int32)
 
 
 def sample_body_coords(body: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -296,7 +327,8 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
     plan_id = hashlib.sha256(
         json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
                     "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles),
-                    **({"pc": list(cfg.pet_clip_percentiles)} if cfg.pet_clip_percentiles else {})}, sort_keys=True).encode()
+                    **({"pc": list(cfg.pet_clip_percentiles)} if cfg.pet_clip_percentiles else {}),
+                    **({"hb": cfg.hot_background} if cfg.hot_background else {})}, sort_keys=True).encode()
     ).hexdigest()[:16]
     write_json_atomic(root / "fingerprint.json", {**fingerprint, "plan": plan_id})
     write_json_atomic(root / "splits.json", splits)
