@@ -37,7 +37,12 @@ def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: tor
 
     pet = torch.from_numpy(store.load(case).image.read_all()[1]).float().to(device)[None, None]
     if augment is not None and augment.enabled:
-        pet, _ = augment_batch(pet, torch.zeros_like(pet), generator, augment)
+        # Resample around the volume's floor, not 0: zero padding is brighter than air and the
+        # body's clipped background (z < 0), and the maximum projection would show every rotated
+        # corner as a bright wedge that no unaugmented scan has.
+        floor = pet.amin()
+        pet, _ = augment_batch(pet - floor, torch.zeros_like(pet), generator, augment)
+        pet = pet + floor
     return resize_mip(mip_batch(pet[:, 0], axis), size)[0]
 
 
