@@ -41,7 +41,7 @@ def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: tor
         # body's clipped background (z < 0), and the maximum projection would show every rotated
         # corner as a bright wedge that no unaugmented scan has.
         floor = pet.amin()
-        pet, _ = augment_batch(pet - floor, torch.zeros_like(pet), generator, augment)
+        pet, _ = augment_batch(pet - floor, pet.new_zeros((1, 0) + pet.shape[2:]), generator, augment)  # no label to move
         pet = pet + floor
     return resize_mip(mip_batch(pet[:, 0], axis), size)[0]
 
