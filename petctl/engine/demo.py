@@ -28,7 +28,8 @@ class DemoConfig:
     run: str = "demo"
     cases: int = 192
     """Synthetic training cases (imagesTr). The MIP classifier learns from whole scans, so it needs
-    many: its held-out AUROC went from about 0.75 with 34 training scans per fold to 0.95 with 85."""
+    many: in a quick check its validation AUROC was 0.74–0.88 with 34 training scans per fold and
+    0.97–0.99 with 85."""
     test_cases: int = 16
     """Synthetic held-out cases of new patients (imagesTs/labelsTs), predicted and evaluated."""
     seed: int = 0
