@@ -156,3 +156,15 @@ def test_mip_of_augmented_volume_keeps_layout(store: Path):
     case = s.list()[0]
     image = pet_mip(s, case, "y", (96, 64), torch.device("cpu"))
     assert image.shape == (1, 96, 64) and torch.isfinite(image).all()
+
+
+def test_overrides_set_the_counts_of_the_task_and_nothing_else():
+    from petctl.engine.config import preset, with_overrides
+
+    base = preset("cpu-small")
+    seg = with_overrides(base, task="seg", cycles=3, epochs=2, mixed_precision="bf16")
+    assert (seg.num_cycles, seg.epochs_per_cycle, seg.mixed_precision) == (3, 2, "bf16")
+    assert (seg.cls_num_cycles, seg.cls_epochs_per_cycle) == (base.cls_num_cycles, base.cls_epochs_per_cycle)
+    cls = with_overrides(base, task="cls", cycles=4)
+    assert (cls.cls_num_cycles, cls.num_cycles, cls.cls_epochs_per_cycle) == (4, base.num_cycles, base.cls_epochs_per_cycle)
+    assert with_overrides(base) == base

@@ -9,7 +9,6 @@ saved; re-run to resume).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -49,7 +48,7 @@ def train(
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from petctl.console import console, error_line
-    from petctl.engine.config import preset as get_preset
+    from petctl.engine.config import preset as get_preset, with_overrides
     from petctl.engine.folds import FoldLaunch, fold_names, train_folds
     from petctl.home import resolve_home
 
@@ -60,11 +59,8 @@ def train(
         raise PetctlError(f"{store}: no splits.json; run `petctl prepare` first")
     splits = json.loads(splits_path.read_text())
     folds = _folds(fold, len(splits[f"{'merged_' if merged else ''}{task}_folds"]))
-    cfg = get_preset(preset)
-    cycle_fields = ("num_cycles", "epochs_per_cycle") if task == "seg" else ("cls_num_cycles", "cls_epochs_per_cycle")
-    overrides = {k: v for k, v in {cycle_fields[0]: cycles, cycle_fields[1]: epochs, "mixed_precision": mixed_precision,
-                                    "pretrained": str(pretrained) if pretrained else None}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = with_overrides(get_preset(preset), task=task, cycles=cycles, epochs=epochs, mixed_precision=mixed_precision,
+                         pretrained=str(pretrained) if pretrained else None)
     home_path = resolve_home(home)
     launch = FoldLaunch(processes=processes, nodes=nodes, mixed_precision=mixed_precision, max_steps=max_steps)
     worst = train_folds(cfg, store, task, folds, run=run, home=home_path, merged=merged, launch=launch,

@@ -132,6 +132,18 @@ def cpu_tiny() -> TrainConfig:
     )
 
 
+def with_overrides(cfg: TrainConfig, *, task: str = "seg", cycles: int | None = None, epochs: int | None = None,
+                   mixed_precision: str | None = None, pretrained: str | None = None) -> TrainConfig:
+    """A preset with the command line's overrides (`petctl train`, `petctl slurm plan`): cycles
+    and epochs set the counts of `task` (the classifier's for "cls"); None leaves a field as is."""
+    if task not in ("seg", "cls"):
+        raise PetctlError(f"task must be seg or cls (got {task!r})")
+    cycle_fields = ("num_cycles", "epochs_per_cycle") if task == "seg" else ("cls_num_cycles", "cls_epochs_per_cycle")
+    overrides = {k: v for k, v in {cycle_fields[0]: cycles, cycle_fields[1]: epochs, "mixed_precision": mixed_precision,
+                                    "pretrained": pretrained}.items() if v is not None}
+    return replace(cfg, **overrides)
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "autopet-paper": autopet_paper,
     "cpu-small": cpu_small,

@@ -220,11 +220,10 @@ def _template(name: str) -> ShellTemplate:
 
 def train_config_json(cfg: SlurmConfig) -> dict[str, Any]:
     """The preset with the plan's overrides, as `petctl train` builds it."""
-    from petctl.engine.config import preset
+    from petctl.engine.config import preset, with_overrides
 
-    overrides = {k: v for k, v in {"num_cycles": cfg.cycles, "epochs_per_cycle": cfg.epochs,
-                                    "mixed_precision": cfg.mixed_precision}.items() if v is not None}
-    return dataclasses.replace(preset(cfg.preset), **overrides).to_json()
+    return with_overrides(preset(cfg.preset), task="seg", cycles=cfg.cycles, epochs=cfg.epochs,
+                          mixed_precision=cfg.mixed_precision).to_json()
 
 
 def plan_dir(home: str | os.PathLike[str], run: str) -> Path:
