@@ -33,7 +33,7 @@ class LoadedCase:
     ct_resampled: bool
 
 
-def _load(case: str, role: str, path: Path | None, max_voxels: int):
+def _load(case: str, role: str, path: Path | None, max_voxels: int, warn: bool = True):
     import nibabel as nib
 
     if path is None or not Path(path).exists():
@@ -59,7 +59,7 @@ def _load(case: str, role: str, path: Path | None, max_voxels: int):
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise CaseError(case, f"{role} has a degenerate affine")
     qcode, scode = int(img.header["qform_code"]), int(img.header["sform_code"])
-    if qcode > 0 and scode > 0 and not np.allclose(img.get_qform(), img.get_sform(), atol=1e-3):
+    if warn and qcode > 0 and scode > 0 and not np.allclose(img.get_qform(), img.get_sform(), atol=1e-3):
         # nibabel prefers the sform; say which one was used rather than guess silently
         import logging
 
@@ -72,10 +72,11 @@ def _short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:160]
 
 
-def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX_VOXELS) -> LoadedCase:
-    """Read and validate a case; CT is resampled (trilinear) onto the PET grid when grids differ."""
-    pet, pet_affine = _load(src.case, "PET", src.pet, max_voxels)
-    ct, ct_affine = _load(src.case, "CT", src.ct, max_voxels)
+def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX_VOXELS, warn: bool = True) -> LoadedCase:
+    """Read and validate a case; CT is resampled (trilinear) onto the PET grid when grids differ.
+    `warn=False`: no warning for what an earlier read of the same case has reported already."""
+    pet, pet_affine = _load(src.case, "PET", src.pet, max_voxels, warn)
+    ct, ct_affine = _load(src.case, "CT", src.ct, max_voxels, warn)
     pet = np.asarray(pet, dtype=np.float32)
     ct = np.asarray(ct, dtype=np.float32)
     for role, arr in (("PET", pet), ("CT", ct)):
@@ -87,7 +88,7 @@ def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX
         resampled = True
     label = None
     if src.label is not None and Path(src.label).exists():
-        lab, lab_affine = _load(src.case, "label", src.label, max_voxels)
+        lab, lab_affine = _load(src.case, "label", src.label, max_voxels, warn)
         if lab.shape != pet.shape:
             raise CaseError(src.case, f"label grid {lab.shape} differs from the PET grid {pet.shape}")
         if not np.allclose(lab_affine, pet_affine, atol=1e-3):

@@ -139,7 +139,7 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
 
     from petctl.engine.nifti import load_case
 
-    loaded = load_case(src)
+    loaded = load_case(src, warn=False)  # the scan pass has reported this case's warnings
     image, label, geometry, body = preprocess(loaded, fingerprint, cfg.spacing, cfg.crop_margin)
 
     rng = np.random.default_rng(_case_seed(cfg.seed, src.case))
