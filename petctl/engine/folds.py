@@ -50,11 +50,7 @@ def free_port() -> int:
 
 
 def has_cuda() -> bool:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-        return out.returncode == 0 and "GPU" in out.stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return gpu_count() > 0
 
 
 def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds: list[int], *, run: str, home: Path,
