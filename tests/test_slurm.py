@@ -230,6 +230,28 @@ def test_sandbox_train_task_maps_fold_axis_and_node_ranks(sandbox):
     assert "task 3 = fold1-y" in result.stdout
 
 
+def test_sandbox_merged_tasks_copy_the_thresholds_side_by_side(sandbox):
+    """Every merged array task copies the parent's thresholds at once; none may fail on the race
+    (two plain `cp`s onto one new file: "File exists", about 4 rounds in 30 here)."""
+    cfg, folder, env, log = sandbox
+    source = Path(cfg.home) / "runs" / cfg.run / "thresholds.json"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text('{"seg": 0.4}')
+    merged = Path(cfg.home) / "runs" / cfg.merged_run
+    merged.mkdir(parents=True)
+    script = (folder / "train-seg-merged.sbatch").read_text()
+    (copy,) = [line for line in script.splitlines() if "thresholds.json" in line]
+    race = ('for r in $(seq 30); do rm -f -- "$TARGET"; for i in $(seq 16); do (SLURM_JOB_ID=$((5000 + i)); eval "$COPY") & done; '
+            'wait; done')  # 16 tasks at once (bash forks faster than Popen), 30 rounds
+    result = subprocess.run(["bash", "-c", race], env={**env, "COPY": copy, "TARGET": str(merged / "thresholds.json")},
+                            capture_output=True, text=True, timeout=120)
+    assert "exists" not in result.stderr and "cannot" not in result.stderr, result.stderr
+    assert (merged / "thresholds.json").read_text() == '{"seg": 0.4}'
+    assert not list(merged.glob("thresholds.json.*"))  # no temporary copies left behind
+    result = _run_script(folder / "train-seg-merged.sbatch", {**env, "SLURM_ARRAY_TASK_ID": "1"})
+    assert result.returncode == 0, result.stderr  # and the whole task runs with it
+
+
 def test_sandbox_prepare_and_steps_pass_values_verbatim(sandbox):
     cfg, folder, env, log = sandbox
     result = _run_script(folder / "prepare.sbatch", {**env, "STUB_EXIT": "3"})
@@ -342,6 +364,7 @@ def test_submit_holds_registers_then_releases(planned):
     assert all("--hold" in c and "--parsable" in c for c in sbatch)
     assert "--dependency=afterok:101" in sbatch[1] and "--dependency=afterok:102:103" in sbatch[3]
     assert "--dependency=afterok:105:106" in sbatch[6]
+    assert all(("--kill-on-invalid-dep=yes" in c) == any(a.startswith("--dependency") for a in c) for c in sbatch)
     assert fake.calls[-1] == ["scontrol", "release", "101,102,103,104,105,106,107"]
     assert result["train-cls"] == "103" and len(result) == 7
     step = registry.step("r1", "train-cls-fold1-y")
@@ -484,11 +507,13 @@ def _petctl(home: Path, *args: str, cwd: Path | None = None) -> subprocess.Compl
 
 
 def _wait_for_jobs(ids: list[str], logs: Path, timeout_s: float) -> None:
-    """Until SLURM no longer lists any of `ids` (array or plain job ids); on timeout cancel them and fail."""
-    deadline = time.monotonic() + timeout_s
+    """Until SLURM no longer lists any of `ids` (array or plain job ids) in three polls running (a
+    requeue passes through states a single poll could miss); on timeout cancel them and fail."""
+    deadline, absent = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
         listed = parse_squeue(subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True).stdout)
-        if not {job.split("_")[0] for job in listed} & set(ids):
+        absent = 0 if {job.split("_")[0] for job in listed} & set(ids) else absent + 1
+        if absent == 3:
             return
         time.sleep(2)
     subprocess.run(["scancel", *ids])

@@ -295,8 +295,12 @@ def _render_train(cfg: SlurmConfig, job: Job, task: str, merged: bool, axes: Seq
     runs = Path(cfg.home) / "runs"
     prologue = ""
     if merged:  # as `petctl retrain-merged` does: the merged run keeps the parent's calibrated thresholds
-        thresholds = [shlex.quote(str(runs / r / "thresholds.json")) for r in (cfg.run, cfg.merged_run)]
-        prologue = f"cp -- {thresholds[0]} {thresholds[1]} || exit 1\n"
+        # every array task copies at once: through a per-task temporary file and an atomic rename,
+        # since two `cp`s racing onto one new file fail with "File exists" (O_EXCL)
+        source, target = (runs / r / "thresholds.json" for r in (cfg.run, cfg.merged_run))
+        partial = shlex.quote(f"{target}.") + '"$SLURM_JOB_ID.tmp"'
+        prologue = (f"cp -- {shlex.quote(str(source))} {partial} && mv -f -- {partial} {shlex.quote(str(target))} "
+                    "|| exit 1\n")
     values = {
         **_common(cfg, job, nodes=cfg.nodes, gpus=cfg.gpus_per_node),
         "axes": " ".join(shlex.quote(a) for a in axes),
@@ -408,8 +412,9 @@ def _first_line(text: str) -> str:
 
 def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = None,
                 runner: Runner = subprocess.run) -> dict[str, str]:
-    """Submit the plan's jobs in order with `sbatch --parsable --hold --dependency=afterok:…`, register
-    every step as pending with its job id, then release them; returns job name → SLURM job id.
+    """Submit the plan's jobs in order with `sbatch --parsable --hold --dependency=afterok:…
+    --kill-on-invalid-dep=yes` (a failed job cancels the jobs after it), register every step as
+    pending with its job id, then release them; returns job name → SLURM job id.
     `only` limits the jobs (dependencies outside it are assumed done). When sbatch refuses a job,
     the jobs already submitted are cancelled and the error is one line."""
     from petctl.engine.registry import write_json_atomic
@@ -430,7 +435,8 @@ def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = Non
         argv = ["sbatch", "--parsable", "--hold"]
         after = [ids[a] for a in job["after"] if a in ids]
         if after:
-            argv.append("--dependency=afterok:" + ":".join(after))
+            # a failed dependency cancels the job instead of leaving it pending forever
+            argv += ["--dependency=afterok:" + ":".join(after), "--kill-on-invalid-dep=yes"]
         argv.append(str(folder / job["script"]))
         result = _slurm(runner, argv)
         if result.returncode != 0:
