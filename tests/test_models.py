@@ -16,7 +16,9 @@ from petctl.engine.mip import mip, mip_batch, resize_mip
 from petctl.engine.models import (
     SWIN_UNETR_INPUT_KEYS,
     build_classifier,
+    as_channels_last,
     build_seg_model,
+    channels_last,
     check_patch_size,
     dynunet_plan,
     load_pretrained_classifier,
@@ -45,6 +47,32 @@ def test_seg_model_forward_shape(arch: str, patch: tuple[int, int, int], kwargs:
         out = model(torch.randn(1, 2, *patch))
     assert out.shape == (1, 1, *patch)
     assert torch.isfinite(out).all()
+
+
+def test_channels_last_keeps_the_output_and_the_weights() -> None:
+    """Channels-last weights and inputs give the same output, and a state saved from a
+    channels-last model loads into a default one (and back) unchanged."""
+    torch.manual_seed(0)
+    plain = build_seg_model("basic_unet", features=(4, 4, 8, 8, 16, 4), patch_size=(32, 32, 32)).eval()
+    fast = build_seg_model("basic_unet", features=(4, 4, 8, 8, 16, 4), patch_size=(32, 32, 32)).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert channels_last(fast) is fast
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+    x = torch.randn(2, 2, 32, 32, 32)
+    fast_x = as_channels_last(x)
+    assert fast_x.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(fast_x, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(fast_x), plain(x), atol=1e-5, rtol=1e-4)
+    again = build_seg_model("basic_unet", features=(4, 4, 8, 8, 16, 4), patch_size=(32, 32, 32))
+    again.load_state_dict(fast.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), plain.state_dict().values()))
+    net2d = channels_last(build_classifier("resnet10t", in_chans=1, img_size=(64, 48)))
+    conv2d = next(m for m in net2d.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv2d.weight.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last(plain, enabled=False) is plain
+    assert next(m for m in plain.modules() if isinstance(m, torch.nn.Conv3d)).weight.is_contiguous()
+    assert as_channels_last(x, enabled=False) is x and as_channels_last(torch.zeros(3, 4)).is_contiguous()
 
 
 @pytest.mark.parametrize(

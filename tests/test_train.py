@@ -117,6 +117,8 @@ def test_malicious_checkpoint_is_refused(tmp_path: Path):
 def test_presets_and_validation():
     assert preset("autopet-paper").arch == "swin_unetr" and preset("autopet-paper").patch_size == (96, 96, 96)
     assert preset("cpu-small").arch == "basic_unet"
+    # channels-last on the CPU presets only: the paper preset's GPU step was measured without it
+    assert preset("cpu-small").channels_last and preset("cpu-tiny").channels_last and not preset("autopet-paper").channels_last
     from petctl.errors import PetctlError
 
     with pytest.raises(PetctlError):

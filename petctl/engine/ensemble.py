@@ -44,7 +44,7 @@ class RunModels:
         """Load every fold's best checkpoint (`seg/` and `cls/`, or `seg-merged/` and `cls-merged/` when present)."""
         from petctl.engine.classifier import build_classifier_for
         from petctl.engine.loop import find_checkpoint, load_checkpoint
-        from petctl.engine.models import build_seg_model
+        from petctl.engine.models import build_seg_model, channels_last
 
         run_dir = Path(run_dir)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +62,7 @@ class RunModels:
                 cfg = TrainConfig.from_json(config)
                 if family == "seg":
                     model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+                    channels_last(model, cfg.channels_last)
                 else:
                     model = build_classifier_for(cfg)
                 model.load_state_dict(state)

@@ -355,3 +355,21 @@ def _load_matching(
     model.load_state_dict(update, strict=False)
     missing = [k for k in own if k not in source]
     return {"loaded": len(update), "adapted": adapted, "skipped": skipped, "missing": missing}
+
+
+def channels_last(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """`model` with channels-last weights (3-D or 2-D, by its first convolution), in place; as is
+    when not `enabled` or when it has no convolution. oneDNN then keeps activations NDHWC/NHWC."""
+    if not enabled:
+        return model
+    conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))), None)
+    if conv is None:
+        return model
+    return model.to(memory_format=torch.channels_last_3d if isinstance(conv, torch.nn.Conv3d) else torch.channels_last)
+
+
+def as_channels_last(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """A batch (5-D or 4-D) in channels-last memory order when `enabled`."""
+    if not enabled or x.dim() not in (4, 5):
+        return x
+    return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)

@@ -53,7 +53,7 @@ class SegTask:
     """One segmentation fold: model, patch batches, loss and validation."""
 
     def __init__(self, cfg: TrainConfig, store_root: Path, train_cases: list[str], val_cases: list[str], accelerator: Any) -> None:
-        from petctl.engine.models import build_seg_model, init_output_prior, load_pretrained_swin_unetr
+        from petctl.engine.models import build_seg_model, channels_last, init_output_prior, load_pretrained_swin_unetr
         from petctl.engine.sampling import AugmentConfig, SegPatchDataset, make_loader
 
         self.cfg, self.store_root, self.val_cases = cfg, Path(store_root), val_cases
@@ -65,6 +65,7 @@ class SegTask:
                 raise PetctlError("--pretrained loads Swin-UNETR (BTCV layout) weights; the preset's arch is " + cfg.arch)
             report = load_pretrained_swin_unetr(self.model, cfg.pretrained)
             accelerator.print(f"pretrained: {report}")
+        channels_last(self.model, cfg.channels_last)
         self.dataset = SegPatchDataset(str(store_root), train_cases, cfg.patch_size, cfg.patches_per_scan, lesion_prob=cfg.lesion_prob,
                                        seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
         self.loader = make_loader(self.dataset, cfg.batch_size, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
@@ -78,12 +79,13 @@ class SegTask:
         yield from self.loader
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        from petctl.engine.models import as_channels_last
         from petctl.engine.sampling import augment_batch
 
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         image, label = augment_batch(image, label, generator, self.augment)
-        return self.loss_fn(model(image), label)
+        return self.loss_fn(model(as_channels_last(image, self.cfg.channels_last)), label)
 
     def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
         from petctl.engine.distributed import gather_objects
