@@ -207,6 +207,27 @@ def test_resumed_store_is_identical(cohort: Path, store: Path, tmp_path: Path):
         assert np.array_equal(a.load(case).lesion_coords, b.load(case).lesion_coords)
 
 
+def test_hot_structures_are_drawn_equally_often_whatever_their_size():
+    """A large bright structure (the brain) does not crowd out a small one (the bladder); specks
+    below HOT_MIN_VOXELS are left out; every draw lies inside the mask."""
+    from petctl.engine.prepare import HOT_MIN_VOXELS, sample_hot_structures
+
+    hot = np.zeros((60, 40, 50), bool)
+    hot[5:35, 5:35, 5:35] = True  # 27,000 voxels
+    hot[45:48, 10:13, 40:43] = True  # 27 voxels: the smallest structure still sampled on its own
+    hot[55, 35, 45] = True  # a speck
+    picks = sample_hot_structures(hot, 4000, np.random.default_rng(0))
+    assert picks.shape == (4000, 3) and picks.dtype == np.int32 and hot[tuple(picks.T)].all()
+    small = (picks[:, 0] >= 45) & (picks[:, 0] < 48)
+    assert 0.45 < small.mean() < 0.55  # uniform voxels would give 27 / 27,028 = 0.1 %
+    assert not (picks[:, 0] == 55).any() and HOT_MIN_VOXELS == 27
+    assert len(np.unique(picks[small], axis=0)) == 27  # the whole small structure is covered
+    only_specks = np.zeros((10, 10, 10), bool)
+    only_specks[1, 1, 1] = only_specks[8, 8, 8] = True
+    assert only_specks[tuple(sample_hot_structures(only_specks, 10, np.random.default_rng(1)).T)].all()
+    assert sample_hot_structures(np.zeros((4, 4, 4), bool), 10, np.random.default_rng(0)).shape == (0, 3)
+
+
 def test_hot_background_centres_half_the_background_patches_in_bright_non_lesion_tissue(cohort: Path, tmp_path: Path):
     from scipy import ndimage
 
