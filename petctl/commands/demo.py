@@ -27,7 +27,7 @@ def demo(
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
     pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="prepare's PET clip percentiles (default: --clip).")] = None,
-    hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue (0: the paper's uniform sampling).")] = 0.5,
+    hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform sampling).")] = 0.5,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,

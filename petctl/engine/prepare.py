@@ -197,7 +197,8 @@ HOT_MARGIN = 0.05
 def background_coords(pet_norm: np.ndarray, label: np.ndarray | None, body: np.ndarray, fingerprint: dict[str, Any],
                       cfg: PrepareConfig, rng: np.random.Generator) -> np.ndarray:
     """The case's background patch centres: `cfg.body_samples` body voxels, of which a share
-    `cfg.hot_background` (when the case has such voxels) lie in bright non-lesion tissue."""
+    `cfg.hot_background` (when the case has such voxels) lie in bright non-lesion tissue, each
+    bright structure equally often (`sample_hot_structures`)."""
     if cfg.hot_background <= 0:
         return sample_body_coords(body, cfg.body_samples, rng)
     from scipy import ndimage
