@@ -94,3 +94,15 @@ def test_gpu_slots_get_their_own_share_of_the_visible_gpus(monkeypatch: pytest.M
 def test_concurrent_folds_are_refused_for_multi_node_launches(tmp_path: Path):
     with pytest.raises(PetctlError, match="single-node"):
         train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r", home=tmp_path, launch=FoldLaunch(nodes=2, concurrent=2))
+
+
+@pytest.mark.parametrize("concurrent, ports", [(1, [29500, 29500, 29500]), (2, [29500, 29501, 29502])])
+def test_a_given_port_is_shifted_per_job_only_when_jobs_run_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   concurrent: int, ports: list[int]):
+    import petctl.engine.folds as folds
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(folds, "run_pool", lambda jobs, *a, **k: seen.extend(j.cmd for j in jobs) or 0)
+    launch = FoldLaunch(processes=2, port=29500, concurrent=concurrent)
+    assert train_folds(preset("cpu-tiny"), tmp_path, ("seg", "cls"), [0], run="r", home=tmp_path, launch=launch) == 0
+    assert [int(c[c.index("--main_process_port") + 1]) for c in seen] == ports  # seg fold0, cls fold0-x, fold0-y

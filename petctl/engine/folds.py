@@ -49,6 +49,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port(launch: FoldLaunch, index: int) -> int:
+    """The main process port of the `index`-th job: a free one, or the given one — shifted by the
+    job's index when several jobs run at once, so two folds never bind the same port."""
+    if launch.port is None:
+        return free_port()
+    return launch.port + index if launch.concurrent > 1 else launch.port
+
+
 def has_cuda() -> bool:
     return gpu_count() > 0
 
@@ -90,7 +98,7 @@ def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds:
                               out=str(out), run=run, home=str(Path(home).resolve()), projection=axis, merged=merged,
                               max_steps=launch.max_steps)
             cmd = launch_command(processes=launch.processes, nodes=launch.nodes, machine_rank=launch.machine_rank,
-                                 main_address=launch.main_address, port=launch.port or free_port(),
+                                 main_address=launch.main_address, port=_port(launch, len(jobs)),
                                  mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)
             jobs.append(_Job(label=f"{t} {name}", step=f"train-{family}-{name}", cmd=cmd))
 
