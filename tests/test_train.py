@@ -95,6 +95,14 @@ def test_checkpoint_is_atomic_and_old_copy_is_found(tmp_path: Path):
     found = find_checkpoint(tmp_path / "last")
     assert found is not None and load_checkpoint(found)[2]["position"]["global_step"] == 5
     assert not list(tmp_path.glob(".last.tmp-*"))
+    # the next save (as the resumed run makes) sweeps what killed saves left: the old copy, a half temp
+    (tmp_path / ".last.tmp-456").mkdir()
+    (tmp_path / ".last.tmp-456" / "model.pt").write_bytes(b"half")
+    (tmp_path / ".best.old-9").mkdir()  # another checkpoint's copy is not this save's to remove
+    save_checkpoint(tmp_path / "last", model_state=state, optimizer_state=None, scheduler_state=None,
+                    position=Position(1, 0, 0, 6), config=cfg.to_json(), metric=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.old-9", "last"]
+    assert load_checkpoint(find_checkpoint(tmp_path / "last"))[2]["position"]["global_step"] == 6
 
 
 def test_malicious_checkpoint_is_refused(tmp_path: Path):

@@ -112,6 +112,9 @@ def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | 
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+        # copies a killed save left behind (other pids): the new checkpoint is complete, so they go
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
