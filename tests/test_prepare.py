@@ -225,6 +225,13 @@ def test_hot_structures_are_drawn_equally_often_whatever_their_size():
     only_specks = np.zeros((10, 10, 10), bool)
     only_specks[1, 1, 1] = only_specks[8, 8, 8] = True
     assert only_specks[tuple(sample_hot_structures(only_specks, 10, np.random.default_rng(1)).T)].all()
+    # with uptake given: a large structure that stays faint (peak below `peak`) is not a hard negative
+    pet = np.where(hot, -1.0, -2.0).astype(np.float32)
+    pet[45:48, 10:13, 40:43] = 1.5
+    bright = sample_hot_structures(hot, 500, np.random.default_rng(2), pet=pet, peak=0.0)
+    assert ((bright[:, 0] >= 45) & (bright[:, 0] < 48)).all()
+    faint = sample_hot_structures(hot, 500, np.random.default_rng(2), pet=np.full(hot.shape, -1.0, np.float32), peak=0.0)
+    assert len(faint) == 500 and hot[tuple(faint.T)].all()  # none bright enough: every component may be drawn
     assert sample_hot_structures(np.zeros((4, 4, 4), bool), 10, np.random.default_rng(0)).shape == (0, 3)
 
 

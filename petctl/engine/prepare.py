@@ -210,7 +210,8 @@ def background_coords(pet_norm: np.ndarray, label: np.ndarray | None, body: np.n
     hot = body & (pet_norm > np.float32(floor))
     if label is not None and label.any():
         hot &= ~ndimage.binary_dilation(label > 0, iterations=2)
-    hot_idx = sample_hot_structures(hot, int(round(cfg.body_samples * cfg.hot_background)), rng)
+    # a structure counts when its peak reaches the lesions' mean uptake: z = 0 after normalization
+    hot_idx = sample_hot_structures(hot, int(round(cfg.body_samples * cfg.hot_background)), rng, pet=pet_norm, peak=0.0)
     rest = sample_body_coords(body, cfg.body_samples - len(hot_idx), rng)
     return np.concatenate([rest, hot_idx]).astype(np.int32)
 
@@ -219,21 +220,32 @@ HOT_MIN_VOXELS = 27
 """Bright structures smaller than this (noise specks at the threshold) are not sampled on their own."""
 
 
-def sample_hot_structures(hot: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` voxels (x, y, z) of `hot`, each bright structure (26-connected component of at least
-    HOT_MIN_VOXELS) drawn equally often, then a voxel uniformly inside it: a small bladder or kidney
-    is a hard negative as often as the large brain (uniform voxels gave the bladder ~1 in 8)."""
+def sample_hot_structures(hot: np.ndarray, count: int, rng: np.random.Generator, *, pet: np.ndarray | None = None,
+                          peak: float | None = None) -> np.ndarray:
+    """`count` voxels (x, y, z) of `hot`, each bright structure drawn equally often, then a voxel
+    uniformly inside it: a small bladder or kidney is a hard negative as often as the large brain
+    (uniform voxels gave the bladder ~1 in 8). A structure is a 26-connected component of at least
+    HOT_MIN_VOXELS whose `pet` maximum reaches `peak` (the lesions' mean uptake: it could pass
+    for a lesion), so the faint specks just above the threshold do not dilute the draws; when no
+    component qualifies, all components are drawn."""
     import cc3d
+    from scipy import ndimage
 
     if count <= 0 or not hot.any():
         return np.zeros((0, 3), np.int32)
-    components = cc3d.connected_components(hot, connectivity=26)
+    components, n = cc3d.connected_components(hot, connectivity=26, return_N=True)
     coords = np.argwhere(components > 0)
     ids = components[tuple(coords.T)]
-    sizes = np.bincount(ids)
-    kept = np.flatnonzero(sizes >= HOT_MIN_VOXELS)
-    if kept.size == 0:  # only specks: draw among all of them
-        kept = np.flatnonzero(sizes)
+    sizes = np.bincount(ids, minlength=n + 1)
+    qualifies = sizes >= HOT_MIN_VOXELS
+    if pet is not None and peak is not None:
+        peaks = np.full(n + 1, -np.inf)
+        peaks[1:] = ndimage.maximum(pet, components, np.arange(1, n + 1))
+        qualifies &= peaks >= peak
+    qualifies[0] = False
+    kept = np.flatnonzero(qualifies)
+    if kept.size == 0:  # nothing bright enough: draw among all components
+        kept = np.flatnonzero(sizes[1:]) + 1
     order = np.argsort(ids, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]  # first position of each id in `order`
     chosen = rng.choice(kept, size=count)
@@ -355,7 +367,7 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
         json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
                     "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles),
                     **({"pc": list(cfg.pet_clip_percentiles)} if cfg.pet_clip_percentiles else {}),
-                    **({"hb": cfg.hot_background, "hbs": "structures"} if cfg.hot_background else {})}, sort_keys=True).encode()
+                    **({"hb": cfg.hot_background, "hbs": "structures-peak0"} if cfg.hot_background else {})}, sort_keys=True).encode()
     ).hexdigest()[:16]
     write_json_atomic(root / "fingerprint.json", {**fingerprint, "plan": plan_id})
     write_json_atomic(root / "splits.json", splits)
