@@ -12,7 +12,8 @@ from pathlib import Path
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "2", "--test-fraction", "0.2",
+    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "3", "--train-folds", "2",
+           "--test-fraction", "0.2",
            "--out", str(out), "--fresh"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -32,3 +33,19 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     for step in ("synth", "prepare", "train-seg-fold0", "train-seg-fold1", "train-cls-fold0-x", "train-cls-fold1-y", "calibrate",
                  "predict-demo", "evaluate-demo"):
         assert steps.get(step) == "done", (step, steps)
+    # a 3-fold split of which only the first two folds are trained and ensembled
+    assert len(json.loads((out / "store" / "splits.json").read_text())["seg_folds"]) == 3
+    assert not any(s.endswith("fold2") or "fold2-" in s for s in steps), steps
+    assert "2 of 3 folds trained" in report
+
+
+def test_demo_config_rejects_more_trained_folds_than_the_split_has():
+    import pytest
+
+    from petctl.engine.demo import DemoConfig
+    from petctl.errors import PetctlError
+
+    assert DemoConfig(folds=5).train_folds == 2
+    assert DemoConfig(folds=5, train_folds=None).train_folds is None
+    with pytest.raises(PetctlError, match="train-folds"):
+        DemoConfig(folds=3, train_folds=4)

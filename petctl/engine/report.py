@@ -85,6 +85,13 @@ def plot_test_cases(path: Path, data: Path, predictions: Path, cases: list[str])
     plt.close(fig)
 
 
+def _folds_text(cfg: Any) -> str:
+    trained = getattr(cfg, "train_folds", None)
+    if trained is None or trained >= cfg.folds:
+        return f"{cfg.folds} folds"
+    return f"{trained} of {cfg.folds} folds trained"
+
+
 def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path, cfg: Any, thresholds: dict[str, Any],
                  evaluation: Any, timings: dict[str, float], train_cfg: Any) -> dict[str, Any]:
     out = Path(out)
@@ -97,7 +104,7 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
     lines = [
         "# petctl demo report", "",
         f"Preset `{train_cfg.preset}` ({train_cfg.arch}, patch {train_cfg.patch_size}, {train_cfg.num_cycles}×{train_cfg.epochs_per_cycle} cycles, "
-        f"spacing {train_cfg.spacing} mm), {cfg.folds} folds, seed {cfg.seed}, data `{data}`.", "",
+        f"spacing {train_cfg.spacing} mm), {_folds_text(cfg)}, seed {cfg.seed}, data `{data}`.", "",
         "## Thresholds (calibrated on the held-out test split of the training cohort)", "",
         "| what | threshold | quality |", "| --- | --- | --- |",
         f"| segmentation (ensemble, max mean Dice) | {s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives |",
