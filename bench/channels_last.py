@@ -18,6 +18,7 @@ import _common  # noqa: I001 — must come first: pins thread pools before numpy
 _common.pin_threads()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -68,7 +69,7 @@ def main() -> None:
         return build_seg_model(cfg.arch, features=cfg.features, patch_size=cfg.patch_size)
 
     def cls() -> torch.nn.Module:
-        return build_classifier_for(cfg.__class__(**{**cfg.to_json(), "channels_last": False}))
+        return build_classifier_for(dataclasses.replace(cfg, channels_last=False))
 
     xs = torch.randn((cfg.batch_size, 2, *cfg.patch_size), generator=g)
     ys = (torch.rand((cfg.batch_size, 1, *cfg.patch_size), generator=g) > 0.95).float()
