@@ -634,3 +634,23 @@ def test_sbatch_reads_quoted_directives(slurm_cluster, tmp_path: Path):
     assert "petctl: run q, prepare:" in log.read_text()
     assert _scontrol_state(job) == "FAILED"  # no such cohort: prepare fails, as it should
     assert not list(tmp_path.rglob("pwned*"))
+
+
+@pytest.mark.slow
+def test_a_wheel_install_renders_the_templates(tmp_path: Path):
+    """A non-editable install has no repository `slurm/` folder: the wheel carries the templates."""
+    repo = Path(__file__).resolve().parents[1]
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = wheels.glob("petctl-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    code = ("import petctl.engine.slurm as s, pathlib; "
+            "assert pathlib.Path(s.__file__).is_relative_to(pathlib.Path(r'%s')), s.__file__; "
+            "names = sorted(p.name for p in s.TEMPLATES.glob('*.sbatch.tmpl')); print(names); "
+            "[s._template(n.split('.')[0]) for n in names]" % site)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(sorted(p.name for p in (repo / "slurm").glob("*.sbatch.tmpl")))

@@ -28,8 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 from petctl.errors import PetctlError
 
 PLAN_VERSION = 1
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
-"""The `*.sbatch.tmpl` files (the repository's top-level `slurm/` folder)."""
+TEMPLATES = Path(__file__).parents[1] / "slurm_templates"
+"""The `*.sbatch.tmpl` files: the repository's top-level `slurm/` folder, which the package reaches
+through its `slurm_templates` link and a wheel carries as package data (a non-editable install
+has no repository folder to read them from)."""
 
 # Words of a command line that are shell code, not values: NUL cannot occur in a path or option,
 # so a user's value can never be mistaken for one of these.
