@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
@@ -40,8 +42,6 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
 
 
 def test_demo_config_rejects_more_trained_folds_than_the_split_has():
-    import pytest
-
     from petctl.engine.demo import DemoConfig
     from petctl.errors import PetctlError
 

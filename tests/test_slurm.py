@@ -640,8 +640,13 @@ def test_sbatch_reads_quoted_directives(slurm_cluster, tmp_path: Path):
 def test_a_wheel_install_renders_the_templates(tmp_path: Path):
     """A non-editable install has no repository `slurm/` folder: the wheel carries the templates."""
     repo = Path(__file__).resolve().parents[1]
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    # build from a copy (links kept), so setuptools' build/ and egg-info never land in the checkout
+    for name in ("petctl", "slurm"):
+        shutil.copytree(repo / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
                    check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("petctl-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
