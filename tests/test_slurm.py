@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -577,7 +578,10 @@ def _preempt_at_step_10(job: str, log: Path) -> None:
 
 
 def _assert_resumed(text: str, step) -> None:
-    assert "requeueing job" in text and "restart 1)" in text and "resuming at cycle 1" in text, text[-3000:]
+    # stopped mid-cycle (not after the cycle ended) and resumed from that very step
+    stopped = re.search(r"stopped by signal at step (\d+); checkpoint saved", text)
+    assert stopped and "requeueing job" in text and "restart 1)" in text, text[-3000:]
+    assert re.search(rf"resuming at cycle 1, epoch \d+, step {stopped.group(1)}\n", text), text[-3000:]
     assert step.status == "done" and step.attempts == 2, step
 
 
@@ -587,7 +591,8 @@ def test_preempted_task_checkpoints_requeues_and_resumes(slurm_cluster, store: P
     t0 = time.monotonic()
     home = tmp_path / "home"
     job, log = _submit_one_task(home, "p", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
-                                "--gpus-per-node", "0", "--cpus-per-task", "1", "--folds", "2", "--cycles", "1", "--epochs", "5")
+                                "--gpus-per-node", "0", "--cpus-per-task", "1", "--folds", "2", "--cycles", "1",
+                                "--epochs", "15")  # 45 steps: room for the signal's latency
     _preempt_at_step_10(job, log)
     _wait_for_jobs([job], log.parent, timeout_s=300)
     _assert_resumed(log.read_text(), Registry(home).step("p", "train-seg-fold0"))
@@ -605,7 +610,8 @@ def test_training_task_across_two_nodes(slurm_cluster, store: Path, tmp_path: Pa
     home = tmp_path / "home"
     job, log = _submit_one_task(home, "m", "--store", str(store), "--data", str(tmp_path / "unused"), "--preset", "cpu-tiny",
                                 "--gpus-per-node", "0", "--nodes", "2", "--cpus-per-task", "1", "--folds", "2", "--cycles", "1",
-                                "--epochs", "10")  # each rank sees half the cases: 2 steps an epoch
+                                "--epochs", "20")  # each rank sees half the cases: 2 steps an epoch; 40 steps leave room
+                                                   # for the signal's latency
     _preempt_at_step_10(job, log)
     _wait_for_jobs([job], log.parent, timeout_s=300)
     text = log.read_text()
