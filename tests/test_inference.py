@@ -41,8 +41,12 @@ def test_thresholds_json_and_pictures(trained: Path, store: Path):
     assert t["version"] == 1 and t["test_cases"] == splits["test"]
     assert 0.01 <= t["segmentation"]["threshold"] <= 0.99
     assert t["segmentation"]["num_positives"] == sum(manifest[c]["positive"] for c in splits["test"])
-    curve = [v for v in t["segmentation"]["mean_dice_curve"] if v is not None]
-    assert max(curve) == pytest.approx(t["segmentation"]["mean_dice"])
+    seg = t["segmentation"]
+    curve = [v for v in seg["mean_dice_curve"] if v is not None]  # seed 0: the plain threshold
+    assert max(curve) == pytest.approx(seg["without_seed"]["mean_dice"]) and seg["mean_dice"] >= max(curve)
+    assert seg["seed_threshold"] in seg["seed_thresholds"] and max(seg["best_dice_per_seed"]) == pytest.approx(seg["mean_dice"])
+    at_seed = [v for v in seg["mean_dice_curve_at_seed"] if v is not None]
+    assert max(at_seed) == pytest.approx(seg["mean_dice"])
     cls = t["classifier"]
     scores = {c: r["cls_score"] for c, r in t["cases"].items()}
     positives = [c for c in splits["test"] if manifest[c]["positive"]]
@@ -101,6 +105,23 @@ def test_gate_writes_empty_masks_without_segmenting(trained: Path, cohort: Path,
     record = json.loads((out / "predictions.json").read_text())["written"][name]
     assert record["gated"] is True and record["cls_score"] < 1.01
     assert "yes" in result.stdout
+
+
+def test_predict_applies_the_component_seed(trained: Path, cohort: Path, tmp_path: Path):
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    name = case.name[: -len("_0000.nii.gz")]
+    voxels = {}
+    for run, seed in (("s0", 0.0), ("s1", 1.0)):  # no probability reaches 1.0 after a few steps: every component goes
+        shutil.copytree(trained / "runs/r", trained / "runs" / run)
+        (trained / "runs" / run / "run.json").write_text((trained / "runs/r/run.json").read_text().replace('"run": "r"', f'"run": "{run}"'))
+        t = json.loads((trained / "runs" / run / "thresholds.json").read_text())
+        t["segmentation"].update(threshold=0.01, seed_threshold=seed)
+        (trained / "runs" / run / "thresholds.json").write_text(json.dumps(t))
+        _petctl(trained, "predict", str(case), str(tmp_path / run), "--run", run, "--no-gate", "--save-probabilities", "float32")
+        prob = np.asarray(nib.load(str(tmp_path / run / f"{name}_prob.nii.gz")).dataobj, np.float32)
+        assert prob.max() < 1.0
+        voxels[run] = int(np.asarray(nib.load(str(tmp_path / run / f"{name}.nii.gz")).dataobj).sum())
+    assert voxels["s0"] > 0 and voxels["s1"] == 0, voxels
 
 
 def test_bad_case_is_named_and_others_go_on(trained: Path, cohort: Path, tmp_path: Path):

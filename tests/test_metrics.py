@@ -9,12 +9,16 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from petctl.engine.metrics import (
+    SEED_THRESHOLDS,
     THRESHOLDS,
     auroc,
+    best_seeded_threshold,
     best_threshold,
     classifier_threshold,
     dice,
     dice_sweep,
+    seeded_dice_grid,
+    seeded_mask,
     specificity_at,
     top_k_auroc,
 )
@@ -239,3 +243,60 @@ def test_classifier_threshold_without_positives_raises_and_specificity_without_n
     with pytest.raises(ValueError, match="no positive"):
         classifier_threshold(np.zeros(4), np.arange(4.0))
     assert math.isnan(specificity_at(np.ones(4), np.arange(4.0), 1.0))
+
+
+def _blobs() -> tuple[np.ndarray, np.ndarray]:
+    """A lesion (rim 0.55, core 0.95), a faint false blob above the rim (0.6), a confident false blob (0.97)."""
+    probs = np.zeros((20, 20, 20), np.float32)
+    labels = np.zeros(probs.shape, np.uint8)
+    labels[2:6, 2:6, 2:6] = 1
+    probs[2:6, 2:6, 2:6] = 0.55
+    probs[3:5, 3:5, 3:5] = 0.95
+    probs[10:14, 10:14, 10:14] = 0.6  # no plain threshold keeps the whole lesion without it
+    probs[16:18, 16:18, 16:18] = 0.97  # no seed drops it without dropping the lesion too
+    return labels, probs
+
+
+def test_seeded_mask_drops_components_without_a_seed_voxel() -> None:
+    labels, probs = _blobs()
+    assert seeded_mask(probs, 0.5, 0.0).sum() == 64 + 64 + 8
+    kept = seeded_mask(probs, 0.5, 0.7)
+    assert kept.sum() == 64 + 8 and kept[2:6, 2:6, 2:6].all() and not kept[10:14, 10:14, 10:14].any()
+    assert seeded_mask(probs, 0.5, 0.98).sum() == 0
+    assert seeded_mask(probs, 0.8, 0.5).sum() == 8 + 8  # a seed below the threshold keeps every component
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_seeded_dice_grid_equals_the_per_pair_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((24, 20, 16)) > 0.97).astype(np.uint8)
+    labels[4:9, 4:9, 4:9] = 1
+    probs = np.clip(rng.normal(0.3, 0.2, labels.shape) + 0.4 * labels, 0, 1).astype(np.float32)
+    thresholds, seeds = np.array([0.3, 0.5, 0.62, 0.8]), np.array([0.0, 0.5, 0.7, 0.9])
+    table = seeded_dice_grid(labels, probs, thresholds, seeds)
+    for i, t in enumerate(thresholds):
+        for j, s in enumerate(seeds):
+            assert table[i, j] == pytest.approx(dice(seeded_mask(probs, t, s), labels), abs=1e-12), (t, s)
+    assert np.allclose(table[:, 0], dice_sweep(labels, probs, thresholds))  # seed 0 is the plain threshold
+
+
+def test_seeded_dice_grid_and_the_choice_on_hand_blobs() -> None:
+    labels, probs = _blobs()
+    table = seeded_dice_grid(labels, probs, THRESHOLDS, SEED_THRESHOLDS)
+    assert table.shape == (THRESHOLDS.size, SEED_THRESHOLDS.size)
+    t, s, d = best_seeded_threshold(table, THRESHOLDS, SEED_THRESHOLDS)
+    # plain: at most Dice 128/200 (t <= 0.55 keeps all three blobs); a seed in (0.6, 0.95] drops the faint blob
+    assert table[:, 0].max() == pytest.approx(128 / 200)
+    assert (t, s) == (0.5, 0.65) and d == pytest.approx(128 / 136) and d == pytest.approx(np.nanmax(table))
+    assert np.isnan(seeded_dice_grid(np.zeros_like(labels), probs, THRESHOLDS, SEED_THRESHOLDS)).all()
+
+
+def test_best_seeded_threshold_prefers_no_seed_on_a_tie_and_checks_shapes() -> None:
+    table = np.full((3, 3), 0.5)
+    assert best_seeded_threshold(table, np.array([0.4, 0.5, 0.6]), np.array([0.0, 0.6, 0.8]))[1] == 0.0
+    table[1, 2] = 0.7
+    assert best_seeded_threshold(table, np.array([0.4, 0.5, 0.6]), np.array([0.0, 0.6, 0.8])) == (0.5, 0.8, 0.7)
+    with pytest.raises(ValueError, match="shape"):
+        best_seeded_threshold(table, np.array([0.4, 0.5]), np.array([0.0, 0.6, 0.8]))
+    with pytest.raises(ValueError, match="no finite"):
+        best_seeded_threshold(np.full((3, 3), np.nan), np.array([0.4, 0.5, 0.6]), np.array([0.0, 0.6, 0.8]))

@@ -33,7 +33,7 @@ def calibrate(
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate)
         seg, cls = result["segmentation"], result["classifier"]
-        metrics = {"seg_threshold": seg["threshold"], "test_dice": seg["mean_dice"]}
+        metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if cls:
             metrics.update(cls_threshold=cls["threshold"], cls_auroc=cls["auroc"], specificity=cls["specificity"])
         registry.update_step(run, "calibrate", metrics=metrics)
@@ -45,7 +45,10 @@ def calibrate(
         vt = f.get("val_threshold")
         table.add_row(f["fold"], "-" if vt is None else f"{vt:.2f}", f"{f.get('ensemble_dice_at_val_threshold', float('nan')):.4f}",
                       f"{f['test_best_threshold']:.2f}", f"{f['test_dice_alone']:.4f}")
-    table.add_row("[bold]ensemble[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
+    plain = seg["without_seed"]
+    table.add_row("ensemble", "", "", f"{plain['threshold']:.2f}", f"{plain['mean_dice']:.4f}")
+    seeded = f" (seed {seg['seed_threshold']:.2f})" if seg["seed_threshold"] > 0 else ""
+    table.add_row(f"[bold]ensemble, chosen{seeded}[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
     console.print(table)
     if cls:
         t2 = Table(title="Classifier gate (sensitivity 1.0 on the test set)")

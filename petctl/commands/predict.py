@@ -2,7 +2,8 @@
 
 INPUT is an nnU-Net folder (imagesTs, else imagesTr), an AutoPET-layout folder, or one CT file
 CASE_0000.nii.gz (its PET CASE_0001 beside it). The MIP classifier gates each scan first (predicted
-healthy → an empty mask, no segmentation); otherwise the fold ensemble and the calibrated threshold.
+healthy → an empty mask, no segmentation); otherwise the fold ensemble, the calibrated threshold and
+component seed.
 Writes OUTPUT/{case}.nii.gz (uint8). Exit status 3 when some cases were skipped (each named).
 """
 
@@ -23,7 +24,7 @@ def predict(
     run: Annotated[str, typer.Option("--run", help="A calibrated run (or its -merged retrain).")],
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Segment every scan (skip the classifier gate).")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation (3 extra passes per fold).")] = False,
-    save_probabilities: Annotated[Optional[str], typer.Option("--save-probabilities", help="Also write {case}_prob.nii.gz: float16 or uint8 (×255).")] = None,
+    save_probabilities: Annotated[Optional[str], typer.Option("--save-probabilities", help="Also write {case}_prob.nii.gz: float32 or uint8 (×255; a quarter of the size).")] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Write {case}_preview.png (PET MIP with the mask).")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:

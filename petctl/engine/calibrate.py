@@ -1,7 +1,9 @@
 """`petctl calibrate`: the ensemble's thresholds, chosen on the held-out test set.
 
 Segmentation: the fold ensemble (mean of sigmoid probabilities) predicts the test positives on the
-stored grid; the single threshold maximizing the mean per-case Dice over a 0.01 grid is chosen.
+stored grid; the threshold maximizing the mean per-case Dice over a 0.01 grid is chosen jointly
+with a component seed (hysteresis: a connected component of `p >= threshold` is kept only when it
+holds a voxel `p >= seed`; seed 0 keeps all), so that faint blobs with no confident core go.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
 positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0.
@@ -27,11 +29,14 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     """Compute and write `run_dir/thresholds.json`; returns its payload."""
     from petctl.engine.ensemble import RunModels
     from petctl.engine.metrics import (
+        SEED_THRESHOLDS,
         THRESHOLDS,
         auroc,
+        best_seeded_threshold,
         best_threshold,
         classifier_threshold,
         dice_sweep,
+        seeded_dice_grid,
         specificity_at,
     )
     from petctl.engine.store import CaseStore, write_json_atomic
@@ -48,7 +53,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         raise PetctlError(f"{models.store}: the test set has no positive case to calibrate the segmentation threshold on")
 
     per_case: dict[str, dict[str, Any]] = {}
-    ensemble_curves, fold_curves = [], {m.name: [] for m in models.seg}
+    ensemble_tables, fold_curves = [], {m.name: [] for m in models.seg}
     for case in test:
         stored = store.load(case)
         image = torch.from_numpy(stored.image.read_all()).float()
@@ -59,17 +64,20 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             label = stored.label.read_all()
             fold_probs = [models.seg_probs(image, models=[m]) for m in models.seg]
             ensemble = np.mean(fold_probs, axis=0)
-            curve = dice_sweep(label, ensemble, THRESHOLDS)
-            ensemble_curves.append(curve)
+            table = seeded_dice_grid(label, ensemble, THRESHOLDS, SEED_THRESHOLDS)
+            ensemble_tables.append(table)
             for m, p in zip(models.seg, fold_probs):
                 fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
-            row["dice_curve"] = curve.tolist()
+            row["dice_table"] = table
         per_case[case] = row
         if on_case:
             on_case(case)
 
-    mean_curve = np.nanmean(np.array(ensemble_curves), axis=0)
-    seg_thr, seg_dice = best_threshold(mean_curve, THRESHOLDS)
+    mean_table = np.nanmean(np.array(ensemble_tables), axis=0)
+    mean_curve = mean_table[:, 0]  # seed 0: every component kept (the paper's plain threshold)
+    seg_thr, seed_thr, seg_dice = best_seeded_threshold(mean_table, THRESHOLDS, SEED_THRESHOLDS)
+    seed_col = int(np.argmin(np.abs(SEED_THRESHOLDS - seed_thr)))
+    plain_thr, plain_dice = best_threshold(mean_curve, THRESHOLDS)
     folds = []
     for m in models.seg:
         own = np.nanmean(np.array(fold_curves[m.name]), axis=0)
@@ -80,9 +88,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             entry["ensemble_dice_at_val_threshold"] = float(mean_curve[idx])
         folds.append(entry)
     for row in per_case.values():
-        if "dice_curve" in row:
-            row["dice_at_threshold"] = row["dice_curve"][int(np.argmin(np.abs(THRESHOLDS - seg_thr)))]
-            del row["dice_curve"]
+        if "dice_table" in row:
+            row["dice_at_threshold"] = float(row.pop("dice_table")[int(np.argmin(np.abs(THRESHOLDS - seg_thr))), seed_col])
 
     payload: dict[str, Any] = {
         "version": THRESHOLDS_VERSION,
@@ -90,8 +97,12 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         "store": str(models.store),
         "test_cases": test,
         "segmentation": {
-            "threshold": float(seg_thr), "mean_dice": float(seg_dice), "num_positives": len(positives),
+            "threshold": float(seg_thr), "seed_threshold": float(seed_thr), "mean_dice": float(seg_dice),
+            "num_positives": len(positives), "without_seed": {"threshold": plain_thr, "mean_dice": plain_dice},
             "thresholds": THRESHOLDS.tolist(), "mean_dice_curve": [None if not np.isfinite(v) else float(v) for v in mean_curve],
+            "seed_thresholds": SEED_THRESHOLDS.tolist(),
+            "best_dice_per_seed": [None if np.isnan(col).all() else float(np.nanmax(col)) for col in mean_table.T],
+            "mean_dice_curve_at_seed": [None if not np.isfinite(v) else float(v) for v in mean_table[:, seed_col]],
             "folds": folds,
         },
         "classifier": None,
@@ -126,7 +137,12 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
     for name, curves in fold_curves.items():
         ax.plot(thresholds, np.nanmean(np.array(curves), axis=0), lw=1, alpha=0.6, label=name)
     ax.plot(thresholds, [np.nan if v is None else v for v in seg["mean_dice_curve"]], "k-", lw=2.5, label="ensemble")
-    ax.plot([seg["threshold"]], [seg["mean_dice"]], "r*", ms=14, label=f"chosen {seg['threshold']:.2f} (Dice {seg['mean_dice']:.3f})")
+    seed = seg.get("seed_threshold") or 0.0
+    if seed > 0:
+        ax.plot(thresholds, [np.nan if v is None else v for v in seg["mean_dice_curve_at_seed"]], "r--", lw=2,
+                label=f"ensemble, components seeded at {seed:.2f}")
+    ax.plot([seg["threshold"]], [seg["mean_dice"]], "r*", ms=14,
+            label=f"chosen {seg['threshold']:.2f}{f' / seed {seed:.2f}' if seed > 0 else ''} (Dice {seg['mean_dice']:.3f})")
     ax.set(xlabel="threshold", ylabel="mean Dice over test positives", title="Segmentation threshold", ylim=(0, 1))
     ax.legend(fontsize=7, loc="lower center")
     fig.tight_layout()

@@ -141,7 +141,8 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={}):
         thresholds = calibrate(run_dir)
         seg, cls = thresholds["segmentation"], thresholds["classifier"]
-        registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "test_dice": seg["mean_dice"],
+        registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"],
+                                                            "test_dice": seg["mean_dice"],
                                                             "cls_threshold": cls["threshold"], "cls_auroc": cls["auroc"]})
     timings["calibrate"] = time.perf_counter() - t
 

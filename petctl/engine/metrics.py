@@ -17,6 +17,14 @@ import numpy as np
 THRESHOLDS: np.ndarray = np.round(np.arange(0.01, 1.0, 0.01), 2)
 """The default segmentation threshold grid: 0.01, 0.02, ..., 0.99."""
 
+SEED_THRESHOLDS: np.ndarray = np.round(np.concatenate([[0.0], np.arange(0.5, 0.91, 0.05)]), 2)
+"""The component seed grid: 0 (off: every component kept), 0.50, 0.55, ..., 0.90.
+
+It stops at 0.90: on three demo cohorts a seed of 0.95, chosen on 14 calibration positives, dropped
+true lesions on the unseen cases (false-negative volume 2.5 → 7.0 mL) while 0.70–0.85 held up."""
+
+SEED_CONNECTIVITY = 26
+
 
 def _flat_pair(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels as a flat boolean mask and values flattened, checking that their sizes agree."""
@@ -136,6 +144,59 @@ def dice_sweep(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray = T
     return result
 
 
+def seeded_mask(probs: np.ndarray, threshold: float, seed_threshold: float) -> np.ndarray:
+    """`probs >= threshold`, keeping only the connected components that reach `seed_threshold`.
+
+    Hysteresis thresholding: a component grows down to the lower threshold but must hold one
+    voxel at or above the seed to stay. A seed at or below the threshold keeps every component.
+    """
+    import cc3d
+
+    mask = np.asarray(probs) >= threshold
+    if seed_threshold <= threshold or not mask.any():
+        return mask
+    components = cc3d.connected_components(mask.view(np.uint8), connectivity=SEED_CONNECTIVITY)
+    keep = np.unique(components[np.asarray(probs) >= seed_threshold])
+    lookup = np.zeros(int(components.max()) + 1, dtype=bool)
+    lookup[keep[keep > 0]] = True
+    return lookup[components]
+
+
+def seeded_dice_grid(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray = THRESHOLDS,
+                     seeds: np.ndarray = SEED_THRESHOLDS) -> np.ndarray:
+    """Dice of `seeded_mask(probs, t, s)` for every (t, s): shape (len(thresholds), len(seeds)).
+
+    One connected-component labelling per threshold; each component's size, lesion overlap and
+    peak probability then give every seed's Dice by sums, without relabelling. All nan when the
+    volume has no lesion.
+    """
+    import cc3d
+
+    gt = np.asarray(labels) > 0
+    values = np.asarray(probs)
+    if gt.shape != values.shape:
+        raise ValueError(f"labels have shape {gt.shape} but the probabilities {values.shape}")
+    grid, seed_grid = np.asarray(thresholds, np.float64).reshape(-1), np.asarray(seeds, np.float64).reshape(-1)
+    num_gt = int(np.count_nonzero(gt))
+    out = np.full((grid.size, seed_grid.size), np.nan)
+    if num_gt == 0:
+        return out
+    for i, t in enumerate(grid):
+        mask = values >= t
+        components, num = cc3d.connected_components(mask.view(np.uint8), connectivity=SEED_CONNECTIVITY, return_N=True)
+        flat = components.reshape(-1)
+        size = np.bincount(flat, minlength=num + 1)[1:]
+        hits = np.bincount(flat[gt.reshape(-1)], minlength=num + 1)[1:]
+        peak = np.zeros(num + 1, dtype=np.float64)
+        inside = flat > 0
+        np.maximum.at(peak, flat[inside], values.reshape(-1)[inside])
+        peak = peak[1:]
+        for j, s in enumerate(seed_grid):
+            keep = peak >= s if s > t else np.ones(num, dtype=bool)
+            out[i, j] = _dice_from_counts(int(hits[keep].sum()), int(size[keep].sum()), num_gt)
+    return out
+
+
 def best_threshold(mean_dice_per_threshold: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> tuple[float, float]:
     """The threshold with the highest Dice, and that Dice; nan entries are ignored.
 
@@ -156,6 +217,28 @@ def best_threshold(mean_dice_per_threshold: np.ndarray, thresholds: np.ndarray =
     distance = np.round(np.abs(grid[candidates] - 0.5), 9)
     pick = candidates[np.lexsort((grid[candidates], distance))[0]]
     return float(grid[pick]), float(best)
+
+
+def best_seeded_threshold(mean_dice: np.ndarray, thresholds: np.ndarray = THRESHOLDS,
+                          seeds: np.ndarray = SEED_THRESHOLDS) -> tuple[float, float, float]:
+    """(threshold, seed, Dice) with the highest mean Dice over a `seeded_dice_grid` table.
+
+    Within a seed, ties follow `best_threshold`; across seeds an equal Dice goes to the lower
+    seed (0, off, first): post-processing has to earn its place.
+    """
+    table = np.asarray(mean_dice, dtype=np.float64)
+    if table.shape != (np.size(thresholds), np.size(seeds)):
+        raise ValueError(f"a Dice table of shape {table.shape} for {np.size(thresholds)} thresholds × {np.size(seeds)} seeds")
+    best: tuple[float, float, float] | None = None
+    for j, s in enumerate(np.asarray(seeds, np.float64).reshape(-1)):
+        if np.isnan(table[:, j]).all():
+            continue
+        t, d = best_threshold(table[:, j], thresholds)
+        if best is None or d > best[2]:
+            best = (t, float(s), d)
+    if best is None:
+        raise ValueError("no finite Dice value to choose a threshold from")
+    return best
 
 
 def classifier_threshold(labels: np.ndarray, scores: np.ndarray) -> float:

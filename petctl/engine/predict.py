@@ -2,8 +2,8 @@
 
 Per case: exactly prepare's preprocessing (the training store's fingerprint and spacing); the MIP
 classifier gate first (probability below its calibrated threshold → an empty mask is written, no
-segmentation cost); otherwise the fold ensemble by sliding window, the calibrated threshold, and
-the mask mapped back onto the input's grid (same shape, affine and orientation as the PET, which
+segmentation cost); otherwise the fold ensemble by sliding window, the calibrated threshold and
+component seed (components with no voxel at the seed are dropped), and the mask mapped back onto the input's grid (same shape, affine and orientation as the PET, which
 is the label grid of the cohort). Outputs are written atomically and never over an input file.
 Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
 """
@@ -29,14 +29,14 @@ class PredictOptions:
     gate: bool = True
     tta: bool = False
     save_probabilities: str | None = None
-    """None, "float16" or "uint8" (probability × 255, rounded)."""
+    """None, "float32" or "uint8" (probability × 255, rounded). NIfTI-1 has no float16."""
     preview: bool = False
     stitch_on_cpu: bool | None = None
     """Stitch windows on the CPU; None decides by volume size (≥ 64 M voxels)."""
 
     def __post_init__(self) -> None:
-        if self.save_probabilities not in (None, "float16", "uint8"):
-            raise PetctlError("--save-probabilities must be float16 or uint8")
+        if self.save_probabilities not in (None, "float32", "uint8"):
+            raise PetctlError("--save-probabilities must be float32 or uint8")
 
 
 @dataclass
@@ -106,6 +106,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
 
     from petctl.engine.ensemble import RunModels, read_thresholds
     from petctl.engine.geometry import to_original
+    from petctl.engine.metrics import seeded_mask
     from petctl.engine.nifti import load_case
     from petctl.engine.prepare import preprocess
     from petctl.engine.store import read_json
@@ -113,6 +114,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     run_dir = Path(run_dir)
     thresholds = read_thresholds(run_dir)
     seg_threshold = float(thresholds["segmentation"]["threshold"])
+    seed_threshold = float(thresholds["segmentation"].get("seed_threshold") or 0.0)
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
     models = RunModels.load(run_dir, need_cls=gate)
@@ -151,7 +153,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                 stitch_cpu = options.stitch_on_cpu if options.stitch_on_cpu is not None else image.shape[1] * image.shape[2] * image.shape[3] >= 64 * 1024**2
                 probs_stored = models.seg_probs(image_t, tta=options.tta, stitch_on_cpu=stitch_cpu)
                 probs = to_original(probs_stored, geometry)
-                mask = (probs >= seg_threshold).astype(np.uint8)
+                mask = seeded_mask(probs, seg_threshold, seed_threshold).astype(np.uint8)
             _save_nifti(mask, reference, mask_path, np.uint8)
             record["lesion_voxels"] = int(mask.sum())
             if options.save_probabilities:
@@ -160,7 +162,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                 if options.save_probabilities == "uint8":
                     _save_nifti(np.rint(np.clip(p, 0, 1) * 255), reference, prob_path, np.uint8)
                 else:
-                    _save_nifti(p, reference, prob_path, np.float16)
+                    _save_nifti(p, reference, prob_path, np.float32)
             if options.preview:
                 preview_png(_safe_output(output, src.case, "_preview.png", inputs), pet, mask, affine, src.case, record)
             record["seconds"] = round(time.perf_counter() - t0, 3)

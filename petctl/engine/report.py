@@ -109,6 +109,10 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         "| what | threshold | quality |", "| --- | --- | --- |",
         f"| segmentation (ensemble, max mean Dice) | {s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives |",
     ]
+    if s_thr.get("seed_threshold"):
+        plain = s_thr["without_seed"]
+        lines.append(f"| component seed (a component must reach it) | {s_thr['seed_threshold']:.2f} | without it: Dice {plain['mean_dice']:.3f} "
+                     f"at {plain['threshold']:.2f} |")
     if c_thr:
         lines.append(f"| classifier gate (sensitivity 1.0) | {c_thr['threshold']:.4f} | AUROC {c_thr['auroc']:.3f}, specificity "
                      f"{c_thr['specificity']:.3f}, {c_thr['negatives_skipping_segmentation']}/{c_thr['negatives']} negatives skip segmentation |")
@@ -121,7 +125,8 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
     for name, m in cls.items():
         b = m.get("best") or {}
         lines.append(f"| {name} | {_fmt(b.get('cycle'))} | {_fmt(b.get('auroc'), 4)} |")
-    summary: dict[str, Any] = {"thresholds": {"segmentation": s_thr["threshold"], "classifier": c_thr.get("threshold")},
+    summary: dict[str, Any] = {"thresholds": {"segmentation": s_thr["threshold"], "seed": s_thr.get("seed_threshold"),
+                                              "classifier": c_thr.get("threshold")},
                                "calibration": {"test_dice": s_thr["mean_dice"], "classifier_auroc": c_thr.get("auroc")}}
     if evaluation is not None:
         s = evaluation.summary
