@@ -1,8 +1,9 @@
-"""Segmentation and classification metrics: pure numpy math, arrays in, floats out.
+"""Segmentation and classification metrics: pure array math (numpy; cc3d for components), arrays in, floats out.
 
 Owns the model-selection metric of the paper (`top_k_auroc`: all n lesion voxels against the n
 highest-scored background voxels), a tie-exact rank AUROC, Dice and its one-pass sweep over a
-threshold grid, the choice of the best segmentation threshold, and the classifier's
+threshold grid, hysteresis masks (components kept only when they reach a seed) with their Dice over
+a threshold × seed grid, the choice of the best segmentation threshold, and the classifier's
 sensitivity-1 threshold with its specificity. Every function takes any array shape (it is
 flattened), reads labels as `labels > 0`, and does no I/O and no collective communication:
 callers gather arrays first, then call these.
