@@ -15,6 +15,7 @@ import typer
 def calibrate(
     run: Annotated[str, typer.Option("--run", help="The training run to calibrate.")],
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Skip the classifier (no classifier folds trained).")] = False,
+    component_seed: Annotated[bool, typer.Option("--component-seed", help="Also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed. Off: the paper's plain threshold.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from rich.table import Table
@@ -29,9 +30,9 @@ def calibrate(
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
-    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate}):
+    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "component_seed": component_seed}):
         task = bar.add_task("ensemble on the test set", total=None)
-        result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate)
+        result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate, component_seed=component_seed)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if cls:

@@ -2,8 +2,8 @@
 
 INPUT is an nnU-Net folder (imagesTs, else imagesTr), an AutoPET-layout folder, or one CT file
 CASE_0000.nii.gz (its PET CASE_0001 beside it). The MIP classifier gates each scan first (predicted
-healthy → an empty mask, no segmentation); otherwise the fold ensemble, the calibrated threshold and
-component seed.
+healthy → an empty mask, no segmentation); otherwise the fold ensemble and the calibrated threshold
+(and component seed, when calibrated with one).
 Writes OUTPUT/{case}.nii.gz (uint8). Exit status 3 when some cases were skipped (each named).
 """
 

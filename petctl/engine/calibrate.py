@@ -1,9 +1,9 @@
 """`petctl calibrate`: the ensemble's thresholds, chosen on the held-out test set.
 
 Segmentation: the fold ensemble (mean of sigmoid probabilities) predicts the test positives on the
-stored grid; the threshold maximizing the mean per-case Dice over a 0.01 grid is chosen jointly
-with a component seed (hysteresis: a connected component of `p >= threshold` is kept only when it
-holds a voxel `p >= seed`; seed 0 keeps all), so that faint blobs with no confident core go.
+stored grid; the threshold maximizing the mean per-case Dice over a 0.01 grid is chosen (with
+`component_seed`, jointly with a component seed — hysteresis: a connected component of
+`p >= threshold` is kept only when it holds a voxel `p >= seed`; seed 0 keeps all).
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
 positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0.
@@ -25,8 +25,12 @@ from petctl.errors import PetctlError
 THRESHOLDS_VERSION = 1
 
 
-def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True) -> dict[str, Any]:
-    """Compute and write `run_dir/thresholds.json`; returns its payload."""
+def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
+              component_seed: bool = False) -> dict[str, Any]:
+    """Compute and write `run_dir/thresholds.json`; returns its payload.
+
+    `component_seed` adds the seed grid to the search (off by default: the paper's plain threshold).
+    """
     from petctl.engine.ensemble import RunModels
     from petctl.engine.metrics import (
         SEED_THRESHOLDS,
@@ -52,6 +56,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if not positives:
         raise PetctlError(f"{models.store}: the test set has no positive case to calibrate the segmentation threshold on")
 
+    seeds = SEED_THRESHOLDS if component_seed else SEED_THRESHOLDS[:1]  # [0.0]: every component kept
     per_case: dict[str, dict[str, Any]] = {}
     ensemble_tables, fold_curves = [], {m.name: [] for m in models.seg}
     for case in test:
@@ -64,7 +69,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             label = stored.label.read_all()
             fold_probs = [models.seg_probs(image, models=[m]) for m in models.seg]
             ensemble = np.mean(fold_probs, axis=0)
-            table = seeded_dice_grid(label, ensemble, THRESHOLDS, SEED_THRESHOLDS)
+            table = seeded_dice_grid(label, ensemble, THRESHOLDS, seeds)
             ensemble_tables.append(table)
             for m, p in zip(models.seg, fold_probs):
                 fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
@@ -75,8 +80,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
 
     mean_table = np.nanmean(np.array(ensemble_tables), axis=0)
     mean_curve = mean_table[:, 0]  # seed 0: every component kept (the paper's plain threshold)
-    seg_thr, seed_thr, seg_dice = best_seeded_threshold(mean_table, THRESHOLDS, SEED_THRESHOLDS)
-    seed_col = int(np.argmin(np.abs(SEED_THRESHOLDS - seed_thr)))
+    seg_thr, seed_thr, seg_dice = best_seeded_threshold(mean_table, THRESHOLDS, seeds)
+    seed_col = int(np.argmin(np.abs(seeds - seed_thr)))
     plain_thr, plain_dice = best_threshold(mean_curve, THRESHOLDS)
     folds = []
     for m in models.seg:
@@ -100,7 +105,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             "threshold": float(seg_thr), "seed_threshold": float(seed_thr), "mean_dice": float(seg_dice),
             "num_positives": len(positives), "without_seed": {"threshold": plain_thr, "mean_dice": plain_dice},
             "thresholds": THRESHOLDS.tolist(), "mean_dice_curve": [None if not np.isfinite(v) else float(v) for v in mean_curve],
-            "seed_thresholds": SEED_THRESHOLDS.tolist(),
+            "seed_thresholds": seeds.tolist(),
             "best_dice_per_seed": [None if np.isnan(col).all() else float(np.nanmax(col)) for col in mean_table.T],
             "mean_dice_curve_at_seed": [None if not np.isfinite(v) else float(v) for v in mean_table[:, seed_col]],
             "folds": folds,

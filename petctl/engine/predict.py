@@ -2,8 +2,9 @@
 
 Per case: exactly prepare's preprocessing (the training store's fingerprint and spacing); the MIP
 classifier gate first (probability below its calibrated threshold → an empty mask is written, no
-segmentation cost); otherwise the fold ensemble by sliding window, the calibrated threshold and
-component seed (components with no voxel at the seed are dropped), and the mask mapped back onto the input's grid (same shape, affine and orientation as the PET, which
+segmentation cost); otherwise the fold ensemble by sliding window, the calibrated threshold (and
+component seed when one was calibrated: components with no voxel at the seed are dropped), and
+the mask mapped back onto the input's grid (same shape, affine and orientation as the PET, which
 is the label grid of the cohort). Outputs are written atomically and never over an input file.
 Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
 """
