@@ -182,7 +182,11 @@ def seeded_dice_grid(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarr
     out = np.full((grid.size, seed_grid.size), np.nan)
     if num_gt == 0:
         return out
+    plain = dice_sweep(gt, values, grid)  # a seed at or below the threshold keeps every component
     for i, t in enumerate(grid):
+        out[i, :] = plain[i]
+        if not (seed_grid > t).any():
+            continue  # no labelling needed (seed grid [0]: the plain threshold, at dice_sweep's cost)
         mask = values >= t
         components, num = cc3d.connected_components(mask.view(np.uint8), connectivity=SEED_CONNECTIVITY, return_N=True)
         flat = components.reshape(-1)
@@ -193,8 +197,9 @@ def seeded_dice_grid(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarr
         np.maximum.at(peak, flat[inside], values.reshape(-1)[inside])
         peak = peak[1:]
         for j, s in enumerate(seed_grid):
-            keep = peak >= s if s > t else np.ones(num, dtype=bool)
-            out[i, j] = _dice_from_counts(int(hits[keep].sum()), int(size[keep].sum()), num_gt)
+            if s > t:
+                keep = peak >= s
+                out[i, j] = _dice_from_counts(int(hits[keep].sum()), int(size[keep].sum()), num_gt)
     return out
 
 
