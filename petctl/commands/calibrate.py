@@ -46,10 +46,12 @@ def calibrate(
         vt = f.get("val_threshold")
         table.add_row(f["fold"], "-" if vt is None else f"{vt:.2f}", f"{f.get('ensemble_dice_at_val_threshold', float('nan')):.4f}",
                       f"{f['test_best_threshold']:.2f}", f"{f['test_dice_alone']:.4f}")
-    plain = seg["without_seed"]
-    table.add_row("ensemble", "", "", f"{plain['threshold']:.2f}", f"{plain['mean_dice']:.4f}")
-    seeded = f" (seed {seg['seed_threshold']:.2f})" if seg["seed_threshold"] > 0 else ""
-    table.add_row(f"[bold]ensemble, chosen{seeded}[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
+    seeded = ""
+    if seg["seed_threshold"] > 0:  # the plain choice beside the seeded one
+        plain = seg["without_seed"]
+        table.add_row("ensemble, no seed", "", "", f"{plain['threshold']:.2f}", f"{plain['mean_dice']:.4f}")
+        seeded = f", seed {seg['seed_threshold']:.2f}"
+    table.add_row(f"[bold]ensemble{seeded}[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
     console.print(table)
     if cls:
         t2 = Table(title="Classifier gate (sensitivity 1.0 on the test set)")
