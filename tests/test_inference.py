@@ -28,8 +28,8 @@ def trained(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("inference") / "home"
     _petctl(home, "train", "--store", str(store), "--fold", "all", "--preset", "cpu-tiny", "--run", "r", "--max-steps", "4")
     _petctl(home, "train", "--store", str(store), "--task", "cls", "--fold", "all", "--preset", "cpu-tiny", "--run", "r", "--max-steps", "2")
-    result = _petctl(home, "calibrate", "--run", "r", "--component-seed")
-    assert "Classifier gate" in result.stdout
+    result = _petctl(home, "calibrate", "--run", "r")  # the default: thresholds for PET-extent masks
+    assert "Classifier gate" in result.stdout and "PET extent" in result.stdout
     return home
 
 
@@ -42,11 +42,13 @@ def test_thresholds_json_and_pictures(trained: Path, store: Path):
     assert 0.01 <= t["segmentation"]["threshold"] <= 0.99
     assert t["segmentation"]["num_positives"] == sum(manifest[c]["positive"] for c in splits["test"])
     seg = t["segmentation"]
-    curve = [v for v in seg["mean_dice_curve"] if v is not None]  # seed 0: the plain threshold
-    assert max(curve) == pytest.approx(seg["without_seed"]["mean_dice"]) and seg["mean_dice"] >= max(curve)
-    assert seg["seed_threshold"] in seg["seed_thresholds"] and max(seg["best_dice_per_seed"]) == pytest.approx(seg["mean_dice"])
-    at_seed = [v for v in seg["mean_dice_curve_at_seed"] if v is not None]
-    assert max(at_seed) == pytest.approx(seg["mean_dice"])
+    ext = seg["extent"]  # the chosen threshold is the PET-extent curve's best, scored on the input grid
+    curve = [v for v in ext["mean_dice_curve"] if v is not None]
+    assert seg["threshold"] in ext["thresholds"] and seg["mean_dice"] == pytest.approx(max(curve))
+    assert ext["fraction"] == 0.5 and seg["seed_threshold"] == 0.0
+    assert 0.0 <= ext["plain_on_input_grid"]["mean_dice"] <= 1.0
+    dice_at = [r["dice_at_threshold"] for r in t["cases"].values() if r["positive"]]
+    assert np.mean(dice_at) == pytest.approx(seg["mean_dice"])
     cls = t["classifier"]
     scores = {c: r["cls_score"] for c, r in t["cases"].items()}
     positives = [c for c in splits["test"] if manifest[c]["positive"]]
@@ -55,6 +57,39 @@ def test_thresholds_json_and_pictures(trained: Path, store: Path):
     assert (run_dir / "calibration_roc.png").stat().st_size > 1000
     step = json.loads((run_dir / "steps/calibrate.json").read_text())
     assert step["status"] == "done" and "seg_threshold" in step["metrics"]
+
+
+def _copy_run(home: Path, src: str, dst: str) -> Path:
+    shutil.copytree(home / "runs" / src, home / "runs" / dst)
+    (home / "runs" / dst / "run.json").write_text((home / "runs" / src / "run.json").read_text().replace(f'"run": "{src}"', f'"run": "{dst}"'))
+    return home / "runs" / dst
+
+
+def test_component_seed_calibrates_without_the_pet_extent(trained: Path):
+    run_dir = _copy_run(trained, "r", "seeded")
+    result = _petctl(trained, "calibrate", "--run", "seeded", "--component-seed", check=False)
+    assert result.returncode == 2 and "alternatives" in result.stdout + result.stderr
+    _petctl(trained, "calibrate", "--run", "seeded", "--no-pet-extent", "--component-seed")
+    seg = json.loads((run_dir / "thresholds.json").read_text())["segmentation"]
+    assert seg["extent"] is None
+    curve = [v for v in seg["mean_dice_curve"] if v is not None]  # seed 0: the plain threshold
+    assert max(curve) == pytest.approx(seg["without_seed"]["mean_dice"]) and seg["mean_dice"] >= max(curve)
+    assert seg["seed_threshold"] in seg["seed_thresholds"] and max(seg["best_dice_per_seed"]) == pytest.approx(seg["mean_dice"])
+    at_seed = [v for v in seg["mean_dice_curve_at_seed"] if v is not None]
+    assert max(at_seed) == pytest.approx(seg["mean_dice"])
+
+
+def test_calibrate_names_a_missing_cohort(trained: Path, store: Path, tmp_path: Path):
+    from petctl.engine.calibrate import _sources
+    from petctl.errors import PetctlError
+
+    moved = tmp_path / "store"
+    moved.mkdir()
+    prep = json.loads((store / "prepare.json").read_text())
+    prep["config"]["data"] = str(tmp_path / "gone")
+    (moved / "prepare.json").write_text(json.dumps(prep))
+    with pytest.raises(PetctlError, match="--no-pet-extent"):
+        _sources(moved, ["x"])
 
 
 def test_predict_masks_keep_the_input_geometry(trained: Path, cohort: Path, tmp_path: Path):
@@ -112,16 +147,34 @@ def test_predict_applies_the_component_seed(trained: Path, cohort: Path, tmp_pat
     name = case.name[: -len("_0000.nii.gz")]
     voxels = {}
     for run, seed in (("s0", 0.0), ("s1", 1.0)):  # no probability reaches 1.0 after a few steps: every component goes
-        shutil.copytree(trained / "runs/r", trained / "runs" / run)
-        (trained / "runs" / run / "run.json").write_text((trained / "runs/r/run.json").read_text().replace('"run": "r"', f'"run": "{run}"'))
-        t = json.loads((trained / "runs" / run / "thresholds.json").read_text())
-        t["segmentation"].update(threshold=0.01, seed_threshold=seed)
+        t = json.loads((_copy_run(trained, "r", run) / "thresholds.json").read_text())
+        t["segmentation"].update(threshold=0.01, seed_threshold=seed, extent=None)
         (trained / "runs" / run / "thresholds.json").write_text(json.dumps(t))
         _petctl(trained, "predict", str(case), str(tmp_path / run), "--run", run, "--no-gate", "--save-probabilities", "float32")
         prob = np.asarray(nib.load(str(tmp_path / run / f"{name}_prob.nii.gz")).dataobj, np.float32)
         assert prob.max() < 1.0
         voxels[run] = int(np.asarray(nib.load(str(tmp_path / run / f"{name}.nii.gz")).dataobj).sum())
     assert voxels["s0"] > 0 and voxels["s1"] == 0, voxels
+
+
+def test_predict_draws_the_pet_extent_on_the_input_grid(trained: Path, cohort: Path, tmp_path: Path):
+    from petctl.engine.extent import pet_extent_mask
+
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    name = case.name[: -len("_0000.nii.gz")]
+    run_dir = _copy_run(trained, "r", "ext")
+    _petctl(trained, "predict", str(case), str(tmp_path / "probe"), "--run", "ext", "--no-gate", "--save-probabilities", "float32")
+    prob = np.asarray(nib.load(str(tmp_path / "probe" / f"{name}_prob.nii.gz")).dataobj, np.float32)
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    threshold = float(np.quantile(prob, 0.999))  # a few hundred voxels detected, whatever the tiny net learnt
+    t["segmentation"]["threshold"] = threshold
+    (run_dir / "thresholds.json").write_text(json.dumps(t))
+    _petctl(trained, "predict", str(case), str(tmp_path / "out"), "--run", "ext", "--no-gate")
+    mask = np.asarray(nib.load(str(tmp_path / "out" / f"{name}.nii.gz")).dataobj).astype(bool)
+    pet = np.asarray(nib.load(str(case.with_name(f"{name}_0001.nii.gz")).dataobj, np.float32)
+    expected = pet_extent_mask(pet, prob, threshold)
+    assert expected.any() and not np.array_equal(expected, prob >= threshold)  # the extent changed the plain mask
+    assert np.array_equal(mask, expected)
 
 
 def test_bad_case_is_named_and_others_go_on(trained: Path, cohort: Path, tmp_path: Path):

@@ -1,5 +1,7 @@
 """Choose the segmentation threshold (max Dice) and the classifier gate (sensitivity 1.0) on the test set.
 
+By default the threshold is chosen for PET-extent masks (each detected component redrawn at its
+background-corrected 50 % SUV isocontour), as predict then draws them.
 Writes HOME/runs/RUN/thresholds.json, calibration_dice.png and calibration_roc.png, and records a
 `calibrate` step in the registry.
 """
@@ -15,7 +17,9 @@ import typer
 def calibrate(
     run: Annotated[str, typer.Option("--run", help="The training run to calibrate.")],
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Skip the classifier (no classifier folds trained).")] = False,
-    component_seed: Annotated[bool, typer.Option("--component-seed", help="Also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed. Off: the paper's plain threshold.")] = False,
+    pet_extent: Annotated[bool, typer.Option("--pet-extent/--no-pet-extent", help="Choose the threshold for PET-extent masks (each detected component redrawn at its background-corrected 50% SUV isocontour), scored on the input grid; needs the prepared cohort's NIfTI files. --no-pet-extent: the paper's plain threshold on the stored grid.")] = True,
+    volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: the best Dice among thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (none: the best Dice). inf: Dice alone.")] = 5.0,
+    component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from rich.table import Table
@@ -30,9 +34,10 @@ def calibrate(
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
-    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "component_seed": component_seed}):
+    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "component_seed": component_seed}):
         task = bar.add_task("ensemble on the test set", total=None)
-        result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate, component_seed=component_seed)
+        result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
+                               component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if cls:
@@ -47,7 +52,13 @@ def calibrate(
         table.add_row(f["fold"], "-" if vt is None else f"{vt:.2f}", f"{f.get('ensemble_dice_at_val_threshold', float('nan')):.4f}",
                       f"{f['test_best_threshold']:.2f}", f"{f['test_dice_alone']:.4f}")
     seeded = ""
-    if seg["seed_threshold"] > 0:  # the plain choice beside the seeded one
+    if seg.get("extent"):
+        plain = seg["extent"]["plain_on_input_grid"]
+        table.add_row("ensemble, plain threshold", "", "", f"{plain['threshold']:.2f}", f"{plain['mean_dice']:.4f}")
+        e = seg["extent"]
+        seeded = (f", PET extent (FPV {e['mean_fpv_ml_negatives']:.2f} / FNV {e['mean_fnv_ml']:.2f} mL"
+                  f"{'' if e['budget_met'] else ', over the budget at every threshold'})")
+    elif seg["seed_threshold"] > 0:  # the plain choice beside the seeded one
         plain = seg["without_seed"]
         table.add_row("ensemble, no seed", "", "", f"{plain['threshold']:.2f}", f"{plain['mean_dice']:.4f}")
         seeded = f", seed {seg['seed_threshold']:.2f}"

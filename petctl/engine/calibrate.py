@@ -4,6 +4,10 @@ Segmentation: the fold ensemble (mean of sigmoid probabilities) predicts the tes
 stored grid; the threshold maximizing the mean per-case Dice over a 0.01 grid is chosen (with
 `component_seed`, jointly with a component seed — hysteresis: a connected component of
 `p >= threshold` is kept only when it holds a voxel `p >= seed`; seed 0 keeps all).
+With `pet_extent` (the default) the threshold is chosen for what predict then does: each component
+of `p >= threshold` redrawn at its PET half maximum (`extent.pet_extent_mask`), scored on each
+positive's own input grid against its NIfTI label (so the prepared cohort's files must still be
+there). The paper's plain threshold, on the input grid, is recorded beside it.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
 positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0.
@@ -23,14 +27,22 @@ import torch
 from petctl.errors import PetctlError
 
 THRESHOLDS_VERSION = 1
+VOLUME_BUDGET_ML = 5.0
+"""Default error-volume budget of the PET-extent threshold (mL): the mean false-positive volume over
+the test negatives (gated ones count 0) and the mean false-negative volume over the test positives."""
 
 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
-              component_seed: bool = False) -> dict[str, Any]:
+              component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML) -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
-    `component_seed` adds the seed grid to the search (off by default: the paper's plain threshold).
+    `pet_extent` chooses the threshold for PET-extent predictions (module doc), the best Dice within
+    `volume_budget_ml` of mean FPV on test negatives and mean FNV on test positives; without it the
+    paper's plain threshold is chosen on the stored grid. `component_seed` (only without
+    `pet_extent`) adds the seed grid to the search.
     """
+    if pet_extent and component_seed:
+        raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
     from petctl.engine.ensemble import RunModels
     from petctl.engine.metrics import (
         SEED_THRESHOLDS,
@@ -43,6 +55,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         seeded_dice_grid,
         specificity_at,
     )
+    from petctl.engine.extent import FRACTION, GROW_VOXELS, REFINE_THRESHOLDS, SHELL
     from petctl.engine.store import CaseStore, write_json_atomic
 
     t0 = time.perf_counter()
@@ -55,26 +68,39 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     positives = [c for c in test if manifest[c]["positive"]]
     if not positives:
         raise PetctlError(f"{models.store}: the test set has no positive case to calibrate the segmentation threshold on")
+    per_case: dict[str, dict[str, Any]] = {c: {"positive": bool(manifest[c]["positive"])} for c in test}
+    cls_thr = None
+    if gate and models.cls:  # first the gate: negatives it stops cost no segmentation here, as in predict
+        for case in test:
+            per_case[case]["cls_score"] = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
+        cls_thr = classifier_threshold(np.array([per_case[c]["positive"] for c in test], bool),
+                                       np.array([per_case[c]["cls_score"] for c in test], float))
+    segmented = [c for c in test if per_case[c]["positive"] or (pet_extent and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
+    sources = _sources(models.store, segmented) if pet_extent else {}
+    extent_tables, input_curves = [], []
 
     seeds = SEED_THRESHOLDS if component_seed else SEED_THRESHOLDS[:1]  # [0.0]: every component kept
-    per_case: dict[str, dict[str, Any]] = {}
     ensemble_tables, fold_curves = [], {m.name: [] for m in models.seg}
     for case in test:
-        stored = store.load(case)
-        image = torch.from_numpy(stored.image.read_all()).float()
-        row: dict[str, Any] = {"positive": bool(manifest[case]["positive"])}
-        if gate and models.cls:
-            row["cls_score"] = models.cls_score(image[1])
-        if row["positive"]:
-            label = stored.label.read_all()
+        row = per_case[case]
+        if case in segmented:
+            stored = store.load(case)
+            image = torch.from_numpy(stored.image.read_all()).float()
             fold_probs = [models.seg_probs(image, models=[m]) for m in models.seg]
             ensemble = np.mean(fold_probs, axis=0)
-            table = seeded_dice_grid(label, ensemble, THRESHOLDS, seeds)
-            ensemble_tables.append(table)
-            for m, p in zip(models.seg, fold_probs):
-                fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
-            row["dice_table"] = table
-        per_case[case] = row
+            if row["positive"]:
+                label = stored.label.read_all()
+                table = seeded_dice_grid(label, ensemble, THRESHOLDS, seeds)
+                ensemble_tables.append(table)
+                for m, p in zip(models.seg, fold_probs):
+                    fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
+                row["dice_table"] = table
+            if pet_extent:
+                ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"])
+                extent_tables.append((row["positive"], ext))
+                if row["positive"]:
+                    input_curves.append(plain)
+                row["extent_table"] = ext
         if on_case:
             on_case(case)
 
@@ -92,9 +118,32 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             idx = int(np.argmin(np.abs(THRESHOLDS - m.val_threshold)))
             entry["ensemble_dice_at_val_threshold"] = float(mean_curve[idx])
         folds.append(entry)
+    extent: dict[str, Any] | None = None
+    if pet_extent:
+        pos = np.array([t for p, t in extent_tables if p])
+        negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
+        fpv_neg = np.array([t[:, 1] for p, t in extent_tables if not p]).sum(axis=0) / negatives if negatives else np.zeros(len(REFINE_THRESHOLDS))
+        dice_curve, fnv_curve = np.nanmean(pos[:, :, 0], axis=0), pos[:, :, 2].mean(axis=0)
+        ext_thr, ext_dice, budget_met = best_within_budget(REFINE_THRESHOLDS, dice_curve, fpv_neg, fnv_curve, volume_budget_ml)
+        in_thr, in_dice = best_threshold(np.nanmean(np.array(input_curves), axis=0), THRESHOLDS)
+        i = int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))
+        extent = {
+            "method": "pet_a50", "fraction": FRACTION, "grow_voxels": GROW_VOXELS, "shell_voxels": list(SHELL),
+            "thresholds": REFINE_THRESHOLDS.tolist(), "mean_dice_curve": _listed(dice_curve),
+            "mean_fpv_ml_negatives_curve": _listed(fpv_neg), "mean_fnv_ml_curve": _listed(fnv_curve),
+            "volume_budget_ml": float(volume_budget_ml) if np.isfinite(volume_budget_ml) else None, "budget_met": budget_met,
+            "mean_fpv_ml_negatives": float(fpv_neg[i]), "mean_fnv_ml": float(fnv_curve[i]),
+            "best_dice_unconstrained": float(np.nanmax(dice_curve)),
+            "plain_on_input_grid": {"threshold": in_thr, "mean_dice": in_dice},
+        }
     for row in per_case.values():
         if "dice_table" in row:
             row["dice_at_threshold"] = float(row.pop("dice_table")[int(np.argmin(np.abs(THRESHOLDS - seg_thr))), seed_col])
+        if "extent_table" in row:
+            d, fpv, fnv = row.pop("extent_table")[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))]
+            row.update(fpv_ml_at_threshold=float(fpv), fnv_ml_at_threshold=float(fnv))
+            if row["positive"]:
+                row["dice_at_threshold"] = float(d)
 
     payload: dict[str, Any] = {
         "version": THRESHOLDS_VERSION,
@@ -109,19 +158,21 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             "best_dice_per_seed": [None if np.isnan(col).all() else float(np.nanmax(col)) for col in mean_table.T],
             "mean_dice_curve_at_seed": [None if not np.isfinite(v) else float(v) for v in mean_table[:, seed_col]],
             "folds": folds,
+            "extent": extent,
         },
         "classifier": None,
         "cases": per_case,
     }
-    if gate and models.cls:
+    if extent is not None:  # predict draws PET extents at this threshold
+        payload["segmentation"].update(threshold=float(ext_thr), mean_dice=float(ext_dice))
+    if cls_thr is not None:
         labels = np.array([per_case[c]["positive"] for c in test], bool)
         scores = np.array([per_case[c]["cls_score"] for c in test], float)
-        thr = classifier_threshold(labels, scores)
         negatives = int((~labels).sum())
-        gated = int(((scores < thr) & ~labels).sum())
+        gated = int(((scores < cls_thr) & ~labels).sum())
         payload["classifier"] = {
-            "threshold": float(thr), "auroc": float(auroc(labels, scores)),
-            "specificity": float(specificity_at(labels, scores, thr)) if negatives else float("nan"),
+            "threshold": float(cls_thr), "auroc": float(auroc(labels, scores)),
+            "specificity": float(specificity_at(labels, scores, cls_thr)) if negatives else float("nan"),
             "negatives": negatives, "negatives_skipping_segmentation": gated, "positives": int(labels.sum()),
             "models": [m.name for m in models.cls],
         }
@@ -131,25 +182,95 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     return payload
 
 
+def _sources(store: Path, cases: list[str]) -> dict[str, Any]:
+    """The NIfTI files the store was prepared from, for `cases` (the PET extent is scored on them)."""
+    from petctl.engine.cohort import discover
+    from petctl.engine.store import read_json
+
+    prep = read_json(Path(store) / "prepare.json")["config"]
+    data = Path(prep["data"])
+    hint = "calibrate reads the prepared cohort's NIfTI files for the PET extent; --no-pet-extent calibrates without them"
+    try:
+        found = {s.case: s for s in discover(data, Path(prep["metadata"]) if prep.get("metadata") else None)}
+    except PetctlError as exc:
+        raise PetctlError(f"{exc} ({hint})") from None
+    missing = [c for c in cases if c not in found]
+    if missing:
+        raise PetctlError(f"{data}: test case {missing[0]} is not there any more ({hint})")
+    return {c: found[c] for c in cases}
+
+
+def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], ensemble: np.ndarray,
+                       positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One case on its input grid: the PET extent's (Dice, FPV, FNV) per REFINE_THRESHOLDS, and the
+    plain threshold's Dice per THRESHOLDS."""
+    from petctl.engine.evaluate import voxel_volume_ml
+    from petctl.engine.extent import REFINE_THRESHOLDS, extent_curves
+    from petctl.engine.geometry import CaseGeometry, spacing_of, to_original
+    from petctl.engine.metrics import THRESHOLDS, dice_sweep
+    from petctl.engine.nifti import load_case
+
+    loaded = load_case(source, warn=False)
+    label = loaded.label if loaded.label is not None else np.zeros(loaded.pet.shape, np.uint8)
+    if bool(label.any()) != positive:
+        raise PetctlError(f"{case}: its NIfTI label {'holds no' if positive else 'holds a'} lesion but the store says otherwise (was the cohort changed after prepare?)")
+    probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json))
+    voxel_ml = voxel_volume_ml(spacing_of(loaded.affine))
+    return extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS), dice_sweep(label, probs, THRESHOLDS)
+
+
+def _listed(curve: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in curve]
+
+
+def best_within_budget(thresholds: np.ndarray, dice: np.ndarray, fpv_ml: np.ndarray, fnv_ml: np.ndarray,
+                       budget_ml: float) -> tuple[float, float, bool]:
+    """(threshold, Dice, budget met): the best mean Dice among thresholds whose mean FPV (test
+    negatives) and mean FNV (test positives) are both within `budget_ml`; when none is, the best
+    Dice of all. Ties go to the lower threshold."""
+    ok = (np.asarray(fpv_ml) <= budget_ml) & (np.asarray(fnv_ml) <= budget_ml) & np.isfinite(dice)
+    scored = np.where(ok, dice, -np.inf) if ok.any() else np.where(np.isfinite(dice), dice, -np.inf)
+    i = int(np.argmax(scored))
+    return float(thresholds[i]), float(dice[i]), bool(ok.any())
+
+
 def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[str, list[np.ndarray]], thresholds: np.ndarray) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def values(curve: list[float | None]) -> list[float]:
+        return [np.nan if v is None else v for v in curve]
+
     seg = payload["segmentation"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ext = seg.get("extent")
+    fig, axes = plt.subplots(1, 2 if ext else 1, figsize=(11 if ext else 6, 4), squeeze=False)
+    ax = axes[0, 0]
     for name, curves in fold_curves.items():
         ax.plot(thresholds, np.nanmean(np.array(curves), axis=0), lw=1, alpha=0.6, label=name)
-    ax.plot(thresholds, [np.nan if v is None else v for v in seg["mean_dice_curve"]], "k-", lw=2.5, label="ensemble")
+    ax.plot(thresholds, values(seg["mean_dice_curve"]), "k-", lw=2.5, label="ensemble, plain threshold")
     seed = seg.get("seed_threshold") or 0.0
     if seed > 0:
-        ax.plot(thresholds, [np.nan if v is None else v for v in seg["mean_dice_curve_at_seed"]], "r--", lw=2,
-                label=f"ensemble, components seeded at {seed:.2f}")
+        ax.plot(thresholds, values(seg["mean_dice_curve_at_seed"]), "r--", lw=2, label=f"ensemble, components seeded at {seed:.2f}")
+    if ext:
+        ax.plot(ext["thresholds"], values(ext["mean_dice_curve"]), "r-", lw=2, label="ensemble, PET extent (input grid)")
     ax.plot([seg["threshold"]], [seg["mean_dice"]], "r*", ms=14,
-            label=f"chosen {seg['threshold']:.2f}{f' / seed {seed:.2f}' if seed > 0 else ''} (Dice {seg['mean_dice']:.3f})")
+            label=f"chosen {seg['threshold']:.3g}{f' / seed {seed:.2f}' if seed > 0 else ''} (Dice {seg['mean_dice']:.3f})")
     ax.set(xlabel="threshold", ylabel="mean Dice over test positives", title="Segmentation threshold", ylim=(0, 1))
     ax.legend(fontsize=7, loc="lower center")
+    if ext:
+        ax = axes[0, 1]
+        ax.plot(ext["thresholds"], values(ext["mean_fpv_ml_negatives_curve"]), "m-", lw=2, label="FPV, test negatives (gated: 0)")
+        ax.plot(ext["thresholds"], values(ext["mean_fnv_ml_curve"]), "c-", lw=2, label="FNV, test positives")
+        budget = ext["volume_budget_ml"]
+        if budget is not None:
+            ax.axhline(budget, color="k", ls=":", lw=1, label=f"budget {budget:g} mL")
+        ax.axvline(seg["threshold"], color="r", lw=1, label=f"chosen {seg['threshold']:.3g}")
+        top = max([v for v in ext["mean_fpv_ml_negatives_curve"] + ext["mean_fnv_ml_curve"] if v is not None] + [1.0])
+        ax.set(xlabel="threshold", ylabel="mean volume (mL)", title="PET extent: error volumes",
+               ylim=(0, min(top * 1.05, 4 * budget) if budget else top * 1.05))
+        ax.legend(fontsize=7, loc="upper center")
     fig.tight_layout()
     fig.savefig(run_dir / "calibration_dice.png", dpi=100)
     plt.close(fig)

@@ -2,9 +2,11 @@
 
 Per case: exactly prepare's preprocessing (the training store's fingerprint and spacing); the MIP
 classifier gate first (probability below its calibrated threshold → an empty mask is written, no
-segmentation cost); otherwise the fold ensemble by sliding window, the calibrated threshold (and
-component seed when one was calibrated: components with no voxel at the seed are dropped), and
-the mask mapped back onto the input's grid (same shape, affine and orientation as the PET, which
+segmentation cost); otherwise the fold ensemble by sliding window, its probabilities mapped back
+onto the input's grid, and the calibrated threshold there — with the PET extent when calibrated so
+(each component of `p >= threshold` redrawn at its background-corrected 50 % SUV isocontour,
+`extent.pet_extent_mask`), or with the component seed when one was calibrated (components with
+no voxel at the seed are dropped). The mask keeps the input's grid (same shape, affine and orientation as the PET, which
 is the label grid of the cohort). Outputs are written atomically and never over an input file.
 Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
 """
@@ -106,6 +108,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     import nibabel as nib
 
     from petctl.engine.ensemble import RunModels, read_thresholds
+    from petctl.engine.extent import pet_extent_mask
     from petctl.engine.geometry import to_original
     from petctl.engine.metrics import seeded_mask
     from petctl.engine.nifti import load_case
@@ -116,6 +119,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     thresholds = read_thresholds(run_dir)
     seg_threshold = float(thresholds["segmentation"]["threshold"])
     seed_threshold = float(thresholds["segmentation"].get("seed_threshold") or 0.0)
+    extent = thresholds["segmentation"].get("extent")  # None: calibrated without the PET extent
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
     models = RunModels.load(run_dir, need_cls=gate)
@@ -136,7 +140,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             mask_path = _safe_output(output, src.case, ".nii.gz", inputs)
             loaded = load_case(src, need_label=False)
             image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
-            pet, affine = (loaded.pet if options.preview else None), loaded.affine
+            pet, affine = (loaded.pet if options.preview or extent else None), loaded.affine
             del loaded  # the full-size CT (and PET) are not needed past here: peak memory
             image_t = torch.from_numpy(image).float()
             reference = nib.load(str(src.pet))
@@ -154,7 +158,11 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                 stitch_cpu = options.stitch_on_cpu if options.stitch_on_cpu is not None else image.shape[1] * image.shape[2] * image.shape[3] >= 64 * 1024**2
                 probs_stored = models.seg_probs(image_t, tta=options.tta, stitch_on_cpu=stitch_cpu)
                 probs = to_original(probs_stored, geometry)
-                mask = seeded_mask(probs, seg_threshold, seed_threshold).astype(np.uint8)
+                if extent:
+                    mask = pet_extent_mask(pet, probs, seg_threshold, fraction=float(extent["fraction"]),
+                                           grow=int(extent["grow_voxels"]), shell=tuple(extent["shell_voxels"])).astype(np.uint8)
+                else:
+                    mask = seeded_mask(probs, seg_threshold, seed_threshold).astype(np.uint8)
             _save_nifti(mask, reference, mask_path, np.uint8)
             record["lesion_voxels"] = int(mask.sum())
             if options.save_probabilities:
