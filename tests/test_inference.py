@@ -42,10 +42,16 @@ def test_thresholds_json_and_pictures(trained: Path, store: Path):
     assert 0.01 <= t["segmentation"]["threshold"] <= 0.99
     assert t["segmentation"]["num_positives"] == sum(manifest[c]["positive"] for c in splits["test"])
     seg = t["segmentation"]
-    ext = seg["extent"]  # the chosen threshold is the PET-extent curve's best, scored on the input grid
-    curve = [v for v in ext["mean_dice_curve"] if v is not None]
-    assert seg["threshold"] in ext["thresholds"] and seg["mean_dice"] == pytest.approx(max(curve))
+    ext = seg["extent"]  # the chosen threshold: the PET extent's best Dice within the volume budget, on the input grid
+    i = ext["thresholds"].index(seg["threshold"])
+    within = [k for k, (f, n) in enumerate(zip(ext["mean_fpv_ml_negatives_curve"], ext["mean_fnv_ml_curve"])) if f <= 5 and n <= 5]
+    assert ext["volume_budget_ml"] == 5.0 and ext["budget_met"] == bool(within)
+    candidates = within or range(len(ext["thresholds"]))
+    assert seg["mean_dice"] == pytest.approx(max(ext["mean_dice_curve"][k] for k in candidates if ext["mean_dice_curve"][k] is not None))
+    assert ext["mean_fpv_ml_negatives"] == ext["mean_fpv_ml_negatives_curve"][i] and ext["mean_fnv_ml"] == ext["mean_fnv_ml_curve"][i]
     assert ext["fraction"] == 0.5 and seg["seed_threshold"] == 0.0
+    negatives = [r for r in t["cases"].values() if not r["positive"]]
+    assert np.mean([r.get("fpv_ml_at_threshold", 0.0) for r in negatives]) == pytest.approx(ext["mean_fpv_ml_negatives"])
     assert 0.0 <= ext["plain_on_input_grid"]["mean_dice"] <= 1.0
     dice_at = [r["dice_at_threshold"] for r in t["cases"].values() if r["positive"]]
     assert np.mean(dice_at) == pytest.approx(seg["mean_dice"])

@@ -40,6 +40,8 @@ def calibrate(
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
+        if seg.get("extent"):
+            metrics.update(test_fpv_ml_negatives=seg["extent"]["mean_fpv_ml_negatives"], test_fnv_ml=seg["extent"]["mean_fnv_ml"])
         if cls:
             metrics.update(cls_threshold=cls["threshold"], cls_auroc=cls["auroc"], specificity=cls["specificity"])
         registry.update_step(run, "calibrate", metrics=metrics)

@@ -6,8 +6,11 @@ stored grid; the threshold maximizing the mean per-case Dice over a 0.01 grid is
 `p >= threshold` is kept only when it holds a voxel `p >= seed`; seed 0 keeps all).
 With `pet_extent` (the default) the threshold is chosen for what predict then does: each component
 of `p >= threshold` redrawn at its PET half maximum (`extent.pet_extent_mask`), scored on each
-positive's own input grid against its NIfTI label (so the prepared cohort's files must still be
-there). The paper's plain threshold, on the input grid, is recorded beside it.
+case's own input grid against its NIfTI label (so the prepared cohort's files must still be
+there): the best mean Dice over the test positives among the thresholds whose mean false-positive
+volume over the test negatives (the gate's first: a gated negative costs 0) and mean false-negative
+volume over the test positives stay within a budget (`VOLUME_BUDGET_ML`). The paper's plain
+threshold, on the input grid, is recorded beside it.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
 positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0.

@@ -141,8 +141,10 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={}):
         thresholds = calibrate(run_dir)
         seg, cls = thresholds["segmentation"], thresholds["classifier"]
+        ext = seg.get("extent") or {}
         registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"],
-                                                            "test_dice": seg["mean_dice"],
+                                                            "test_dice": seg["mean_dice"], "test_fpv_ml_negatives": ext.get("mean_fpv_ml_negatives"),
+                                                            "test_fnv_ml": ext.get("mean_fnv_ml"),
                                                             "cls_threshold": cls["threshold"], "cls_auroc": cls["auroc"]})
     timings["calibrate"] = time.perf_counter() - t
 

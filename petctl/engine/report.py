@@ -113,7 +113,9 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         ext = s_thr["extent"]
         plain = ext["plain_on_input_grid"]
         lines[-1] = (f"| segmentation (ensemble detects at it; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
-                     f"{s_thr['threshold']:.3f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid) |")
+                     f"{s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid); mean FPV "
+                     f"{ext['mean_fpv_ml_negatives']:.2f} mL on negatives, FNV {ext['mean_fnv_ml']:.2f} mL"
+                     f"{'' if ext['budget_met'] else ' (no threshold within the budget)'} |")
         lines.append(f"| the paper's plain threshold, for comparison | {plain['threshold']:.2f} | Dice {plain['mean_dice']:.3f} (input grid) |")
     elif s_thr.get("seed_threshold"):
         plain = s_thr["without_seed"]
