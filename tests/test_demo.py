@@ -21,7 +21,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["timings_s"]) >= {"data", "prepare", "train", "calibrate", "predict", "evaluate", "report"}
-    assert summary["thresholds"]["seed"] == 0.0  # the demo calibrates the paper's plain threshold
+    assert summary["thresholds"]["seed"] == 0.0 and summary["thresholds"]["pet_extent"] is True  # calibrate's default
+    assert "PET 50% isocontour" in (out / "report.md").read_text()
     test = summary["test"]
     assert test["num_positive"] + test["num_negative"] == 3 and not test["problems"]
     report = (out / "report.md").read_text()

@@ -125,7 +125,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if pet_extent:
         pos = np.array([t for p, t in extent_tables if p])
         negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
-        fpv_neg = np.array([t[:, 1] for p, t in extent_tables if not p]).sum(axis=0) / negatives if negatives else np.zeros(len(REFINE_THRESHOLDS))
+        fpv_neg = sum((t[:, 1] for p, t in extent_tables if not p), np.zeros(len(REFINE_THRESHOLDS))) / max(negatives, 1)  # all gated: 0
         dice_curve, fnv_curve = np.nanmean(pos[:, :, 0], axis=0), pos[:, :, 2].mean(axis=0)
         ext_thr, ext_dice, budget_met = best_within_budget(REFINE_THRESHOLDS, dice_curve, fpv_neg, fnv_curve, volume_budget_ml)
         in_thr, in_dice = best_threshold(np.nanmean(np.array(input_curves), axis=0), THRESHOLDS)
@@ -156,10 +156,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         "segmentation": {
             "threshold": float(seg_thr), "seed_threshold": float(seed_thr), "mean_dice": float(seg_dice),
             "num_positives": len(positives), "without_seed": {"threshold": plain_thr, "mean_dice": plain_dice},
-            "thresholds": THRESHOLDS.tolist(), "mean_dice_curve": [None if not np.isfinite(v) else float(v) for v in mean_curve],
+            "thresholds": THRESHOLDS.tolist(), "mean_dice_curve": _listed(mean_curve),
             "seed_thresholds": seeds.tolist(),
             "best_dice_per_seed": [None if np.isnan(col).all() else float(np.nanmax(col)) for col in mean_table.T],
-            "mean_dice_curve_at_seed": [None if not np.isfinite(v) else float(v) for v in mean_table[:, seed_col]],
+            "mean_dice_curve_at_seed": _listed(mean_table[:, seed_col]),
             "folds": folds,
             "extent": extent,
         },

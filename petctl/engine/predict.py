@@ -6,8 +6,8 @@ segmentation cost); otherwise the fold ensemble by sliding window, its probabili
 onto the input's grid, and the calibrated threshold there — with the PET extent when calibrated so
 (each component of `p >= threshold` redrawn at its background-corrected 50 % SUV isocontour,
 `extent.pet_extent_mask`), or with the component seed when one was calibrated (components with
-no voxel at the seed are dropped). The mask keeps the input's grid (same shape, affine and orientation as the PET, which
-is the label grid of the cohort). Outputs are written atomically and never over an input file.
+no voxel at the seed are dropped). The mask keeps the input's grid (same shape, affine and
+orientation as the PET, which is the label grid of the cohort). Outputs are written atomically and never over an input file.
 Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
 """
 
@@ -141,7 +141,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             loaded = load_case(src, need_label=False)
             image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
             pet, affine = (loaded.pet if options.preview or extent else None), loaded.affine
-            del loaded  # the full-size CT (and PET) are not needed past here: peak memory
+            del loaded  # the full-size CT (and the PET, unless the extent or preview needs it) go: peak memory
             image_t = torch.from_numpy(image).float()
             reference = nib.load(str(src.pet))
             record: dict[str, Any] = {"stored_shape": list(image.shape[1:])}
