@@ -97,3 +97,28 @@ def test_best_within_budget_prefers_dice_inside_the_budget():
     assert best_within_budget(t, dice, fpv, fnv, float("inf")) == (0.6, 0.85, True)
     assert best_within_budget(t, dice, fpv, fnv, 0.5) == (0.6, 0.85, False)  # none within: the best Dice
     assert best_within_budget(t, np.array([0.8, 0.8, np.nan, 0.1]), fpv, fnv, 10.0) == (0.5, 0.8, True)  # ties: lower
+
+
+def test_one_standard_error_rule_takes_the_prior_when_the_test_split_cannot_tell():
+    from petctl.engine.calibrate import choose_extent_threshold
+
+    t = np.array([0.6, 0.7, 0.75, 0.8])
+    zeros = np.zeros(4)
+    # 4 positives whose Dice is noisy: best 0.6 (mean 0.70, SE 0.1); 0.75 is 0.05 worse, inside the band
+    noisy = np.array([[0.9, 0.85, 0.8, 0.5], [0.5, 0.5, 0.5, 0.5], [0.9, 0.85, 0.8, 0.6], [0.5, 0.5, 0.5, 0.4]])
+    picked = choose_extent_threshold(t, noisy, zeros, zeros, prior=0.75)
+    assert picked["best_threshold"] == 0.6 and picked["best_dice"] == pytest.approx(0.7)
+    assert picked["dice_standard_error"] == pytest.approx(np.std(noisy[:, 0], ddof=1) / 2)
+    assert picked["threshold"] == 0.75 and picked["mean_dice"] == pytest.approx(0.65)
+    assert choose_extent_threshold(t, noisy, zeros, zeros, prior=None)["threshold"] == 0.6  # no prior: the best
+    # 400 positives with the same means: the band narrows to the best, the prior no longer decides
+    many = np.repeat(noisy, 100, axis=0)
+    assert choose_extent_threshold(t, many, zeros, zeros, prior=0.75)["threshold"] == 0.6
+    # a prior outside the band: the band's threshold nearest it (0.8 is 0.1 + worse, 0.7 is in)
+    far = noisy.copy()
+    far[:, 2:] -= 0.3
+    assert choose_extent_threshold(t, far, zeros, zeros, prior=0.8)["threshold"] == 0.7
+    # the budget first: 0.6 and 0.7 leave too much false-positive volume, so 0.75 is the best left
+    fpv = np.array([9.0, 6.0, 1.0, 1.0])
+    budgeted = choose_extent_threshold(t, noisy, fpv, zeros, budget_ml=5.0, prior=0.6)
+    assert budgeted["best_threshold"] == 0.75 and budgeted["threshold"] == 0.75 and budgeted["budget_met"]

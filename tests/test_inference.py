@@ -42,12 +42,15 @@ def test_thresholds_json_and_pictures(trained: Path, store: Path):
     assert 0.01 <= t["segmentation"]["threshold"] <= 0.99
     assert t["segmentation"]["num_positives"] == sum(manifest[c]["positive"] for c in splits["test"])
     seg = t["segmentation"]
-    ext = seg["extent"]  # the chosen threshold: the PET extent's best Dice within the volume budget, on the input grid
+    ext = seg["extent"]  # the chosen threshold: nearest the preset's prior within 1 SE of the PET extent's best Dice (input grid)
     i = ext["thresholds"].index(seg["threshold"])
-    within = [k for k, (f, n) in enumerate(zip(ext["mean_fpv_ml_negatives_curve"], ext["mean_fnv_ml_curve"])) if f <= 5 and n <= 5]
-    assert ext["volume_budget_ml"] == 5.0 and ext["budget_met"] == bool(within)
-    candidates = within or range(len(ext["thresholds"]))
-    assert seg["mean_dice"] == pytest.approx(max(ext["mean_dice_curve"][k] for k in candidates if ext["mean_dice_curve"][k] is not None))
+    curve = [-np.inf if d is None else d for d in ext["mean_dice_curve"]]
+    assert ext["volume_budget_ml"] is None and ext["budget_met"] is True  # no budget by default
+    assert ext["best_dice"] == pytest.approx(max(curve)) and curve[ext["thresholds"].index(ext["best_threshold"])] == ext["best_dice"]
+    assert ext["threshold_prior"] == 0.75 and ext["rule"] == "one_standard_error_toward_prior"  # cpu-tiny inherits cpu-small's
+    band = [t for t, d in zip(ext["thresholds"], curve) if d >= ext["best_dice"] - ext["dice_standard_error"]]
+    assert seg["threshold"] in band and abs(seg["threshold"] - 0.75) == pytest.approx(min(abs(t - 0.75) for t in band))
+    assert seg["mean_dice"] == pytest.approx(curve[i])
     assert ext["mean_fpv_ml_negatives"] == ext["mean_fpv_ml_negatives_curve"][i] and ext["mean_fnv_ml"] == ext["mean_fnv_ml_curve"][i]
     assert ext["fraction"] == 0.5 and seg["seed_threshold"] == 0.0
     negatives = [r for r in t["cases"].values() if not r["positive"]]

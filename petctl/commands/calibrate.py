@@ -18,7 +18,8 @@ def calibrate(
     run: Annotated[str, typer.Option("--run", help="The training run to calibrate.")],
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Skip the classifier (no classifier folds trained).")] = False,
     pet_extent: Annotated[bool, typer.Option("--pet-extent/--no-pet-extent", help="Choose the threshold for PET-extent masks (each detected component redrawn at its background-corrected 50% SUV isocontour), scored on the input grid; needs the prepared cohort's NIfTI files. --no-pet-extent: the paper's plain threshold on the stored grid.")] = True,
-    volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: the best Dice among thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (none: the best Dice). inf: Dice alone.")] = 5.0,
+    threshold_prior: Annotated[str, typer.Option("--threshold-prior", help="With the PET extent: among the thresholds within one standard error of the best mean Dice, take the one nearest this prior. 'preset': the run's preset's (cpu-small 0.75; autopet-paper none); 'none': the best Dice; or a number in (0, 1).")] = "preset",
+    volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: consider only thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (when none is: all). Default inf: Dice alone.")] = float("inf"),
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -30,14 +31,17 @@ def calibrate(
     from petctl.home import resolve_home
 
     check_name(run, "run")
+    prior = _prior(threshold_prior)
     home_path = resolve_home(home)
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
-    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "component_seed": component_seed}):
+    with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
+                                                                                                "component_seed": component_seed}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
-                               component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml)
+                               component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
+                               threshold_prior=prior)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):
@@ -58,7 +62,10 @@ def calibrate(
         plain = seg["extent"]["plain_on_input_grid"]
         table.add_row("ensemble, plain threshold", "", "", f"{plain['threshold']:.2f}", f"{plain['mean_dice']:.4f}")
         e = seg["extent"]
-        seeded = (f", PET extent (FPV {e['mean_fpv_ml_negatives']:.2f} / FNV {e['mean_fnv_ml']:.2f} mL"
+        table.add_row("ensemble, PET extent: best Dice", "", "", f"{e['best_threshold']:.2f}",
+                      f"{e['best_dice']:.4f} ± {e['dice_standard_error']:.4f}")
+        rule = "best" if e["threshold_prior"] is None else f"nearest {e['threshold_prior']:.2f} within 1 SE"
+        seeded = (f", PET extent, {rule} (FPV {e['mean_fpv_ml_negatives']:.2f} / FNV {e['mean_fnv_ml']:.2f} mL"
                   f"{'' if e['budget_met'] else ', over the budget at every threshold'})")
     elif seg["seed_threshold"] > 0:  # the plain choice beside the seeded one
         plain = seg["without_seed"]
@@ -74,3 +81,17 @@ def calibrate(
                    f"{cls['negatives_skipping_segmentation']}/{cls['negatives']}")
         console.print(t2)
     console.print(f"[green]wrote[/] {run_dir / 'thresholds.json'}, calibration_dice.png" + (", calibration_roc.png" if cls else ""))
+
+
+def _prior(text: str) -> float | str | None:
+    """--threshold-prior: "preset", "none" or a number in (0, 1)."""
+    value = text.strip().lower()
+    if value in ("preset", "none"):
+        return None if value == "none" else "preset"
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 < number < 1.0:
+        raise typer.BadParameter(f"expected 'preset', 'none' or a number in (0, 1), got {text!r}", param_hint="--threshold-prior")
+    return number

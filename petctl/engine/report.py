@@ -115,7 +115,7 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         lines[-1] = (f"| segmentation (ensemble detects at it; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
                      f"{s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid); mean FPV "
                      f"{ext['mean_fpv_ml_negatives']:.2f} mL on negatives, FNV {ext['mean_fnv_ml']:.2f} mL"
-                     f"{'' if ext['budget_met'] else ' (no threshold within the budget)'} |")
+                     f"{'' if ext['budget_met'] else ' (no threshold within the budget)'}{_rule_text(ext)} |")
         lines.append(f"| the paper's plain threshold, for comparison | {plain['threshold']:.2f} | Dice {plain['mean_dice']:.3f} (input grid) |")
     elif s_thr.get("seed_threshold"):
         plain = s_thr["without_seed"]
@@ -165,3 +165,11 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
               "![classifier ROC](calibration_roc.png)", "", "![test cases](test_cases.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary
+
+
+def _rule_text(ext: dict[str, Any]) -> str:
+    """How the PET-extent threshold was chosen (older thresholds.json files have no rule)."""
+    if ext.get("threshold_prior") is None or ext.get("best_threshold") is None:
+        return ""
+    return (f"; the best Dice {ext['best_dice']:.3f} ± {ext['dice_standard_error']:.3f} (1 SE) was at {ext['best_threshold']:.2f}, "
+            f"the threshold nearest the preset's prior {ext['threshold_prior']:.2f} within 1 SE is taken")
