@@ -77,3 +77,14 @@ def test_prepare_reads_the_autopet_layout(tmp_path: Path):
     test_patients = {by_patient[c] for c in splits["test"]}
     for fold in splits["cls_folds"]:
         assert not test_patients & {by_patient[c] for c in fold["train"] + fold["val"]}
+
+
+def test_calibrate_rejects_a_bad_threshold_prior_before_touching_the_run(tmp_path: Path):
+    from petctl.commands.calibrate import _prior
+
+    assert _prior("preset") == "preset" and _prior(" None ") is None and _prior("0.7") == 0.7
+    env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home")}
+    for bad in ("1.5", "high", "0"):
+        r = subprocess.run([sys.executable, "-m", "petctl", "calibrate", "--run", "r", "--threshold-prior", bad], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "--threshold-prior" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -147,7 +147,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             "volume_budget_ml": float(volume_budget_ml) if np.isfinite(volume_budget_ml) else None, "budget_met": budget_met,
             "mean_fpv_ml_negatives": float(fpv_neg[i]), "mean_fnv_ml": float(fnv_curve[i]),
             "best_dice_unconstrained": float(np.nanmax(dice_curve)),
-            "rule": "one_standard_error_toward_prior", "threshold_prior": choice["threshold_prior"],
+            "rule": "best_mean_dice" if choice["threshold_prior"] is None else "one_standard_error_toward_prior", "threshold_prior": choice["threshold_prior"],
             "best_threshold": choice["best_threshold"], "best_dice": choice["best_dice"],
             "dice_standard_error": choice["dice_standard_error"],
             "plain_on_input_grid": {"threshold": in_thr, "mean_dice": in_dice},
@@ -301,6 +301,10 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
         ax.plot(thresholds, values(seg["mean_dice_curve_at_seed"]), "r--", lw=2, label=f"ensemble, components seeded at {seed:.2f}")
     if ext:
         ax.plot(ext["thresholds"], values(ext["mean_dice_curve"]), "r-", lw=2, label="ensemble, PET extent (input grid)")
+        if ext.get("best_dice") is not None and ext.get("threshold_prior") is not None:
+            ax.axhspan(ext["best_dice"] - ext["dice_standard_error"], ext["best_dice"], color="r", alpha=0.12,
+                       label=f"within 1 SE of the best ({ext['best_threshold']:.2f})")
+            ax.axvline(ext["threshold_prior"], color="r", ls=":", lw=1, label=f"prior {ext['threshold_prior']:.2f}")
     ax.plot([seg["threshold"]], [seg["mean_dice"]], "r*", ms=14,
             label=f"chosen {seg['threshold']:.3g}{f' / seed {seed:.2f}' if seed > 0 else ''} (Dice {seg['mean_dice']:.3f})")
     ax.set(xlabel="threshold", ylabel="mean Dice over test positives", title="Segmentation threshold", ylim=(0, 1))

@@ -135,6 +135,8 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         lines.append(f"| {name} | {_fmt(b.get('cycle'))} | {_fmt(b.get('auroc'), 4)} |")
     summary: dict[str, Any] = {"thresholds": {"segmentation": s_thr["threshold"], "seed": s_thr.get("seed_threshold"),
                                               "pet_extent": bool(s_thr.get("extent")),
+                                              "segmentation_prior": (s_thr.get("extent") or {}).get("threshold_prior"),
+                                              "segmentation_best": (s_thr.get("extent") or {}).get("best_threshold"),
                                               "classifier": c_thr.get("threshold")},
                                "calibration": {"test_dice": s_thr["mean_dice"], "classifier_auroc": c_thr.get("auroc")}}
     if evaluation is not None:
