@@ -93,5 +93,7 @@ def _prior(text: str) -> float | str | None:
     except ValueError:
         number = float("nan")
     if not 0.0 < number < 1.0:
-        raise typer.BadParameter(f"expected 'preset', 'none' or a number in (0, 1), got {text!r}", param_hint="--threshold-prior")
+        from petctl.errors import PetctlError
+
+        raise PetctlError(f"--threshold-prior: expected 'preset', 'none' or a number in (0, 1), got {text!r}")
     return number
