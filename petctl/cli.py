@@ -90,12 +90,29 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             raise SystemExit(exc.exit_code) from None
         raise
+
+
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Click's usage-error base class, from click and from the copy newer typer releases vendor
+    (`typer._click`), whose exceptions are not click's."""
+    found: list[type[Exception]] = []
+    try:
+        import click
+
+        found.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    try:
+        from typer import _click  # type: ignore[attr-defined]
+
+        found.append(_click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def test_version_and_usage_error_exit_codes(tmp_path: Path):
     r = subprocess.run([sys.executable, "-m", "petctl", "prepare", str(tmp_path / "nope"), "--store", str(tmp_path / "s")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a folder" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "petctl", "calibrate"], capture_output=True, text=True)  # a required option missing
+    assert r.returncode == 2 and "Missing" in r.stderr + r.stdout and "Traceback" not in r.stderr, r.stderr
 
 
 def test_synth_prepare_status_chain(tmp_path: Path, monkeypatch):
