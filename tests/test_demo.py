@@ -24,7 +24,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert summary["thresholds"]["seed"] == 0.0 and summary["thresholds"]["pet_extent"] is True  # calibrate's default
     assert "PET 50% isocontour" in (out / "report.md").read_text()
     assert summary["thresholds"]["segmentation_prior"] == 0.75  # cpu-tiny inherits cpu-small's prior
-    assert "nearest the preset's prior 0.75 within 1 SE" in (out / "report.md").read_text()
+    assert "nearest the prior 0.75 within 1 SE" in (out / "report.md").read_text()
     test = summary["test"]
     assert test["num_positive"] + test["num_negative"] == 3 and not test["problems"]
     report = (out / "report.md").read_text()

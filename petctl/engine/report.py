@@ -174,4 +174,4 @@ def _rule_text(ext: dict[str, Any]) -> str:
     if ext.get("threshold_prior") is None or ext.get("best_threshold") is None:
         return ""
     return (f"; the best Dice {ext['best_dice']:.3f} ± {ext['dice_standard_error']:.3f} (1 SE) was at {ext['best_threshold']:.2f}, "
-            f"the threshold nearest the preset's prior {ext['threshold_prior']:.2f} within 1 SE is taken")
+            f"the threshold nearest the prior {ext['threshold_prior']:.2f} within 1 SE is taken")
