@@ -271,6 +271,43 @@ def test_cnn_classifier_and_local_weights(tmp_path: Path) -> None:
         assert model.eval()(torch.randn(2, 1, 224, 352)).shape == (2, 1)
 
 
+def test_lesion_map_classifier_logit_is_the_map_maximum_and_every_parameter_learns() -> None:
+    from petctl.engine.models import LesionMapClassifier
+
+    torch.manual_seed(5)
+    model = channels_last(build_classifier("resnet10t", in_chans=1, img_size=(64, 48), head="lesion_map"))
+    assert isinstance(model, LesionMapClassifier) and model.map_stride == 8
+    x = as_channels_last(torch.randn(3, 1, 64, 48))
+    logit, lesion_map = model(x, with_map=True)
+    assert logit.shape == (3, 1) and lesion_map.shape == (3, 1, 8, 6)
+    torch.testing.assert_close(logit[:, 0], lesion_map.flatten(1).amax(1))
+    torch.testing.assert_close(model(x), logit)
+    (logit.sum() + lesion_map.mean()).backward()
+    # timm's head and final norm are pruned: nothing is left without a gradient (DDP would refuse)
+    assert all(p.grad is not None for p in model.parameters())
+    assert not any(name.startswith(("backbone.fc.", "backbone.head")) for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="global or lesion_map"):
+        build_classifier("resnet10t", head="patches")
+
+
+def test_lesion_map_swin_loads_local_weights_into_its_backbone(tmp_path: Path) -> None:
+    import timm
+
+    name = "swin_tiny_patch4_window7_224"
+    torch.manual_seed(6)
+    imagenet = timm.create_model(name, pretrained=False).state_dict()
+    path = tmp_path / "swin_tiny.pth"
+    torch.save(imagenet, path)
+    model = build_classifier(name, in_chans=1, img_size=(224, 352), pretrained_path=str(path), head="lesion_map").eval()
+    state = model.state_dict()
+    assert torch.equal(state["backbone.patch_embed.proj.weight"], imagenet["patch_embed.proj.weight"].sum(dim=1, keepdim=True))
+    table = "layers.3.blocks.1.attn.relative_position_bias_table"
+    assert torch.equal(state[f"backbone.{table}"], imagenet[table])
+    with torch.no_grad():
+        logit, lesion_map = model(torch.randn(1, 1, 224, 352), with_map=True)
+    assert logit.shape == (1, 1) and lesion_map.shape == (1, 1, 28, 44)
+
+
 def test_build_classifier_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown timm model"):
         build_classifier("not_a_model_xyz")

@@ -133,7 +133,15 @@ def test_presets_and_validation():
         preset("nope")
     with pytest.raises(PetctlError):
         TrainConfig(loss="focal")
+    with pytest.raises(PetctlError, match="cls_head must be global or lesion_map"):
+        TrainConfig(cls_head="patches")
+    with pytest.raises(PetctlError, match="cls_map_weight"):
+        TrainConfig(cls_map_weight=-1.0)
     assert TrainConfig.from_json(cpu_tiny().to_json()) == cpu_tiny()
+    # every preset keeps timm's pooled head, and a config written before the field existed reads as it
+    assert preset("autopet-paper").cls_head == "global" == cpu_tiny().cls_head
+    old = {k: v for k, v in cpu_tiny().to_json().items() if k not in ("cls_head", "cls_map_weight")}
+    assert TrainConfig.from_json(old).cls_head == "global"
 
 
 def test_launch_command_shapes():
@@ -148,6 +156,7 @@ def test_launch_command_shapes():
 def test_classifier_folds_train_per_projection(store: Path, tmp_path: Path):
     result = _train(store, tmp_path, "--task", "cls", run="c")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((tmp_path / "home/runs/c/cls/fold0-x/train_config.json").read_text())["cls_head"] == "global"
     for axis in ("x", "y"):
         metrics = json.loads((tmp_path / f"home/runs/c/cls/fold0-{axis}/metrics.json").read_text())
         assert metrics["selection"] == "auroc" and metrics["config"]["projection"] == axis
@@ -156,6 +165,29 @@ def test_classifier_folds_train_per_projection(store: Path, tmp_path: Path):
         step = json.loads((tmp_path / f"home/runs/c/steps/train-cls-fold0-{axis}.json").read_text())
         assert step["status"] == "done"
     assert "MIP classifier folds" in result.stdout
+
+
+def test_lesion_map_classifier_learns_from_the_projected_masks_and_reloads(store: Path, tmp_path: Path, monkeypatch):
+    from dataclasses import replace
+
+    from petctl.engine.classifier import build_classifier_for, fit_cls
+    from petctl.engine.models import LesionMapClassifier
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    states = {}
+    for weight in (0.0, 1.0):
+        cfg = replace(cpu_tiny(), cls_head="lesion_map", cls_map_weight=weight)
+        out = tmp_path / f"w{weight}"
+        assert fit_cls(cfg, store, 0, "y", out, max_steps=2) == 0
+        state, _, meta = load_checkpoint(find_checkpoint(out / "checkpoints" / "last"))
+        model = build_classifier_for(TrainConfig.from_json(meta["config"]))  # as the ensemble rebuilds it
+        assert isinstance(model, LesionMapClassifier)
+        model.load_state_dict(state)
+        with torch.no_grad():
+            assert model.eval()(torch.randn(1, 1, *cfg.cls_img_size)).shape == (1, 1)
+        states[weight] = state
+    # same seed, same batches: only the lesion-map loss can make the two runs' weights differ
+    assert any(not torch.equal(states[0.0][k], states[1.0][k]) for k in states[0.0])
 
 
 def test_mip_of_augmented_volume_keeps_layout(store: Path):

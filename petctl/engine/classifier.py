@@ -4,6 +4,8 @@ One model per fold and projection axis (x, y; z optional). Each training scan's 
 augmented in 3-D first (flips, zoom, rotation, intensity — the same batched augmentation as
 segmentation), then projected and resized, so the projection sees a physically plausible view.
 Selection per cycle is the AUROC over the fold's validation scans (positives and negatives).
+With `cls_head="lesion_map"` the lesion masks are moved by the same augmentation and projected
+too, and a lesion-map head learns where each MIP's lesions are as well as whether there are any.
 """
 
 from __future__ import annotations
@@ -30,20 +32,35 @@ def case_labels(store_root: Path) -> dict[str, bool]:
 
 
 def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: torch.device,
-            augment: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(1, H, W) MIP of a stored case's PET channel, optionally 3-D augmented before projecting."""
+            augment: Any = None, generator: torch.Generator | None = None, with_label: bool = False) -> Any:
+    """(1, H, W) MIP of a stored case's PET channel, optionally 3-D augmented before projecting.
+
+    With `with_label`, returns (PET MIP, label MIP): the lesion mask moved by the same augmentation
+    and projected along the same axis (1 where a ray crosses a lesion), resized alike.
+    """
     from petctl.engine.mip import mip_batch, resize_mip
     from petctl.engine.sampling import augment_batch
 
-    pet = torch.from_numpy(store.load(case).image.read_all()[1]).float().to(device)[None, None]
+    stored = store.load(case)
+    pet = torch.from_numpy(stored.image.read_all()[1]).float().to(device)[None, None]
+    shape = (1, 1 if with_label else 0) + pet.shape[2:]
+    label = torch.from_numpy(stored.label.read_all()).float().to(device).reshape(shape) if with_label else pet.new_zeros(shape)
     if augment is not None and augment.enabled:
         # Resample around the volume's floor, not 0: zero padding is brighter than air and the
         # body's clipped background (z < 0), and the maximum projection would show every rotated
         # corner as a bright wedge that no unaugmented scan has.
         floor = pet.amin()
-        pet, _ = augment_batch(pet - floor, pet.new_zeros((1, 0) + pet.shape[2:]), generator, augment)  # no label to move
+        pet, label = augment_batch(pet - floor, label, generator, augment)
         pet = pet + floor
-    return resize_mip(mip_batch(pet[:, 0], axis), size)[0]
+    image = resize_mip(mip_batch(pet[:, 0], axis), size)[0]
+    if not with_label:
+        return image
+    return image, resize_mip(mip_batch(label[:, 0], axis), size)[0]
+
+
+def lesion_map_target(label_mips_b1hw: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
+    """Per map pixel 1 where any resized label-MIP pixel under it is ≥ 0.5 (a lesion projects there)."""
+    return (torch.nn.functional.adaptive_max_pool2d(label_mips_b1hw, map_size) >= 0.5).to(label_mips_b1hw.dtype)
 
 
 def build_classifier_for(cfg: TrainConfig, pretrained: bool = False) -> torch.nn.Module:
@@ -51,7 +68,7 @@ def build_classifier_for(cfg: TrainConfig, pretrained: bool = False) -> torch.nn
     from petctl.engine.models import build_classifier, channels_last
 
     model = build_classifier(cfg.cls_model, in_chans=1, img_size=cfg.cls_img_size,
-                             pretrained_path=cfg.cls_pretrained if pretrained else None)
+                             pretrained_path=cfg.cls_pretrained if pretrained else None, head=cfg.cls_head)
     return channels_last(model, cfg.channels_last)
 
 
@@ -84,10 +101,15 @@ class ClsTask:
     def loss(self, model: torch.nn.Module, batch: list[str], generator: torch.Generator, device: torch.device) -> torch.Tensor:
         from petctl.engine.models import as_channels_last
 
-        images = torch.stack([pet_mip(self.store, c, self.axis, self.cfg.cls_img_size, device, self.augment, generator) for c in batch])
-        images = as_channels_last(images, self.cfg.channels_last)
+        with_map = self.cfg.cls_head == "lesion_map"
+        views = [pet_mip(self.store, c, self.axis, self.cfg.cls_img_size, device, self.augment, generator, with_label=with_map) for c in batch]
+        images = as_channels_last(torch.stack([v[0] for v in views] if with_map else views), self.cfg.channels_last)
         target = torch.tensor([[1.0 if self.labels[c] else 0.0] for c in batch], device=device)
-        return self.loss_fn(model(images), target)
+        if not with_map:
+            return self.loss_fn(model(images), target)
+        logits, lesion_map = model(images, with_map=True)
+        map_target = lesion_map_target(torch.stack([v[1] for v in views]), tuple(lesion_map.shape[-2:]))
+        return self.loss_fn(logits, target) + self.cfg.cls_map_weight * self.loss_fn(lesion_map.float(), map_target)
 
     def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
         from petctl.engine.distributed import gather_objects

@@ -2,7 +2,8 @@
 
 `build_seg_model` makes the paper's Swin-UNETR "tiny" (feature_size 12), an nnU-Net style DynUNet,
 or a small BasicUNet for CPUs; all give one logit channel (sigmoid) per voxel. `build_classifier`
-makes a timm network with one logit for the MIP lesion/no-lesion classifier. Weights only ever come
+makes a timm network with one logit for the MIP lesion/no-lesion classifier (timm's pooled head, or
+a lesion-map head whose maximum is the logit). Weights only ever come
 from a local file, read with `torch.load(weights_only=True)`, so a checkpoint that is really a
 pickled program is refused instead of run. Nothing here knows about processes or devices.
 """
@@ -258,8 +259,12 @@ def build_classifier(
     img_size: tuple[int, int] = (224, 352),
     pretrained_path: str | Path | None = None,
     drop_rate: float = 0.0,
+    head: str = "global",
 ) -> nn.Module:
     """A timm image classifier with one logit (lesion present), input (B, in_chans, *img_size).
+
+    `head="global"` keeps timm's pooled linear head; `head="lesion_map"` wraps the backbone in a
+    `LesionMapClassifier` (pretrained weights are loaded into the backbone first).
 
     Models that take an `img_size` (Swin, ViT) are built for it; CNNs take any size. timm's Swin
     pads each stage to whole windows, so the ImageNet swin_tiny_patch4_window7_224 runs at 224×352
@@ -280,7 +285,47 @@ def build_classifier(
         model = timm.create_model(name, **kwargs)
     if pretrained_path is not None:
         load_pretrained_classifier(model, pretrained_path)
+    if head == "lesion_map":
+        return LesionMapClassifier(model)
+    if head != "global":
+        raise ModelConfigError(f"classifier head must be global or lesion_map (got {head!r})")
     return model
+
+
+class LesionMapClassifier(nn.Module):
+    """A timm backbone with a feature-pyramid head that draws a lesion map of the MIP.
+
+    The last three stages (strides 8, 16, 32 for ResNets and Swin) are projected to `width`
+    channels, summed top-down at stride 8 and turned into one logit per map pixel; the scan's logit
+    is the map's maximum (a lesion anywhere makes the scan positive). Training supervises the map
+    with the projected lesion mask, so each MIP teaches where as well as whether — far more signal
+    per scan than one label when scans are few. `forward(x)` returns (B, 1) like a timm
+    classifier; `forward(x, with_map=True)` returns (logit, map (B, 1, H/8, W/8)). timm's own
+    head and final norm are pruned, so every parameter takes part in the loss (DDP needs that).
+    """
+
+    def __init__(self, backbone: nn.Module, width: int = 32, levels: int = 3) -> None:
+        super().__init__()
+        num_stages = len(backbone.feature_info)
+        self.indices = list(range(num_stages - levels, num_stages))
+        backbone.prune_intermediate_layers(self.indices, prune_head=True, prune_norm=True)
+        self.backbone = backbone
+        channels = [backbone.feature_info[i]["num_chs"] for i in self.indices]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.map_head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
+
+    @property
+    def map_stride(self) -> int:
+        return int(self.backbone.feature_info[self.indices[0]]["reduction"])
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        top = self.lateral[-1](feats[-1])
+        for lateral, feat in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            top = nn.functional.interpolate(top, size=feat.shape[-2:], mode="nearest") + lateral(feat)
+        lesion_map = self.map_head(top)
+        logit = lesion_map.flatten(1).amax(1, keepdim=True)
+        return (logit, lesion_map) if with_map else logit
 
 
 def load_pretrained_classifier(model: nn.Module, path: str | Path) -> dict[str, Any]:
