@@ -96,6 +96,44 @@ def test_epoch_order_is_a_padded_permutation(num_cases, world):
 
 
 # -- patches at the border ---------------------------------------------------------------------
+def test_component_weights_set_the_share_of_each_component():
+    big = np.c_[np.zeros(64), np.random.default_rng(1).integers(0, 30, (64, 3))]
+    tiny = np.array([[2, 39, 29, 49]])
+    coords = np.concatenate([big, tiny]).astype(np.int32)
+    weights = np.array([3.0, 100.0, 1.0])  # indexed by component id; id 1 has no samples in this case
+    rng = np.random.default_rng(0)
+    draws = [patch_centre(SHAPE, coords, BODY, 1.0, rng, weights) for _ in range(4000)]
+    tiny_share = np.mean([tuple(c.tolist()) == (39, 29, 49) for c, _ in draws])
+    assert abs(tiny_share - 0.25) <= 0.03
+    # all weights equal: the same shares as uniform (the stream differs, the distribution does not)
+    rng = np.random.default_rng(0)
+    even = [patch_centre(SHAPE, coords, BODY, 1.0, rng, np.ones(3)) for _ in range(4000)]
+    assert abs(np.mean([tuple(c.tolist()) == (39, 29, 49) for c, _ in even]) - 0.5) <= 0.04
+
+
+def test_dataset_weights_components_by_voxel_count_to_the_power(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((2, *SHAPE)).astype(np.float16)
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:10, 2:10, 2:10] = 1  # component 0: 512 voxels (first in scan order)
+    label[30, 20, 40] = 1  # component 1: one voxel
+    lesion = np.array([[0, 5, 5, 5], [0, 6, 6, 6], [1, 30, 20, 40]], np.int32)
+    CaseStore(tmp_path).save("two", image, label, lesion, np.array([[0, 0, 0]]), {})
+    stored = CaseStore(tmp_path).load("two")
+    for power, expected in ((0.5, [512**0.5, 1.0]), (1.0, [512.0, 1.0])):
+        ds = SegPatchDataset(str(tmp_path), ["two"], PATCH, patches_per_scan=400, lesion_prob=1.0, lesion_size_power=power)
+        np.testing.assert_allclose(ds.component_weights("two", stored), expected)
+        items = list(ds)
+        single = np.mean([float(it["label"].sum()) == 1.0 for it in items])  # patches around the one-voxel lesion
+        assert abs(single - 1 / (1 + expected[0])) <= 0.03
+    uniform = SegPatchDataset(str(tmp_path), ["two"], PATCH, patches_per_scan=1)
+    assert uniform.lesion_size_power == 0.0 and not uniform._component_weights
+    # a store whose lesion samples do not match its label's components is refused, naming the case
+    CaseStore(tmp_path).save("odd", image, label, lesion[:2], np.array([[0, 0, 0]]), {})
+    with pytest.raises(PetctlError, match="odd: the stored label has 2 lesion components"):
+        list(SegPatchDataset(str(tmp_path), ["odd"], PATCH, patches_per_scan=1, lesion_size_power=1.0))
+
+
 @pytest.fixture()
 def tiny_store(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(3)
@@ -195,7 +233,8 @@ def test_workers_split_cases_and_follow_set_epoch(store: Path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"cases": []}, {"patch_size": (16, 16)}, {"patches_per_scan": 0}, {"lesion_prob": 1.5}, {"rank": 2, "world_size": 2}, {"jitter": 0.6}],
+    [{"cases": []}, {"patch_size": (16, 16)}, {"patches_per_scan": 0}, {"lesion_prob": 1.5}, {"rank": 2, "world_size": 2}, {"jitter": 0.6},
+     {"lesion_size_power": -1.0}],
 )
 def test_bad_dataset_arguments_are_refused(kwargs):
     args = {"store_root": "x", "cases": ["a"], "patch_size": PATCH, "patches_per_scan": 1, **kwargs}

@@ -29,6 +29,9 @@ class TrainConfig:
     batch_size: int = 4
     lesion_prob: float = 2 / 3
     """Probability of a lesion-centred patch. The paper's text says 2/3, its released code used 1/3."""
+    lesion_size_power: float = 0.0
+    """A lesion-centred patch picks a component of its scan with weight (voxel count) ** this: 0 picks
+    every component alike (small lesions as often as big ones), 1 every lesion voxel alike."""
     num_cycles: int = 50
     epochs_per_cycle: int = 5
     lr: float = 5e-4
@@ -88,6 +91,8 @@ class TrainConfig:
             raise PetctlError(f"mixed_precision must be no, bf16 or fp16 (got {self.mixed_precision!r})")
         if not 0.0 <= self.lesion_prob <= 1.0:
             raise PetctlError("lesion_prob must be within [0, 1]")
+        if self.lesion_size_power < 0:
+            raise PetctlError(f"lesion_size_power must be ≥ 0 (got {self.lesion_size_power})")
         for name in ("patches_per_scan", "batch_size", "num_cycles", "epochs_per_cycle", "grad_accum"):
             if getattr(self, name) < 1:
                 raise PetctlError(f"{name} must be at least 1")

@@ -3,7 +3,8 @@
 Three layers, from pure to stateful:
 - `patch_centre` / `patch_start` are pure: coordinates and a `np.random.Generator` in, a patch
   position out. A lesion-centred draw picks a lesion *component* uniformly and then one of its
-  sampled voxels, so a case's tiny lesions are seen as often as its big ones.
+  sampled voxels, so a case's tiny lesions are seen as often as its big ones (or, with
+  `lesion_size_power` p > 0, with weight voxels ** p, so big lesions are seen more often).
 - `SegPatchDataset` streams patches from a `CaseStore`: each epoch the case list is shuffled the
   same way on every rank, padded to a multiple of the world size and dealt out `[rank::world]`;
   within a rank, DataLoader workers split the cases again. A case is opened once and yields
@@ -41,19 +42,26 @@ def patch_centre(
     body_coords: np.ndarray,
     lesion_prob: float,
     rng: np.random.Generator,
+    component_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """(centre_xyz int64 (3,), lesion_centred) for one patch of a case.
 
     With probability `lesion_prob` (only when the case has lesion coordinates) a lesion component
-    is chosen uniformly, then one of its sampled voxels uniformly; otherwise a body voxel, or any
-    voxel of the volume when the case has no body samples.
+    is chosen — uniformly, or in proportion to `component_weights[component]` when given — then
+    one of its sampled voxels uniformly; otherwise a body voxel, or any voxel of the volume when
+    the case has no body samples.
     """
     # Always consume the coin so that the rest of the stream does not depend on the case type.
     coin = rng.random()
     if len(lesion_coords) and coin < lesion_prob:
         components = lesion_coords[:, 0]
         labels = np.unique(components)
-        rows = np.flatnonzero(components == labels[rng.integers(len(labels))])
+        if component_weights is None:
+            chosen = labels[rng.integers(len(labels))]
+        else:
+            weights = np.asarray(component_weights, dtype=np.float64)[labels]
+            chosen = labels[rng.choice(len(labels), p=weights / weights.sum())]
+        rows = np.flatnonzero(components == chosen)
         return lesion_coords[rows[rng.integers(len(rows))], 1:4].astype(np.int64), True
     if len(body_coords):
         return body_coords[rng.integers(len(body_coords))].astype(np.int64), False
@@ -104,6 +112,7 @@ class SegPatchDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         jitter: float = 0.25,
+        lesion_size_power: float = 0.0,
     ) -> None:
         if not cases:
             raise PetctlError("no training cases to sample patches from")
@@ -119,6 +128,8 @@ class SegPatchDataset(IterableDataset):
             raise PetctlError(f"jitter must be in [0, 0.5] (fraction of the patch), got {jitter}")
         if seed < 0:
             raise PetctlError("seed must be non-negative")
+        if lesion_size_power < 0:
+            raise PetctlError(f"lesion size power must be ≥ 0, got {lesion_size_power}")
         self.store_root = str(store_root)
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -128,6 +139,8 @@ class SegPatchDataset(IterableDataset):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.jitter = float(jitter)
+        self.lesion_size_power = float(lesion_size_power)
+        self._component_weights: dict[str, np.ndarray] = {}
         # Shared memory so that persistent DataLoader workers (which hold their own copy of the
         # dataset) see `set_epoch` calls made in the main process.
         self._epoch: Any = multiprocessing.Value("q", 0, lock=False)
@@ -172,8 +185,9 @@ class SegPatchDataset(IterableDataset):
 
     def _case_patches(self, case: str, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         stored = self._store.load(case)  # type: ignore[union-attr]
+        weights = self.component_weights(case, stored) if self.lesion_size_power > 0 and len(stored.lesion_coords) else None
         for _ in range(self.patches_per_scan):
-            centre, lesion = patch_centre(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng)
+            centre, lesion = patch_centre(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng, weights)
             start = patch_start(centre, self.patch_size, self.jitter, rng)
             image, label = self._store.read_patch(case, start, self.patch_size)  # type: ignore[union-attr]
             yield {
@@ -182,6 +196,22 @@ class SegPatchDataset(IterableDataset):
                 "case": case,
                 "lesion": lesion,
             }
+
+    def component_weights(self, case: str, stored: Any) -> np.ndarray:
+        """Per lesion component of `case`: its voxel count ** `lesion_size_power` (cached).
+
+        Components are numbered as prepare numbered them: the same 26-connected labelling of the
+        same stored label, in scan order."""
+        if case not in self._component_weights:
+            import cc3d
+
+            components, num_components = cc3d.connected_components(stored.label.read_all(), connectivity=26, return_N=True)
+            if num_components != int(stored.lesion_coords[:, 0].max()) + 1:
+                raise PetctlError(f"{case}: the stored label has {num_components} lesion components, its lesion samples "
+                                  f"{int(stored.lesion_coords[:, 0].max()) + 1}; re-run `petctl prepare`")
+            voxels = np.bincount(components.ravel(), minlength=num_components + 1)[1:]
+            self._component_weights[case] = voxels.astype(np.float64) ** self.lesion_size_power
+        return self._component_weights[case]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -67,7 +67,8 @@ class SegTask:
             accelerator.print(f"pretrained: {report}")
         channels_last(self.model, cfg.channels_last)
         self.dataset = SegPatchDataset(str(store_root), train_cases, cfg.patch_size, cfg.patches_per_scan, lesion_prob=cfg.lesion_prob,
-                                       seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+                                       seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                       lesion_size_power=cfg.lesion_size_power)
         self.loader = make_loader(self.dataset, cfg.batch_size, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
         # exact batches per epoch (each loader worker ends on its own partial batch); equal on all ranks
         self.steps_per_epoch = self.dataset.batches_per_epoch_per_rank(cfg.batch_size, cfg.num_workers)
