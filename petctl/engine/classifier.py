@@ -32,7 +32,8 @@ def case_labels(store_root: Path) -> dict[str, bool]:
 
 
 def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: torch.device,
-            augment: Any = None, generator: torch.Generator | None = None, with_label: bool = False) -> Any:
+            augment: Any = None, generator: torch.Generator | None = None,
+            with_label: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(1, H, W) MIP of a stored case's PET channel, optionally 3-D augmented before projecting.
 
     With `with_label`, returns (PET MIP, label MIP): the lesion mask moved by the same augmentation
