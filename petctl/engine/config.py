@@ -77,7 +77,7 @@ class TrainConfig:
     backbone's last three stages draws a stride-8 lesion map of the MIP, trained on the projected
     lesion masks as well as the scan label; the scan's logit is the map's maximum. An option, off
     in every preset: on 5 demo seeds it moved AUROC by no more than the seed-to-seed noise and made
-    the cpu-small classifier's steps ~15 % slower (README, "Tried and left as options")."""
+    the cpu-small classifier's steps ~15 % slower (README, the demo section)."""
     cls_map_weight: float = 1.0
     """Weight of the lesion-map loss (per-pixel BCE) beside the scan loss, for cls_head lesion_map."""
     collective_timeout_s: int = 600
