@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from petctl.engine.cohort import NEGATIVE, CaseSource, discover, is_valid_case_id
-from petctl.engine.store import CaseStore, read_json, write_json_atomic
+from petctl.engine.store import LESION_CONNECTIVITY, CaseStore, read_json, write_json_atomic
 from petctl.errors import CaseError, PetctlError
 
 MANIFEST_VERSION = 1
@@ -143,7 +143,7 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
     image, label, geometry, body = preprocess(loaded, fingerprint, cfg.spacing, cfg.crop_margin)
 
     rng = np.random.default_rng(_case_seed(cfg.seed, src.case))
-    components, num_components = cc3d.connected_components(label, connectivity=26, return_N=True)
+    components, num_components = cc3d.connected_components(label, connectivity=LESION_CONNECTIVITY, return_N=True)
     lesion_coords = sample_lesion_coords(components, num_components, cfg.lesion_samples_per_component, rng)
     body_idx = background_coords(image[1], label, body, fingerprint, cfg, rng)
     entry = {

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from petctl.engine.store import CaseStore
+from petctl.engine.store import LESION_CONNECTIVITY, CaseStore
 from petctl.errors import PetctlError
 
 # Domain tags keep the shuffle stream and the per-case patch streams apart.
@@ -200,12 +200,12 @@ class SegPatchDataset(IterableDataset):
     def component_weights(self, case: str, stored: Any) -> np.ndarray:
         """Per lesion component of `case`: its voxel count ** `lesion_size_power` (cached).
 
-        Components are numbered as prepare numbered them: the same 26-connected labelling of the
-        same stored label, in scan order."""
+        Components are numbered as prepare numbered them: the same `LESION_CONNECTIVITY` labelling
+        of the same stored label, in scan order."""
         if case not in self._component_weights:
             import cc3d
 
-            components, num_components = cc3d.connected_components(stored.label.read_all(), connectivity=26, return_N=True)
+            components, num_components = cc3d.connected_components(stored.label.read_all(), connectivity=LESION_CONNECTIVITY, return_N=True)
             if num_components != int(stored.lesion_coords[:, 0].max()) + 1:
                 raise PetctlError(f"{case}: the stored label has {num_components} lesion components, its lesion samples "
                                   f"{int(stored.lesion_coords[:, 0].max()) + 1}; re-run `petctl prepare`")

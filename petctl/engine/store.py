@@ -49,6 +49,9 @@ from petctl.errors import PetctlError
 CHUNK = 48
 """Inner chunk edge (voxels). 96³ patches touch at most 3³ chunks; see bench/patch_sampling.py."""
 IMAGE_DTYPE = np.float16
+# lesion_coords number a case's lesion components by this cc3d labelling of its label, in scan order;
+# prepare writes them and the patch sampler re-derives component sizes with the same labelling.
+LESION_CONNECTIVITY = 26
 _EMPTY = 2**64 - 1
 
 
