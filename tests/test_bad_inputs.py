@@ -276,12 +276,12 @@ def test_checkpoint_files_respect_the_umask(tmp_path: Path):
 
     old = os.umask(UMASK)
     try:
-        save_checkpoint(tmp_path / "run" / "checkpoints" / "last", model_state={"w": torch.ones(3)}, optimizer_state=None,
+        save_checkpoint(tmp_path / "run" / "checkpoints" / "last", model_state={"w": torch.ones(3)}, optimizer_state={"state": {}},
                         scheduler_state=None, position=Position(), config={}, metric=None)
     finally:
         os.umask(old)
     entries = [tmp_path / "run", *(tmp_path / "run").rglob("*")]
-    assert len(entries) == 6
+    assert len(entries) == 6  # run, checkpoints, last, model.pt, training_state.pt, meta.json
     assert {str(p): oct(p.stat().st_mode & 0o777) for p in entries} == {str(p): oct(0o750 if p.is_dir() else 0o640) for p in entries}
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -23,14 +24,15 @@ def _petctl(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def trained(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A calibrated run: every seg fold and cls fold × projection trained for a few steps."""
     home = tmp_path_factory.mktemp("inference") / "home"
     _petctl(home, "train", "--store", str(store), "--fold", "all", "--preset", "cpu-tiny", "--run", "r", "--max-steps", "4")
     _petctl(home, "train", "--store", str(store), "--task", "cls", "--fold", "all", "--preset", "cpu-tiny", "--run", "r", "--max-steps", "2")
     result = _petctl(home, "calibrate", "--run", "r")  # the default: thresholds for PET-extent masks
     assert "Classifier gate" in result.stdout and "extent" in result.stdout  # rich may wrap "PET extent"
-    return home
+    yield home
+    shutil.rmtree(home, ignore_errors=True)  # the module's copied runs: gone once its tests have run
 
 
 def test_thresholds_json_and_pictures(trained: Path, store: Path):

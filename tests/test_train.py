@@ -52,6 +52,9 @@ def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
     assert 0.0 <= metrics["best"]["top_k_auroc"] <= 1.0
     assert (fold / "progress.png").stat().st_size > 1000
     assert find_checkpoint(fold / "checkpoints" / "best") is not None
+    # `last` resumes (optimizer + scheduler), `best` is for inference: weights and sidecar only
+    assert sorted(p.name for p in (fold / "checkpoints" / "last").iterdir()) == ["meta.json", "model.pt", "training_state.pt"]
+    assert sorted(p.name for p in (fold / "checkpoints" / "best").iterdir()) == ["meta.json", "model.pt"]
     step = json.loads((tmp_path / "home/runs/t/steps/train-seg-fold0.json").read_text())
     assert step["status"] == "done" and "top_k_auroc" in step["metrics"]
     assert "Table 1" in result.stdout

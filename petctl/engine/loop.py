@@ -79,7 +79,11 @@ class StepRef:
 # -- checkpoints -----------------------------------------------------------------------------
 def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
                     position: Position, config: dict[str, Any], metric: float | None, extra: dict | None = None) -> None:
-    """Write weights + training state + JSON sidecar into `folder` atomically (temp dir, rename)."""
+    """Write weights + training state + JSON sidecar into `folder` atomically (temp dir, rename).
+
+    With `optimizer_state=None` and `scheduler_state=None` no training_state.pt is written: the best
+    checkpoint is for inference only (resume reads `last`), and the optimizer's moments would triple
+    its size on disk."""
     from petctl.engine.registry import code_version
 
     folder = Path(folder)
@@ -89,8 +93,9 @@ def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | 
     tmp.mkdir()
     try:
         _save_tensors(model_state, tmp / "model.pt")
-        _save_tensors({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state()},
-                      tmp / "training_state.pt")
+        if optimizer_state is not None or scheduler_state is not None:
+            _save_tensors({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state()},
+                          tmp / "training_state.pt")
         meta = {
             "version": CHECKPOINT_VERSION,
             "config": config,
@@ -210,8 +215,10 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         # every rank's weights digest: DDP must keep them identical, and the sidecar proves it
         digests = dist.gather_objects(accelerator, [weights_digest(accelerator.unwrap_model(model))])
         if is_main:
+            resumable = name == "last"  # `best` is read by inference only: weights + sidecar
             save_checkpoint(ckpt_dir / name, model_state=accelerator.unwrap_model(model).state_dict(),
-                            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                            optimizer_state=optimizer.state_dict() if resumable else None,
+                            scheduler_state=scheduler.state_dict() if resumable else None,
                             position=position, config=config_json, metric=metric,
                             extra={"history": history, "best_metric": best_metric if best_metric > -math.inf else None,
                                    "rank_weight_digests": digests, "num_processes": accelerator.num_processes})
