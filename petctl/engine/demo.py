@@ -53,6 +53,8 @@ class DemoConfig:
     """prepare's share of background patches centred in bright non-lesion tissue. Beyond the paper
     (uniform body patches, 0): with it off, the demo's nets called the bladder a lesion in almost
     every held-out scan, since uniform body patches seldom show it."""
+    pet_wide: bool = False
+    """prepare's wide PET channel (log(1 + SUV) beside the clipped PET; `PrepareConfig.pet_wide`)."""
     processes: int = 1
     concurrent: int | None = None
     """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
@@ -119,7 +121,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     prep_cfg = PrepareConfig(data=str(data), store=str(store), spacing=train_cfg.spacing, workers=cfg.workers,
                              num_folds=cfg.folds, seed=cfg.seed, test_fraction=cfg.test_fraction, clip_percentiles=tuple(cfg.clip),
                              pet_clip_percentiles=tuple(cfg.pet_clip) if cfg.pet_clip else None,
-                             hot_background=cfg.hot_background)
+                             hot_background=cfg.hot_background, pet_wide=cfg.pet_wide)
     with step_context(registry, cfg.run, "prepare", kind="prepare", config=prep_cfg.to_json()):
         result = prepare(prep_cfg, on_skip=lambda c, r: warn(f"{c}: {r}"))
         registry.update_step(cfg.run, "prepare", metrics={"cases": len(result.prepared) + len(result.reused), "skipped": len(result.skipped)})

@@ -61,7 +61,8 @@ class RunModels:
                 config = meta["config"]
                 cfg = TrainConfig.from_json(config)
                 if family == "seg":
-                    model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+                    model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size,
+                                            features=cfg.features, patch_size=cfg.patch_size)
                     channels_last(model, cfg.channels_last)
                 else:
                     model = build_classifier_for(cfg)

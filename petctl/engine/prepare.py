@@ -64,6 +64,11 @@ class PrepareConfig:
     """PET's own clip percentiles (None: `clip_percentiles`). The lesion-foreground p5 is a PET
     floor above most of the body, so a faint lesion there is clipped to the same value as the
     tissue around it; 0,99.5 keeps it."""
+    pet_wide: bool = False
+    """Store a third channel beside the clipped PET: log(1 + SUV) over [0, the lesions' p99.5],
+    scaled to [-1, 1] (`PET_WIDE`). The clipped channel flattens everything under the lesions' p5
+    and over their p95, so a faint lesion in soft tissue and a very hot one look like the tissue
+    around them and like the bladder; the wide channel keeps both contrasts."""
 
     def __post_init__(self) -> None:
         if len(self.spacing) != 3 or any(not (0.1 <= s <= 50) for s in self.spacing):
@@ -161,7 +166,8 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
 def preprocess(loaded: Any, fingerprint: dict[str, Any], spacing: Sequence[float], margin: int) -> tuple[np.ndarray, np.ndarray | None, Any, np.ndarray]:
     """Exactly prepare's preprocessing of one loaded case (also used by predict).
 
-    Returns (normalized image (2, X, Y, Z) float32, stored label or None, CaseGeometry, body mask).
+    Returns (normalized image (C, X, Y, Z) float32 — C = 2, or 3 with the wide PET —, stored label
+    or None, CaseGeometry, body mask).
     """
     from petctl.engine.geometry import label_to_stored, plan_geometry, to_canonical, to_stored
 
@@ -178,16 +184,38 @@ def preprocess(loaded: Any, fingerprint: dict[str, Any], spacing: Sequence[float
     return normalize(image, fingerprint), label, geometry, body
 
 
+CHANNELS = ("ct", "pet")
+PET_WIDE = "pet_wide"
+"""The optional third channel (`PrepareConfig.pet_wide`): log(1 + SUV) on [0, ceiling] scaled to [-1, 1]."""
+
+
+def channel_names(fingerprint: dict[str, Any]) -> tuple[str, ...]:
+    """The stored image's channels for a store's fingerprint: CT, PET clipped, and the wide PET when planned."""
+    return (*CHANNELS, PET_WIDE) if PET_WIDE in fingerprint else CHANNELS
+
+
+def pet_wide(pet_suv: np.ndarray, ceiling: float) -> np.ndarray:
+    """log(1 + SUV) over [0, ceiling], scaled to [-1, 1] (float32)."""
+    ceiling = max(float(ceiling), 1e-3)
+    out = np.clip(np.asarray(pet_suv, dtype=np.float32), 0.0, np.float32(ceiling))
+    np.log1p(out, out=out)
+    out *= np.float32(2.0 / np.log1p(ceiling))
+    out -= np.float32(1.0)
+    return out
+
+
 def normalize(image_cxyz: np.ndarray, fingerprint: dict[str, Any]) -> np.ndarray:
-    """Clip each channel to its training [p5, p95] and z-normalize with the clipped mean/std (in place)."""
+    """Clip each channel to its training [p5, p95] and z-normalize with the clipped mean/std (in
+    place); with a `pet_wide` plan, the wide PET channel is appended (a new array)."""
     out = np.asarray(image_cxyz, dtype=np.float32)
-    for c, name in enumerate(("ct", "pet")):
+    wide = pet_wide(out[1], fingerprint[PET_WIDE]["ceiling"]) if PET_WIDE in fingerprint else None
+    for c, name in enumerate(CHANNELS):
         stats = fingerprint[name]
         lo, hi = (np.float32(v) for v in stats["clip"])
         np.clip(out[c], lo, hi, out=out[c])
         out[c] -= np.float32(stats["mean"])
         out[c] /= np.float32(stats["std"])
-    return out
+    return out if wide is None else np.concatenate([out, wide[None]])
 
 
 HOT_MARGIN = 0.05
@@ -363,6 +391,8 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
         clip=tuple(cfg.clip_percentiles),
         pet_clip=tuple(cfg.pet_clip_percentiles) if cfg.pet_clip_percentiles else None,
     )
+    if cfg.pet_wide:  # the plan's hash covers it through the fingerprint
+        fingerprint["pet_wide"] = {"transform": "log1p", "ceiling": float(fingerprint["pet"]["percentiles"]["99.5"])}
     plan_id = hashlib.sha256(
         json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
                     "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles),

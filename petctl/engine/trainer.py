@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,7 +58,8 @@ class SegTask:
         from petctl.engine.sampling import AugmentConfig, SegPatchDataset, make_loader
 
         self.cfg, self.store_root, self.val_cases = cfg, Path(store_root), val_cases
-        self.model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+        self.model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size, features=cfg.features,
+                                     patch_size=cfg.patch_size)
         if cfg.output_prior:
             init_output_prior(self.model, cfg.output_prior)
         if cfg.pretrained:
@@ -119,6 +121,14 @@ class SegTask:
         }
 
 
+def store_channels(store_root: Path) -> int:
+    """The image channels a store's plan writes (2, or 3 with `prepare --pet-wide`)."""
+    from petctl.engine.prepare import channel_names
+    from petctl.engine.store import read_json
+
+    return len(channel_names(read_json(Path(store_root) / "fingerprint.json")))
+
+
 def _loss_fn(name: str):
     if name == "bce":
         return torch.nn.BCEWithLogitsLoss()
@@ -131,6 +141,7 @@ def fit(cfg: TrainConfig, store_root: Path, fold: int, out_dir: Path, *, run: st
         home: Path | None = None, merged: bool = False, max_steps: int | None = None) -> int:
     """Train one segmentation fold in this process (one of `accelerate launch`'s); returns the exit status."""
     train_cases, val_cases = read_fold(store_root, fold, task="seg", merged=merged)
+    cfg = replace(cfg, in_channels=store_channels(store_root))
     loop = LoopConfig(num_cycles=cfg.num_cycles, epochs_per_cycle=cfg.epochs_per_cycle, lr=cfg.lr, lr_min_ratio=cfg.lr_min_ratio,
                       weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum, seed=cfg.seed, max_steps=max_steps,
                       batch_size=cfg.batch_size, selection_name="top_k_auroc")
