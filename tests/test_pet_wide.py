@@ -53,7 +53,7 @@ def test_prepare_writes_three_channels_under_its_own_plan(wide_store: Path, stor
     from petctl.engine.store import CaseStore
 
     fp, fp_plain = (json.loads((s / "fingerprint.json").read_text()) for s in (wide_store, store))
-    assert fp["pet_wide"] == {"transform": "log1p", "ceiling": pytest.approx(fp["pet"]["percentiles"]["99.5"])}
+    assert fp["pet_wide"]["transform"] == "log1p" and fp["pet_wide"]["ceiling"] >= fp["pet"]["percentiles"]["99.5"]
     assert "pet_wide" not in fp_plain and fp["plan"] != fp_plain["plan"]
     case = CaseStore(wide_store).list()[0]
     wide, plain = (CaseStore(s).load(case).image.read_all().astype(np.float32) for s in (wide_store, store))

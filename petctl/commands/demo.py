@@ -30,7 +30,7 @@ def demo(
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
     pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (default: --clip, the paper; 0,95 floors PET at the lesions' lowest uptake).")] = None,
     hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform sampling).")] = 0.5,
-    pet_wide: Annotated[bool, typer.Option("--pet-wide", help="prepare's third channel: log(1 + SUV) over [0, the lesions' p99.5] beside the clipped PET.")] = False,
+    pet_wide: Annotated[bool, typer.Option("--pet-wide", help="prepare's third channel: log(1 + SUV) up to the body's p99.9 beside the clipped PET.")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,

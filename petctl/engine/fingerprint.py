@@ -107,16 +107,24 @@ def summarize(
     cases: Sequence[str],
     clip: tuple[float, float] = CLIP,
     pet_clip: tuple[float, float] | None = None,
+    pet_wide: bool = False,
 ) -> dict[str, Any]:
     """Sum per-case histograms (streamed) into the fingerprint JSON payload (clip: percentiles;
-    pet_clip: PET's own, default the same)."""
+    pet_clip: PET's own, default the same; pet_wide: plan the wide PET channel, whose ceiling is
+    the higher of the lesions' p99.5 and the body's p99.9 — brain and bladder — so that a very hot
+    lesion and the bladder do not both saturate)."""
     total = {k: Histogram.empty(k.split("_")[0]) for k in ("ct", "pet", "ct_body", "pet_body")}
     for part in parts:
         for k in total:
             total[k] = total[k] + part[k]
     foreground = "label" if total["ct"].total > 0 else "body"
     ct, pet = (total["ct"], total["pet"]) if foreground == "label" else (total["ct_body"], total["pet_body"])
+    wide = {}
+    if pet_wide:
+        ceiling = max(pet.percentile(99.5), total["pet_body"].percentile(99.9) if total["pet_body"].total else 0.0)
+        wide = {"pet_wide": {"transform": "log1p", "ceiling": float(ceiling)}}
     return {
+        **wide,
         "version": FINGERPRINT_VERSION,
         "foreground": foreground,
         "num_cases": len(cases),

@@ -65,8 +65,8 @@ class PrepareConfig:
     floor above most of the body, so a faint lesion there is clipped to the same value as the
     tissue around it; 0,99.5 keeps it."""
     pet_wide: bool = False
-    """Store a third channel beside the clipped PET: log(1 + SUV) over [0, the lesions' p99.5],
-    scaled to [-1, 1] (`PET_WIDE`). The clipped channel flattens everything under the lesions' p5
+    """Store a third channel beside the clipped PET: log(1 + SUV) over [0, ceiling], scaled to
+    [-1, 1] (`PET_WIDE`; ceiling: the higher of the lesions' p99.5 and the body's p99.9). The clipped channel flattens everything under the lesions' p5
     and over their p95, so a faint lesion in soft tissue and a very hot one look like the tissue
     around them and like the bladder; the wide channel keeps both contrasts."""
 
@@ -390,9 +390,8 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
         train,
         clip=tuple(cfg.clip_percentiles),
         pet_clip=tuple(cfg.pet_clip_percentiles) if cfg.pet_clip_percentiles else None,
+        pet_wide=cfg.pet_wide,  # the plan's hash covers it through the fingerprint
     )
-    if cfg.pet_wide:  # the plan's hash covers it through the fingerprint
-        fingerprint["pet_wide"] = {"transform": "log1p", "ceiling": float(fingerprint["pet"]["percentiles"]["99.5"])}
     plan_id = hashlib.sha256(
         json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
                     "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles),
