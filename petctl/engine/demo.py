@@ -54,7 +54,9 @@ class DemoConfig:
     (uniform body patches, 0): with it off, the demo's nets called the bladder a lesion in almost
     every held-out scan, since uniform body patches seldom show it."""
     pet_wide: bool = False
-    """prepare's wide PET channel (log(1 + SUV) beside the clipped PET; `PrepareConfig.pet_wide`)."""
+    """prepare's wide PET channel (log(1 + SUV) beside the clipped PET; `PrepareConfig.pet_wide`).
+    An option: on 5 fresh seeds it halved the missed volume (FNV 8.5 → 4.6 mL) but cost Dice
+    (0.780 → 0.742) and added false positives (README)."""
     processes: int = 1
     concurrent: int | None = None
     """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
