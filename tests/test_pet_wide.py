@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 COARSE = (6.0, 6.0, 8.0)  # conftest's store spacing
 
@@ -80,6 +81,11 @@ def test_a_fold_on_a_wide_store_has_three_inputs_and_predicts(wide_store: Path, 
     case = sorted(p.name[: -len("_0000.nii.gz")] for p in (cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
     for c in ("0000", "0001"):
         shutil.copy(cohort / "imagesTr" / f"{case}_{c}.nii.gz", data)
+    from petctl.engine.ensemble import RunModels
+    from petctl.errors import PetctlError
+
+    with pytest.raises(PetctlError, match="takes 3 channels but the image has 2"):
+        RunModels.load(run_dir, need_cls=False).seg_probs(torch.zeros(2, 16, 16, 16))
     out = tmp_path / "out"
     written = predict(run_dir, data, out, PredictOptions(gate=False)).written
     assert list(written) == [case]

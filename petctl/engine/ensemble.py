@@ -86,6 +86,10 @@ class RunModels:
         from monai.inferers import sliding_window_inference
 
         models = models or self.seg
+        for m in models:  # a store re-prepared with(out) --pet-wide after training: one line, not a conv shape error
+            if image_cxyz.shape[0] != m.cfg.in_channels:
+                raise PetctlError(f"{self.run_dir}: seg {m.name} takes {m.cfg.in_channels} channels but the image has "
+                                  f"{image_cxyz.shape[0]}; the store was prepared with another plan (--pet-wide) than it was trained on")
         x = image_cxyz[None].to(self.device)
         total: torch.Tensor | None = None
         flips = [()] + ([(2,), (3,), (4,)] if tta else [])
