@@ -218,3 +218,24 @@ def test_retrain_merged_keeps_thresholds_and_links_parent(trained: Path, store: 
         cfg = json.loads((merged / f"seg-merged/fold{k}/checkpoints/last/meta.json").read_text())["config"]
         assert cfg["merged"] is True and set(splits["test"]) & (set(cfg["train"]) | set(cfg["val"]))
     assert (merged / "cls-merged").is_dir()
+
+
+def test_tta_is_calibrated_and_predict_follows_the_calibration(trained: Path, cohort: Path, tmp_path: Path):
+    """`calibrate --tta` chooses the threshold on flip-averaged probabilities and records it;
+    predict then flips by default (its threshold means the same thing), `--no-tta` overrides."""
+    run_dir = _copy_run(trained, "r", "flip")
+    assert json.loads((trained / "runs/r/thresholds.json").read_text())["tta"] is False
+    _petctl(trained, "calibrate", "--run", "flip", "--tta", "--no-gate")
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    assert t["tta"] is True and t["classifier"] is None
+    assert json.loads((run_dir / "steps/calibrate.json").read_text())["config"]["tta"] is True
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    name = case.name[: -len("_0000.nii.gz")]
+    probs = {}
+    for label, extra in (("default", ()), ("off", ("--no-tta",))):
+        out = tmp_path / label
+        _petctl(trained, "predict", str(case), str(out), "--run", "flip", "--save-probabilities", "float32", *extra)
+        probs[label] = np.asarray(nib.load(str(out / f"{name}_prob.nii.gz")).dataobj, np.float32)
+        assert json.loads((out / "predictions.json").read_text())["written"][name]["tta"] is (label == "default")
+    assert probs["default"].shape == probs["off"].shape
+    assert not np.allclose(probs["default"], probs["off"])  # the flips were averaged in

@@ -20,6 +20,7 @@ def calibrate(
     pet_extent: Annotated[bool, typer.Option("--pet-extent/--no-pet-extent", help="Choose the threshold for PET-extent masks (each detected component redrawn at its background-corrected 50% SUV isocontour), scored on the input grid; needs the prepared cohort's NIfTI files. --no-pet-extent: the paper's plain threshold on the stored grid.")] = True,
     threshold_prior: Annotated[str, typer.Option("--threshold-prior", help="With the PET extent: among the thresholds within one standard error of the best mean Dice, take the one nearest this prior. 'preset': the run's preset's (cpu-small 0.75; autopet-paper none); 'none': the best Dice; or a number in (0, 1).")] = "preset",
     volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: consider only thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (when none is: all). Default inf: Dice alone.")] = float("inf"),
+    tta: Annotated[bool, typer.Option("--tta", help="Average each fold over flips too (3 extra passes per fold, ~4× the segmentation time); recorded, so predict flips as well.")] = False,
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -37,11 +38,11 @@ def calibrate(
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
     with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
-                                                                                                "component_seed": component_seed}):
+                                                                                                "component_seed": component_seed, "tta": tta}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
-                               threshold_prior=prior)
+                               threshold_prior=prior, tta=tta)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):

@@ -23,7 +23,7 @@ def predict(
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Output folder for {case}.nii.gz masks.")],
     run: Annotated[str, typer.Option("--run", help="A calibrated run (or its -merged retrain).")],
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Segment every scan (skip the classifier gate).")] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation (3 extra passes per fold).")] = False,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Flip test-time augmentation (3 extra passes per fold). Default: as the run was calibrated (`calibrate --tta`), since its threshold was chosen on those probabilities.", show_default=False)] = None,
     save_probabilities: Annotated[Optional[str], typer.Option("--save-probabilities", help="Also write {case}_prob.nii.gz: float32 or uint8 (×255; a quarter of the size).")] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Write {case}_preview.png (PET MIP with the mask).")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,

@@ -42,7 +42,7 @@ the held-out optimum more often than it kept error volumes down."""
 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
-              threshold_prior: float | str | None = "preset") -> dict[str, Any]:
+              threshold_prior: float | str | None = "preset", tta: bool = False) -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -50,6 +50,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     test positives, when any threshold is), the one nearest `threshold_prior` ("preset": the run's
     `extent_threshold_prior`; None: the best Dice). Without it the paper's plain threshold is chosen
     on the stored grid. `component_seed` (only without `pet_extent`) adds the seed grid to the search.
+    `tta` averages each fold over flips as well (`RunModels.seg_probs`); the thresholds file records it
+    and predict then flips too, so the threshold is applied to the probabilities it was chosen on.
     """
     if pet_extent and component_seed:
         raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
@@ -96,7 +98,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         if case in segmented:
             stored = store.load(case)
             image = torch.from_numpy(stored.image.read_all()).float()
-            fold_probs = [models.seg_probs(image, models=[m]) for m in models.seg]
+            fold_probs = [models.seg_probs(image, models=[m], tta=tta) for m in models.seg]
             ensemble = np.mean(fold_probs, axis=0)
             if row["positive"]:
                 label = stored.label.read_all()
@@ -166,6 +168,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         "run": Path(run_dir).name,
         "store": str(models.store),
         "test_cases": test,
+        "tta": bool(tta),
         "segmentation": {
             "threshold": float(seg_thr), "seed_threshold": float(seed_thr), "mean_dice": float(seg_dice),
             "num_positives": len(positives), "without_seed": {"threshold": plain_thr, "mean_dice": plain_dice},

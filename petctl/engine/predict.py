@@ -30,7 +30,8 @@ from petctl.errors import CaseError, PetctlError
 @dataclass(frozen=True)
 class PredictOptions:
     gate: bool = True
-    tta: bool = False
+    tta: bool | None = None
+    """Flip test-time augmentation; None: as the run was calibrated (thresholds.json `tta`)."""
     save_probabilities: str | None = None
     """None, "float32" or "uint8" (probability × 255, rounded). NIfTI-1 has no float16."""
     preview: bool = False
@@ -122,6 +123,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     extent = thresholds["segmentation"].get("extent")  # None: calibrated without the PET extent
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
+    tta = bool(thresholds.get("tta", False)) if options.tta is None else options.tta
     models = RunModels.load(run_dir, need_cls=gate)
     assert models.store is not None
     fingerprint = read_json(models.store / "fingerprint.json")
@@ -144,7 +146,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             del loaded  # the full-size CT (and the PET, unless the extent or preview needs it) go: peak memory
             image_t = torch.from_numpy(image).float()
             reference = nib.load(str(src.pet))
-            record: dict[str, Any] = {"stored_shape": list(image.shape[1:])}
+            record: dict[str, Any] = {"stored_shape": list(image.shape[1:]), "tta": tta}
             probs = None
             if gate:
                 score = models.cls_score(image_t[1])
@@ -156,7 +158,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                 mask = np.zeros(geometry.original_shape, np.uint8)
             else:
                 stitch_cpu = options.stitch_on_cpu if options.stitch_on_cpu is not None else image.shape[1] * image.shape[2] * image.shape[3] >= 64 * 1024**2
-                probs_stored = models.seg_probs(image_t, tta=options.tta, stitch_on_cpu=stitch_cpu)
+                probs_stored = models.seg_probs(image_t, tta=tta, stitch_on_cpu=stitch_cpu)
                 probs = to_original(probs_stored, geometry)
                 if extent:
                     mask = pet_extent_mask(pet, probs, seg_threshold, fraction=float(extent["fraction"]),

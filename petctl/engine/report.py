@@ -121,6 +121,8 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         plain = s_thr["without_seed"]
         lines.append(f"| component seed (a component must reach it) | {s_thr['seed_threshold']:.2f} | without it: Dice {plain['mean_dice']:.3f} "
                      f"at {plain['threshold']:.2f} |")
+    if thresholds.get("tta"):  # calibrated (and predicted) on flip-averaged probabilities
+        lines = [x.replace("| segmentation (", "| segmentation (flip TTA; ", 1) for x in lines]
     if c_thr:
         lines.append(f"| classifier gate (sensitivity 1.0) | {c_thr['threshold']:.4f} | AUROC {c_thr['auroc']:.3f}, specificity "
                      f"{c_thr['specificity']:.3f}, {c_thr['negatives_skipping_segmentation']}/{c_thr['negatives']} negatives skip segmentation |")
