@@ -15,7 +15,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "3", "--train-folds", "2",
-           "--test-fraction", "0.2",
+           "--test-fraction", "0.2", "--tta",
            "--out", str(out), "--fresh"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -43,6 +43,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert len(json.loads((out / "store" / "splits.json").read_text())["seg_folds"]) == 3
     assert not any(s.endswith("fold2") or "fold2-" in s for s in steps), steps
     assert "2 of 3 folds trained" in report
+    # --tta: calibrated on flip-averaged probabilities, recorded, and predict followed it
+    home_run = tmp_path / "home" / "runs" / "demo"
+    assert json.loads((home_run / "thresholds.json").read_text())["tta"] is True
+    assert "segmentation (flip TTA; " in report
+    assert all(r["tta"] is True for r in json.loads((out / "predictions" / "predictions.json").read_text())["written"].values())
 
 
 def test_demo_config_rejects_more_trained_folds_than_the_split_has():
