@@ -58,8 +58,8 @@ class DemoConfig:
     An option: on 7 seeds it found faint lesions (mean FNV 7.95 → 6.07 mL) but cost Dice
     (0.711 → 0.692) and added false positives (README)."""
     tta: bool = False
-    """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 3
-    seeds mean Dice +0.05 and FPV −0.4 mL, but calibrate and predict take 3–4× as long (2020's demo
+    """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
+    seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
     939 s against ~718 s), past the 20-minute budget on a loaded machine (README)."""
     processes: int = 1
     concurrent: int | None = None
