@@ -67,8 +67,9 @@ class PrepareConfig:
     pet_wide: bool = False
     """Store a third channel beside the clipped PET: log(1 + SUV) over [0, ceiling], scaled to
     [-1, 1] (`PET_WIDE`; ceiling: the higher of the lesions' p99.5 and the body's p99.9). The
-    clipped channel flattens everything under the lesions' p5 and over their p95, so a faint lesion in soft tissue and a very hot one look like the tissue
-    around them and like the bladder; the wide channel keeps both contrasts. Off by default (the
+    clipped channel flattens everything under the lesions' p5 and over their p95, so a faint
+    lesion in soft tissue and a very hot one look like the tissue around them and like the
+    bladder; the wide channel keeps both contrasts. Off by default (the
     paper; in the demo it traded Dice for missed volume, README)."""
 
     def __post_init__(self) -> None:

@@ -101,18 +101,19 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, out / name)
     s_thr, c_thr = thresholds["segmentation"], thresholds.get("classifier") or {}
+    seg_row = "| segmentation (flip TTA; " if thresholds.get("tta") else "| segmentation ("  # calibrated (and predicted) on flip averages
     lines = [
         "# petctl demo report", "",
         f"Preset `{train_cfg.preset}` ({train_cfg.arch}, patch {train_cfg.patch_size}, {train_cfg.num_cycles}×{train_cfg.epochs_per_cycle} cycles, "
         f"spacing {train_cfg.spacing} mm), {_folds_text(cfg)}, seed {cfg.seed}, data `{data}`.", "",
         "## Thresholds (calibrated on the held-out test split of the training cohort)", "",
         "| what | threshold | quality |", "| --- | --- | --- |",
-        f"| segmentation (ensemble, max mean Dice) | {s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives |",
+        f"{seg_row}ensemble, max mean Dice) | {s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives |",
     ]
     if s_thr.get("extent"):
         ext = s_thr["extent"]
         plain = ext["plain_on_input_grid"]
-        lines[-1] = (f"| segmentation (ensemble detects at it; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
+        lines[-1] = (f"{seg_row}ensemble detects at it; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
                      f"{s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid); mean FPV "
                      f"{ext['mean_fpv_ml_negatives']:.2f} mL on negatives, FNV {ext['mean_fnv_ml']:.2f} mL"
                      f"{'' if ext['budget_met'] else ' (no threshold within the budget)'}{_rule_text(ext)} |")
@@ -121,8 +122,6 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         plain = s_thr["without_seed"]
         lines.append(f"| component seed (a component must reach it) | {s_thr['seed_threshold']:.2f} | without it: Dice {plain['mean_dice']:.3f} "
                      f"at {plain['threshold']:.2f} |")
-    if thresholds.get("tta"):  # calibrated (and predicted) on flip-averaged probabilities
-        lines = [x.replace("| segmentation (", "| segmentation (flip TTA; ", 1) for x in lines]
     if c_thr:
         lines.append(f"| classifier gate (sensitivity 1.0) | {c_thr['threshold']:.4f} | AUROC {c_thr['auroc']:.3f}, specificity "
                      f"{c_thr['specificity']:.3f}, {c_thr['negatives_skipping_segmentation']}/{c_thr['negatives']} negatives skip segmentation |")
