@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from petctl.engine.position import POSITION_CHANNELS
+
 COARSE = (6.0, 6.0, 8.0)  # conftest's store spacing
 
 
@@ -74,7 +76,7 @@ def test_a_fold_on_a_wide_store_has_three_inputs_and_predicts(wide_store: Path, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = home / "runs" / "w"
     meta = json.loads((run_dir / "seg/fold0/checkpoints/last/meta.json").read_text())
-    assert meta["config"]["in_channels"] == 3
+    assert meta["config"]["in_channels"] == 3 + (POSITION_CHANNELS if meta["config"]["position_channels"] else 0)
     (run_dir / "thresholds.json").write_text(json.dumps({"version": 1, "segmentation": {"threshold": 0.5}}))
     data = tmp_path / "in"
     data.mkdir()
@@ -84,7 +86,7 @@ def test_a_fold_on_a_wide_store_has_three_inputs_and_predicts(wide_store: Path, 
     from petctl.engine.ensemble import RunModels
     from petctl.errors import PetctlError
 
-    with pytest.raises(PetctlError, match="takes 3 channels but the image has 2"):
+    with pytest.raises(PetctlError, match="takes 3 image channels but the image has 2"):
         RunModels.load(run_dir, need_cls=False).seg_probs(torch.zeros(2, 16, 16, 16))
     out = tmp_path / "out"
     written = predict(run_dir, data, out, PredictOptions(gate=False)).written

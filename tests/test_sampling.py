@@ -186,6 +186,7 @@ def test_items_have_the_documented_shapes_and_types(store: Path):
         assert it["label"].dtype == torch.float32 and tuple(it["label"].shape) == (1, *PATCH)
         assert set(it["label"].unique().tolist()) <= {0.0, 1.0}
         assert isinstance(it["case"], str) and isinstance(it["lesion"], bool)
+        assert it["start"].dtype == it["shape"].dtype == torch.int64 and tuple(it["start"].shape) == tuple(it["shape"].shape) == (3,)
 
 
 def test_same_seed_same_patches_other_seed_or_epoch_other_patches(store: Path):

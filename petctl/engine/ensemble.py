@@ -85,18 +85,24 @@ class RunModels:
         """Mean sigmoid probability (X, Y, Z) float32 over the given (default: all) folds."""
         from monai.inferers import sliding_window_inference
 
+        from petctl.engine.position import POSITION_CHANNELS, position_grid
+
         models = models or self.seg
         for m in models:  # a store re-prepared with(out) --pet-wide after training: one line, not a conv shape error
-            if image_cxyz.shape[0] != m.cfg.in_channels:
-                raise PetctlError(f"{self.run_dir}: seg {m.name} takes {m.cfg.in_channels} channels but the image has "
+            image_channels = m.cfg.in_channels - (POSITION_CHANNELS if m.cfg.position_channels else 0)
+            if image_cxyz.shape[0] != image_channels:
+                raise PetctlError(f"{self.run_dir}: seg {m.name} takes {image_channels} image channels but the image has "
                                   f"{image_cxyz.shape[0]}; the store was prepared with another plan (--pet-wide) than it was trained on")
         x = image_cxyz[None].to(self.device)
+        positions = position_grid(image_cxyz.shape[1:])[None].to(self.device) if any(m.cfg.position_channels for m in models) else None
         total: torch.Tensor | None = None
         flips = [()] + ([(2,), (3,), (4,)] if tta else [])
         with torch.no_grad():
             for m in models:
                 for flip in flips:
                     inp = torch.flip(x, flip) if flip else x
+                    if m.cfg.position_channels:  # unflipped, as training appends them after augmentation
+                        inp = torch.cat([inp, positions], 1)
                     logits = sliding_window_inference(
                         inp, roi_size=m.cfg.patch_size, sw_batch_size=m.cfg.sw_batch_size, predictor=m.model,
                         overlap=m.cfg.sw_overlap, mode="gaussian", padding_mode="constant",

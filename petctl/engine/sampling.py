@@ -99,7 +99,8 @@ def epoch_cases(cases: Sequence[str], epoch: int, seed: int, world_size: int) ->
 
 # -- dataset -----------------------------------------------------------------------------------
 class SegPatchDataset(IterableDataset):
-    """Streams {"image" (2,*patch) f32, "label" (1,*patch) f32, "case", "lesion"} dicts for one rank."""
+    """Streams {"image" (C,*patch) f32, "label" (1,*patch) f32, "case", "lesion", "start" and "shape"
+    (3,) int64: the patch's corner and the stored volume's size, for the position channels} dicts for one rank."""
 
     def __init__(
         self,
@@ -195,6 +196,8 @@ class SegPatchDataset(IterableDataset):
                 "label": torch.from_numpy(label).float().unsqueeze(0),
                 "case": case,
                 "lesion": lesion,
+                "start": torch.tensor(start, dtype=torch.int64),
+                "shape": torch.tensor(stored.shape, dtype=torch.int64),
             }
 
     def component_weights(self, case: str, stored: Any) -> np.ndarray:

@@ -41,6 +41,10 @@ def predict_volume(model: torch.nn.Module, image_cxyz: torch.Tensor, cfg: TrainC
     """Sliding-window (gaussian) sigmoid probabilities for one stored volume, float32 (X, Y, Z)."""
     from monai.inferers import sliding_window_inference
 
+    if cfg.position_channels:
+        from petctl.engine.position import with_positions
+
+        image_cxyz = with_positions(image_cxyz)
     x = image_cxyz[None].to(device)
     with torch.no_grad():
         logits = sliding_window_inference(
@@ -88,6 +92,10 @@ class SegTask:
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         image, label = augment_batch(image, label, generator, self.augment)
+        if self.cfg.position_channels:  # after augmentation: a flipped patch still says where it was read
+            from petctl.engine.position import batch_positions
+
+            image = torch.cat([image, batch_positions(batch["shape"], batch["start"], image.shape[2:]).to(image)], 1)
         return self.loss_fn(model(as_channels_last(image, self.cfg.channels_last)), label)
 
     def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
@@ -141,7 +149,9 @@ def fit(cfg: TrainConfig, store_root: Path, fold: int, out_dir: Path, *, run: st
         home: Path | None = None, merged: bool = False, max_steps: int | None = None) -> int:
     """Train one segmentation fold in this process (one of `accelerate launch`'s); returns the exit status."""
     train_cases, val_cases = read_fold(store_root, fold, task="seg", merged=merged)
-    cfg = replace(cfg, in_channels=store_channels(store_root))
+    from petctl.engine.position import POSITION_CHANNELS
+
+    cfg = replace(cfg, in_channels=store_channels(store_root) + (POSITION_CHANNELS if cfg.position_channels else 0))
     loop = LoopConfig(num_cycles=cfg.num_cycles, epochs_per_cycle=cfg.epochs_per_cycle, lr=cfg.lr, lr_min_ratio=cfg.lr_min_ratio,
                       weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum, seed=cfg.seed, max_steps=max_steps,
                       batch_size=cfg.batch_size, selection_name="top_k_auroc")

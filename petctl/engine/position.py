@@ -1,0 +1,40 @@
+"""Position channels: where in the body a voxel lies, as three extra inputs of the segmentation net.
+
+A 32³ patch at 4×4×6 mm sees 13 cm of the body, too little to tell a large lesion from the organ it
+looks like (an SUV-5 node above the bladder, a hot one beside the kidneys): the patch does not show
+where it is. With `TrainConfig.position_channels` the net also gets, per voxel, its position in the
+stored volume — which prepare cropped to the body (the CT foreground), in canonical orientation —
+scaled per axis to [-1, 1] over the voxel centres (x: left → right, y: posterior → anterior,
+z: feet → head; outside the volume the ramp runs on past ±1). Training appends them to each patch
+after augmentation, from where the patch was read, so a flipped or rotated patch still says where it
+came from; inference appends them to the whole volume (and to each flipped copy for TTA).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+POSITION_CHANNELS = 3
+
+
+def position_grid(volume_shape: Sequence[int], start: Sequence[int] = (0, 0, 0), size: Sequence[int] | None = None) -> torch.Tensor:
+    """(3, *size) float32: the positions of the box [start, start + size) of a volume of `volume_shape`."""
+    size = tuple(volume_shape) if size is None else tuple(size)
+    if len(volume_shape) != 3 or len(start) != 3 or len(size) != 3 or min(int(n) for n in volume_shape) < 1:
+        raise ValueError(f"position_grid needs three positive sizes (got volume {tuple(volume_shape)}, box {tuple(start)}+{size})")
+    axes = [(2.0 * (torch.arange(int(s0), int(s0) + int(n), dtype=torch.float32) + 0.5) / float(total) - 1.0)
+            for s0, n, total in zip(start, size, volume_shape)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def batch_positions(volume_shapes: torch.Tensor, starts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, 3, *size): `position_grid` of each patch of a batch (`volume_shapes`, `starts`: (B, 3) integers)."""
+    return torch.stack([position_grid(tuple(int(v) for v in shape), tuple(int(v) for v in start), size)
+                        for shape, start in zip(volume_shapes, starts)])
+
+
+def with_positions(image_cxyz: torch.Tensor) -> torch.Tensor:
+    """A whole stored volume (C, X, Y, Z) with its three position channels appended."""
+    return torch.cat([image_cxyz, position_grid(image_cxyz.shape[1:]).to(image_cxyz.device, image_cxyz.dtype)], 0)

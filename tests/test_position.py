@@ -1,0 +1,97 @@
+"""Position channels: the ramps themselves, the patches' positions, and inference appending them unflipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from petctl.engine.config import cpu_tiny
+from petctl.engine.ensemble import LoadedModel, RunModels
+from petctl.engine.position import POSITION_CHANNELS, batch_positions, position_grid, with_positions
+from petctl.engine.sampling import SegPatchDataset
+from petctl.engine.trainer import predict_volume
+from petctl.errors import PetctlError
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (4, 5, 6), (7, 2, 3)])
+def test_grid_runs_over_voxel_centres_from_minus_to_plus_one(shape):
+    grid = position_grid(shape)
+    assert grid.dtype == torch.float32 and tuple(grid.shape) == (POSITION_CHANNELS, *shape)
+    for axis, n in enumerate(shape):
+        ramp = grid[axis].movedim(axis, 0).reshape(n, -1)
+        assert torch.allclose(ramp, ramp[:, :1].expand_as(ramp))  # constant across the other two axes
+        assert torch.allclose(ramp[:, 0], torch.linspace(-1 + 1 / n, 1 - 1 / n, n), atol=1e-6)
+        assert torch.allclose(ramp[:, 0], -ramp[:, 0].flip(0), atol=1e-6)  # symmetric about the centre
+
+
+def test_a_box_is_its_slice_of_the_volume_and_runs_on_outside():
+    full = position_grid((10, 8, 6))
+    assert torch.equal(position_grid((10, 8, 6), (2, 3, 1), (4, 4, 4)), full[:, 2:6, 3:7, 1:5])
+    outside = position_grid((10, 8, 6), (-2, 6, 0), (4, 4, 6))
+    assert outside[0, 0, 0, 0] < -1 and outside[1, 0, -1, 0] > 1
+    assert torch.allclose(outside[0, 2:, 0, 0], full[0, :2, 0, 0])
+
+
+def test_batch_positions_follow_each_patch():
+    shapes = torch.tensor([[10, 8, 6], [20, 20, 20]])
+    starts = torch.tensor([[0, 0, 0], [5, -3, 16]])
+    got = batch_positions(shapes, starts, (4, 4, 4))
+    assert tuple(got.shape) == (2, 3, 4, 4, 4)
+    assert torch.equal(got[1], position_grid((20, 20, 20), (5, -3, 16), (4, 4, 4)))
+    assert not torch.equal(got[0], got[1])
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="three positive sizes"):
+        position_grid((4, 0, 4))
+    with pytest.raises(ValueError, match="three positive sizes"):
+        position_grid((4, 4))
+
+
+def test_patches_carry_where_they_were_read(store: Path):
+    cases = sorted(json.loads((store / "manifest.json").read_text())["cases"])[:2]
+    ds = SegPatchDataset(str(store), cases, (16, 16, 16), patches_per_scan=3)
+    from petctl.engine.store import CaseStore
+
+    case_store = CaseStore(str(store))
+    for item in ds:
+        stored = case_store.load(item["case"])
+        assert tuple(item["shape"].tolist()) == tuple(stored.shape)
+        image, _ = case_store.read_patch(item["case"], tuple(item["start"].tolist()), (16, 16, 16))
+        assert np.array_equal(image, item["image"].numpy())  # start is the box the patch came from
+
+
+class _EchoX(torch.nn.Module):
+    """A 'net' whose logit is its input's x-position channel (the first one after the image's two)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 2:3] * 4.0
+
+
+def _models(position_channels: bool, tmp_path: Path) -> RunModels:
+    from dataclasses import replace
+
+    cfg = replace(cpu_tiny(), position_channels=position_channels, in_channels=2 + (POSITION_CHANNELS if position_channels else 0),
+                  patch_size=(16, 16, 16), sw_overlap=0.5)
+    return RunModels(run_dir=tmp_path, seg=[LoadedModel("fold0", 0, cfg, _EchoX())])
+
+
+def test_inference_appends_positions_unflipped_under_tta(tmp_path: Path):
+    models = _models(True, tmp_path)
+    image = torch.zeros(2, 24, 20, 18)
+    ramp = torch.sigmoid(4.0 * position_grid((24, 20, 18))[0]).numpy()
+    plain = models.seg_probs(image)
+    np.testing.assert_allclose(plain, ramp, atol=1e-5)
+    np.testing.assert_allclose(predict_volume(models.seg[0].model, image, models.seg[0].cfg, torch.device("cpu")), plain, atol=1e-6)
+    # the x flip sees the true positions, so un-flipping its output mirrors the ramp: (3 σ(p) + σ(−p)) / 4
+    np.testing.assert_allclose(models.seg_probs(image, tta=True), (3 * ramp + ramp[::-1]) / 4, atol=1e-5)
+
+
+def test_inference_checks_image_channels_without_the_positions(tmp_path: Path):
+    models = _models(True, tmp_path)
+    with pytest.raises(PetctlError, match="takes 2 image channels but the image has 5"):
+        models.seg_probs(with_positions(torch.zeros(2, 16, 16, 16)))
