@@ -62,16 +62,16 @@ def main() -> None:
     args = parser.parse_args()
     _common.pin_torch_threads()
     repeats = 2 if args.quick else 5
-    cfg = cpu_small()
+    cfg = cpu_small().with_image_channels(2)  # CT and PET, and the position channels when the preset has them
     g = torch.Generator().manual_seed(0)
 
     def seg() -> torch.nn.Module:
-        return build_seg_model(cfg.arch, features=cfg.features, patch_size=cfg.patch_size)
+        return build_seg_model(cfg.arch, in_channels=cfg.in_channels, features=cfg.features, patch_size=cfg.patch_size)
 
     def cls() -> torch.nn.Module:
         return build_classifier_for(dataclasses.replace(cfg, channels_last=False))
 
-    xs = torch.randn((cfg.batch_size, 2, *cfg.patch_size), generator=g)
+    xs = torch.randn((cfg.batch_size, cfg.in_channels, *cfg.patch_size), generator=g)
     ys = (torch.rand((cfg.batch_size, 1, *cfg.patch_size), generator=g) > 0.95).float()
     xc = torch.randn((cfg.cls_batch_size, 1, *cfg.cls_img_size), generator=g)
     yc = (torch.rand((cfg.cls_batch_size, 1), generator=g) > 0.5).float()

@@ -25,10 +25,11 @@ def build_run(home: Path, store: Path, preset: str, num_folds: int) -> Path:
     from petctl.engine.loop import Position, save_checkpoint
     from petctl.engine.models import build_seg_model
 
-    cfg = get_preset(preset)
+    cfg = get_preset(preset).with_image_channels(2)
     run_dir = home / "runs" / "bench"
     for k in range(num_folds):
-        model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+        model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size, features=cfg.features,
+                                patch_size=cfg.patch_size)
         save_checkpoint(run_dir / "seg" / f"fold{k}" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
                         scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": k, "store": str(store)}, metric=None)
         for axis in cfg.cls_projections:

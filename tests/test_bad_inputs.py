@@ -293,9 +293,10 @@ def random_run(hostile: dict) -> Path:
     from petctl.engine.loop import Position, save_checkpoint
     from petctl.engine.models import build_seg_model
 
-    cfg = cpu_tiny()
+    cfg = cpu_tiny().with_image_channels(2)
     run_dir = hostile["root"] / "home" / "runs" / "random"
-    model = build_seg_model(cfg.arch, feature_size=cfg.feature_size, features=cfg.features, patch_size=cfg.patch_size)
+    model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size, features=cfg.features,
+                            patch_size=cfg.patch_size)
     save_checkpoint(run_dir / "seg" / "fold0" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
                     scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": 0, "store": str(hostile["store"])},
                     metric=None)

@@ -456,9 +456,9 @@ def _random_weight_run(home: Path, run: str, store: Path) -> None:
     from petctl.engine.models import build_seg_model
     from petctl.engine.registry import Registry
 
-    cfg = cpu_tiny()
+    cfg = cpu_tiny().with_image_channels(2)
     Registry(home).create_run(run, kind="train", config={"store": str(store)})
-    model = build_seg_model(cfg.arch, features=cfg.features, patch_size=cfg.patch_size)
+    model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, features=cfg.features, patch_size=cfg.patch_size)
     save_checkpoint(home / "runs" / run / "seg" / "fold0" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
                     scheduler_state=None, position=Position(), config={**cfg.to_json(), "fold": 0, "store": str(store)}, metric=None)
     (home / "runs" / run / "thresholds.json").write_text(json.dumps({"version": 1, "segmentation": {"threshold": 0.5}}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from petctl.engine.config import cpu_tiny
+from petctl.engine.config import cpu_tiny, preset
 from petctl.engine.ensemble import LoadedModel, RunModels
 from petctl.engine.position import POSITION_CHANNELS, batch_positions, position_grid, with_positions
 from petctl.engine.sampling import SegPatchDataset
@@ -45,6 +45,11 @@ def test_batch_positions_follow_each_patch():
     assert not torch.equal(got[0], got[1])
 
 
+@pytest.mark.parametrize("name, image_channels, expected", [("cpu-small", 2, 5), ("cpu-tiny", 3, 6), ("autopet-paper", 2, 2)])
+def test_the_recorded_inputs_count_the_position_channels(name, image_channels, expected):
+    assert preset(name).with_image_channels(image_channels).in_channels == expected
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="three positive sizes"):
         position_grid((4, 0, 4))
@@ -75,8 +80,7 @@ class _EchoX(torch.nn.Module):
 def _models(position_channels: bool, tmp_path: Path) -> RunModels:
     from dataclasses import replace
 
-    cfg = replace(cpu_tiny(), position_channels=position_channels, in_channels=2 + (POSITION_CHANNELS if position_channels else 0),
-                  patch_size=(16, 16, 16), sw_overlap=0.5)
+    cfg = replace(cpu_tiny(), position_channels=position_channels, patch_size=(16, 16, 16), sw_overlap=0.5).with_image_channels(2)
     return RunModels(run_dir=tmp_path, seg=[LoadedModel("fold0", 0, cfg, _EchoX())])
 
 

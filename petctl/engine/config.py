@@ -11,6 +11,9 @@ from typing import Any, Callable
 
 from petctl.errors import PetctlError
 
+POSITION_CHANNELS = 3
+"""Input channels the position channels add (x, y, z; `petctl.engine.position`)."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -113,6 +116,11 @@ class TrainConfig:
             raise PetctlError(f"extent_threshold_prior must be within (0, 1) (got {self.extent_threshold_prior})")
         if len(self.patch_size) != 3 or min(self.patch_size) < 16:
             raise PetctlError(f"patch_size must be three sizes ≥ 16 (got {self.patch_size})")
+
+    def with_image_channels(self, num_image_channels: int) -> "TrainConfig":
+        """The config a fold records for a store of `num_image_channels` (2, or 3 with --pet-wide):
+        `in_channels` is the net's inputs, the position channels included."""
+        return replace(self, in_channels=num_image_channels + (POSITION_CHANNELS if self.position_channels else 0))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -85,7 +85,8 @@ class RunModels:
         """Mean sigmoid probability (X, Y, Z) float32 over the given (default: all) folds."""
         from monai.inferers import sliding_window_inference
 
-        from petctl.engine.position import POSITION_CHANNELS, position_grid
+        from petctl.engine.config import POSITION_CHANNELS
+        from petctl.engine.position import position_grid
 
         models = models or self.seg
         for m in models:  # a store re-prepared with(out) --pet-wide after training: one line, not a conv shape error

@@ -16,7 +16,9 @@ from typing import Sequence
 
 import torch
 
-POSITION_CHANNELS = 3
+from petctl.engine.config import POSITION_CHANNELS
+
+__all__ = ["POSITION_CHANNELS", "batch_positions", "position_grid", "with_positions"]
 
 
 def position_grid(volume_shape: Sequence[int], start: Sequence[int] = (0, 0, 0), size: Sequence[int] | None = None) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -149,9 +148,7 @@ def fit(cfg: TrainConfig, store_root: Path, fold: int, out_dir: Path, *, run: st
         home: Path | None = None, merged: bool = False, max_steps: int | None = None) -> int:
     """Train one segmentation fold in this process (one of `accelerate launch`'s); returns the exit status."""
     train_cases, val_cases = read_fold(store_root, fold, task="seg", merged=merged)
-    from petctl.engine.position import POSITION_CHANNELS
-
-    cfg = replace(cfg, in_channels=store_channels(store_root) + (POSITION_CHANNELS if cfg.position_channels else 0))
+    cfg = cfg.with_image_channels(store_channels(store_root))
     loop = LoopConfig(num_cycles=cfg.num_cycles, epochs_per_cycle=cfg.epochs_per_cycle, lr=cfg.lr, lr_min_ratio=cfg.lr_min_ratio,
                       weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum, seed=cfg.seed, max_steps=max_steps,
                       batch_size=cfg.batch_size, selection_name="top_k_auroc")
