@@ -30,7 +30,8 @@ class TrainConfig:
     patch_size: tuple[int, int, int] = (96, 96, 96)
     in_channels: int = 2
     """Input channels of the segmentation net: set from the store when a fold trains (CT and PET,
-    and the wide PET of `prepare --pet-wide`), recorded in the fold's config for inference."""
+    and the wide PET of `prepare --pet-wide`, plus the position channels; `with_image_channels`),
+    recorded in the fold's config for inference."""
     patches_per_scan: int = 12
     batch_size: int = 4
     lesion_prob: float = 2 / 3

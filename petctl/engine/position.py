@@ -1,13 +1,13 @@
 """Position channels: where in the body a voxel lies, as three extra inputs of the segmentation net.
 
-A 32³ patch at 4×4×6 mm sees 13 cm of the body, too little to tell a large lesion from the organ it
-looks like (an SUV-5 node above the bladder, a hot one beside the kidneys): the patch does not show
-where it is. With `TrainConfig.position_channels` the net also gets, per voxel, its position in the
-stored volume — which prepare cropped to the body (the CT foreground), in canonical orientation —
-scaled per axis to [-1, 1] over the voxel centres (x: left → right, y: posterior → anterior,
-z: feet → head; outside the volume the ramp runs on past ±1). Training appends them to each patch
-after augmentation, from where the patch was read, so a flipped or rotated patch still says where it
-came from; inference appends them to the whole volume (and to each flipped copy for TTA).
+A 32³ patch at 4×4×6 mm sees 13 cm of the body and nothing of where that is, and the CPU nets took
+bright physiology (kidneys, bowel, the bladder rim) for lesions. With `TrainConfig.position_channels`
+the net also gets, per voxel, its position in the stored volume — which prepare cropped to the body
+(the CT foreground), in canonical orientation — scaled per axis to [-1, 1] over the voxel centres
+(x: left → right, y: posterior → anterior, z: feet → head; outside the volume the ramp runs on past
+±1). Training appends them to each patch after augmentation, from where the patch was read, so a
+flipped or rotated patch still says where it came from; inference appends them to the whole volume
+(and, unflipped, to each flipped copy for TTA).
 """
 
 from __future__ import annotations
