@@ -77,15 +77,16 @@ class _EchoX(torch.nn.Module):
         return x[:, 2:3] * 4.0
 
 
-def _models(position_channels: bool, tmp_path: Path) -> RunModels:
+def _models(tmp_path: Path) -> RunModels:
+    """One echo 'fold' with position channels over a two-channel image."""
     from dataclasses import replace
 
-    cfg = replace(cpu_tiny(), position_channels=position_channels, patch_size=(16, 16, 16), sw_overlap=0.5).with_image_channels(2)
+    cfg = replace(cpu_tiny(), position_channels=True, patch_size=(16, 16, 16), sw_overlap=0.5).with_image_channels(2)
     return RunModels(run_dir=tmp_path, seg=[LoadedModel("fold0", 0, cfg, _EchoX())])
 
 
 def test_inference_appends_positions_unflipped_under_tta(tmp_path: Path):
-    models = _models(True, tmp_path)
+    models = _models(tmp_path)
     image = torch.zeros(2, 24, 20, 18)
     ramp = torch.sigmoid(4.0 * position_grid((24, 20, 18))[0]).numpy()
     plain = models.seg_probs(image)
@@ -96,6 +97,6 @@ def test_inference_appends_positions_unflipped_under_tta(tmp_path: Path):
 
 
 def test_inference_checks_image_channels_without_the_positions(tmp_path: Path):
-    models = _models(True, tmp_path)
+    models = _models(tmp_path)
     with pytest.raises(PetctlError, match="takes 2 image channels but the image has 5"):
         models.seg_probs(with_positions(torch.zeros(2, 16, 16, 16)))
