@@ -100,3 +100,32 @@ def test_inference_checks_image_channels_without_the_positions(tmp_path: Path):
     models = _models(tmp_path)
     with pytest.raises(PetctlError, match="takes 2 image channels but the image has 5"):
         models.seg_probs(with_positions(torch.zeros(2, 16, 16, 16)))
+
+
+class _Spy(torch.nn.Module):
+    """A 'net' that keeps the batch it was given and answers with its first channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x.detach().clone()
+        return x[:, :1]
+
+
+def test_training_appends_positions_after_augmentation():
+    from dataclasses import replace
+
+    from petctl.engine.sampling import AugmentConfig
+    from petctl.engine.trainer import SegTask
+
+    task = SegTask.__new__(SegTask)  # the loss step alone: no store, model or loader needed
+    task.cfg = replace(cpu_tiny(), position_channels=True, channels_last=False)
+    task.augment = AugmentConfig(p_flip=1.0, p_affine=0.0, p_intensity=0.0)  # every sample flipped on every axis
+    task.loss_fn = torch.nn.BCEWithLogitsLoss()
+    image = torch.arange(2 * 2 * 6 * 5 * 4, dtype=torch.float32).reshape(2, 2, 6, 5, 4)
+    batch = {"image": image, "label": torch.zeros(2, 1, 6, 5, 4),
+             "shape": torch.tensor([[20, 18, 16], [12, 10, 8]]), "start": torch.tensor([[3, 0, 7], [-2, 4, 1]])}
+    spy = _Spy()
+    task.loss(spy, batch, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert tuple(spy.seen.shape) == (2, 2 + POSITION_CHANNELS, 6, 5, 4)
+    assert torch.equal(spy.seen[:, :2], image.flip(2, 3, 4))  # the image was augmented...
+    # ...and the positions were appended afterwards, unflipped: each patch says where it was read
+    assert torch.equal(spy.seen[:, 2:], batch_positions(batch["shape"], batch["start"], (6, 5, 4)))
