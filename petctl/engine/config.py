@@ -141,7 +141,7 @@ def autopet_paper() -> TrainConfig:
 def cpu_small() -> TrainConfig:
     """A small BasicUNet at 32³ and 4×4×6 mm that learns the synthetic cohort in minutes on 2 cores.
 
-    One cosine cycle (the demo's budget buys ~1130 steps per fold, too few to spend on a restart:
+    One cosine cycle (the demo's budget buys 1130–1230 steps per fold, too few to spend on a restart:
     9 epochs of a 5-fold split's ~65 positives × 16 patches; 6 epochs missed more large lesions,
     README) and a classifier trained 13 epochs
     (~220 steps on ~130 scans); channels-last activations (1.4× faster steps on the CPU); position
