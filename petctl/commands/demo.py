@@ -28,7 +28,7 @@ def demo(
     concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Folds trained at the same time (default: one per CPU core, or per GPU).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
-    pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (default: --clip, the paper; 0,95 floors PET at the lesions' lowest uptake).")] = None,
+    pet_clip: Annotated[str, typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (0,95: the PET floor at the lesions' lowest uptake; 5,95: the paper's).")] = "0,95",
     hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform sampling).")] = 0.5,
     pet_wide: Annotated[bool, typer.Option("--pet-wide", help="prepare's third channel: log(1 + SUV) up to the body's p99.9 beside the clipped PET.")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
