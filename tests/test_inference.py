@@ -64,6 +64,7 @@ def test_thresholds_json_and_pictures(trained: Path, store: Path):
     scores = {c: r["cls_score"] for c, r in t["cases"].items()}
     positives = [c for c in splits["test"] if manifest[c]["positive"]]
     assert cls["threshold"] == pytest.approx(min(scores[c] for c in positives))  # sensitivity 1.0, highest such
+    assert cls["margin"] == 1.0 and cls["lowest_positive_score"] == pytest.approx(cls["threshold"])  # the paper's rule by default
     assert (run_dir / "calibration_dice.png").stat().st_size > 1000
     assert (run_dir / "calibration_roc.png").stat().st_size > 1000
     step = json.loads((run_dir / "steps/calibrate.json").read_text())
@@ -88,6 +89,25 @@ def test_component_seed_calibrates_without_the_pet_extent(trained: Path):
     assert seg["seed_threshold"] in seg["seed_thresholds"] and max(seg["best_dice_per_seed"]) == pytest.approx(seg["mean_dice"])
     at_seed = [v for v in seg["mean_dice_curve_at_seed"] if v is not None]
     assert max(at_seed) == pytest.approx(seg["mean_dice"])
+
+
+def test_gate_margin_scales_the_classifier_threshold(trained: Path):
+    run_dir = _copy_run(trained, "r", "margin")
+    paper = json.loads((run_dir / "thresholds.json").read_text())["classifier"]
+    result = _petctl(trained, "calibrate", "--run", "margin", "--gate-margin", "0.5")
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    cls = t["classifier"]
+    assert cls["margin"] == 0.5 and cls["lowest_positive_score"] == pytest.approx(paper["threshold"])
+    assert cls["threshold"] == pytest.approx(0.5 * paper["threshold"])
+    negatives = [r["cls_score"] for r in t["cases"].values() if not r["positive"]]
+    assert cls["negatives_skipping_segmentation"] == sum(s < cls["threshold"] for s in negatives)
+    assert "0.5 × the sensitivity-1.0 threshold" in " ".join(result.stdout.split())
+    step = json.loads((run_dir / "steps/calibrate.json").read_text())
+    assert step["config"]["gate_margin"] == 0.5
+    for bad in ("0", "1.5"):
+        result = _petctl(trained, "calibrate", "--run", "margin", "--gate-margin", bad, check=False)
+        assert result.returncode == 2 and "--gate-margin" in result.stdout + result.stderr
+    assert json.loads((run_dir / "thresholds.json").read_text()) == t  # a refused margin leaves the calibration as it was
 
 
 def test_calibrate_names_a_missing_cohort(trained: Path, store: Path, tmp_path: Path):

@@ -239,6 +239,23 @@ def test_classifier_threshold_is_the_highest_with_full_sensitivity(seed: int) ->
     assert specificity_at(labels, scores, threshold) == pytest.approx(expected_specificity)
 
 
+@pytest.mark.parametrize("margin", [1.0, 0.5, 0.25])
+def test_classifier_threshold_margin_scales_the_lowest_positive(margin: float) -> None:
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    scores = np.array([0.4, 0.3, 0.9, 0.1, 0.6, 0.15])
+    threshold = classifier_threshold(labels, scores, margin)
+    assert threshold == pytest.approx(0.4 * margin)
+    # Every positive passes; the lower the margin, the fewer negatives it stops.
+    assert (scores[labels == 1] >= threshold).all()
+    assert specificity_at(labels, scores, threshold) == pytest.approx(np.mean(scores[labels == 0] < threshold))
+
+
+@pytest.mark.parametrize("margin", [0.0, -0.5, 1.01, float("nan")])
+def test_classifier_threshold_refuses_a_margin_outside_zero_one(margin: float) -> None:
+    with pytest.raises(ValueError, match="margin"):
+        classifier_threshold(np.array([1, 0]), np.array([0.6, 0.2]), margin)
+
+
 def test_classifier_threshold_without_positives_raises_and_specificity_without_negatives_is_nan() -> None:
     with pytest.raises(ValueError, match="no positive"):
         classifier_threshold(np.zeros(4), np.arange(4.0))

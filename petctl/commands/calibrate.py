@@ -1,4 +1,4 @@
-"""Choose the segmentation threshold (max Dice) and the classifier gate (sensitivity 1.0) on the test set.
+"""Choose the segmentation threshold (max Dice) and the classifier gate (sensitivity 1.0, × --gate-margin) on the test set.
 
 By default the threshold is chosen for PET-extent masks (each detected component redrawn at its
 background-corrected 50 % SUV isocontour), as predict then draws them.
@@ -20,6 +20,7 @@ def calibrate(
     pet_extent: Annotated[bool, typer.Option("--pet-extent/--no-pet-extent", help="Choose the threshold for PET-extent masks (each detected component redrawn at its background-corrected 50% SUV isocontour), scored on the input grid; needs the prepared cohort's NIfTI files. --no-pet-extent: the paper's plain threshold on the stored grid.")] = True,
     threshold_prior: Annotated[str, typer.Option("--threshold-prior", help="With the PET extent: among the thresholds within one standard error of the best mean Dice, take the one nearest this prior. 'preset': the run's preset's (cpu-small 0.75; autopet-paper none); 'none': the best Dice; or a number in (0, 1).")] = "preset",
     volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: consider only thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (when none is: all). Default inf: Dice alone.")] = float("inf"),
+    gate_margin: Annotated[float, typer.Option("--gate-margin", help="The classifier gate's threshold is this fraction of the lowest test positive's score (1: the paper's sensitivity-1.0 threshold; `petctl demo` takes 0.5).")] = 1.0,
     tta: Annotated[bool, typer.Option("--tta", help="Average each fold over flips too (3 extra passes per fold, ~4× the segmentation time); recorded, so predict flips as well.")] = False,
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
@@ -33,16 +34,17 @@ def calibrate(
 
     check_name(run, "run")
     prior = _prior(threshold_prior)
+    check_gate_margin(gate_margin)
     home_path = resolve_home(home)
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
     with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
-                                                                                                "component_seed": component_seed, "tta": tta}):
+                                                                                                "component_seed": component_seed, "tta": tta, "gate_margin": gate_margin}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
-                               threshold_prior=prior, tta=tta)
+                               threshold_prior=prior, tta=tta, gate_margin=gate_margin)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):
@@ -75,13 +77,26 @@ def calibrate(
     table.add_row(f"[bold]ensemble{seeded}[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
     console.print(table)
     if cls:
-        t2 = Table(title="Classifier gate (sensitivity 1.0 on the test set)")
+        t2 = Table(title=f"Classifier gate ({_gate_text(cls)} on the test set)")
         for col in ("threshold", "AUROC", "specificity", "negatives skipping segmentation"):
             t2.add_column(col, justify="right")
         t2.add_row(f"{cls['threshold']:.4f}", f"{cls['auroc']:.4f}", f"{cls['specificity']:.4f}",
                    f"{cls['negatives_skipping_segmentation']}/{cls['negatives']}")
         console.print(t2)
     console.print(f"[green]wrote[/] {run_dir / 'thresholds.json'}, calibration_dice.png" + (", calibration_roc.png" if cls else ""))
+
+
+def check_gate_margin(margin: float) -> None:
+    """--gate-margin must be within (0, 1]: a one-line error before any work starts."""
+    if not 0.0 < margin <= 1.0:
+        from petctl.errors import PetctlError
+
+        raise PetctlError(f"--gate-margin: expected a number in (0, 1], got {margin:g}")
+
+
+def _gate_text(cls: dict) -> str:
+    margin = cls.get("margin", 1.0)
+    return "sensitivity 1.0" if margin == 1.0 else f"{margin:g} × the sensitivity-1.0 threshold"
 
 
 def _prior(text: str) -> float | str | None:

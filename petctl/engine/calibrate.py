@@ -16,7 +16,8 @@ gated negative costs 0) and mean false-negative volume over the test positives s
 The paper's plain threshold, on the input grid, is recorded beside it.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
-positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0.
+positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0 (the
+paper), times `gate_margin` (1 by default; the demo takes half, README).
 Writes `thresholds.json` (versioned) and two PNGs.
 """
 
@@ -42,7 +43,7 @@ the held-out optimum more often than it kept error volumes down."""
 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
-              threshold_prior: float | str | None = "preset", tta: bool = False) -> dict[str, Any]:
+              threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0) -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -52,7 +53,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     on the stored grid. `component_seed` (only without `pet_extent`) adds the seed grid to the search.
     `tta` averages each fold over flips as well (`RunModels.seg_probs`); the thresholds file records it
     and predict then flips too, so the threshold is applied to the probabilities it was chosen on.
+    `gate_margin` in (0, 1] scales the classifier's sensitivity-1.0 threshold (`metrics.classifier_threshold`).
     """
+    if not 0.0 < gate_margin <= 1.0:
+        raise PetctlError(f"the gate margin must be within (0, 1] (got {gate_margin})")
     if pet_extent and component_seed:
         raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
     from petctl.engine.ensemble import RunModels
@@ -86,7 +90,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         for case in test:
             per_case[case]["cls_score"] = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
         cls_thr = classifier_threshold(np.array([per_case[c]["positive"] for c in test], bool),
-                                       np.array([per_case[c]["cls_score"] for c in test], float))
+                                       np.array([per_case[c]["cls_score"] for c in test], float), gate_margin)
     segmented = [c for c in test if per_case[c]["positive"] or (pet_extent and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
     sources = _sources(models.store, segmented) if pet_extent else {}
     extent_tables, input_curves = [], []
@@ -190,7 +194,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         negatives = int((~labels).sum())
         gated = int(((scores < cls_thr) & ~labels).sum())
         payload["classifier"] = {
-            "threshold": float(cls_thr), "auroc": float(auroc(labels, scores)),
+            "threshold": float(cls_thr), "margin": float(gate_margin), "lowest_positive_score": float(scores[labels].min()),
+            "auroc": float(auroc(labels, scores)),
             "specificity": float(specificity_at(labels, scores, cls_thr)) if negatives else float("nan"),
             "negatives": negatives, "negatives_skipping_segmentation": gated, "positives": int(labels.sum()),
             "models": [m.name for m in models.cls],

@@ -247,19 +247,24 @@ def best_seeded_threshold(mean_dice: np.ndarray, thresholds: np.ndarray = THRESH
     return best
 
 
-def classifier_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The highest threshold keeping sensitivity 1.0 under `score >= threshold`: the lowest positive score.
+def classifier_threshold(labels: np.ndarray, scores: np.ndarray, margin: float = 1.0) -> float:
+    """`margin` × the highest threshold keeping sensitivity 1.0 under `score >= threshold` (the lowest
+    positive score). margin 1 is the paper's rule; below 1 the gate leaves room for a new positive
+    that scores under every calibration positive (with ~15 of them, each new one does about 1 time in 16).
 
-    Negatives tied with that score are predicted positive too (they satisfy `>=`); that is what
-    `specificity_at` counts. Raises ValueError when there is no positive or a positive score is NaN.
+    Negatives tied with the threshold are predicted positive too (they satisfy `>=`); that is what
+    `specificity_at` counts. Raises ValueError when there is no positive, a positive score is NaN or
+    `margin` is outside (0, 1].
     """
+    if not 0.0 < margin <= 1.0:
+        raise ValueError(f"the gate margin must be within (0, 1] (got {margin})")
     mask, flat = _flat_pair(labels, scores)
     positive_scores = flat[mask]
     if positive_scores.size == 0:
         raise ValueError("no positive case: the sensitivity-1 threshold is undefined")
     if np.isnan(positive_scores).any():
         raise ValueError("a positive case has a NaN score")
-    return float(positive_scores.min())
+    return float(positive_scores.min()) * margin
 
 
 def specificity_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
