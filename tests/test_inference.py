@@ -101,7 +101,7 @@ def test_gate_margin_scales_the_classifier_threshold(trained: Path):
     assert cls["threshold"] == pytest.approx(0.5 * paper["threshold"])
     negatives = [r["cls_score"] for r in t["cases"].values() if not r["positive"]]
     assert cls["negatives_skipping_segmentation"] == sum(s < cls["threshold"] for s in negatives)
-    assert "0.5 × the sensitivity-1.0 threshold" in " ".join(result.stdout.split())
+    assert f"0.5 × the lowest test positive's score {paper['threshold']:.4f}" in " ".join(result.stdout.split())
     step = json.loads((run_dir / "steps/calibrate.json").read_text())
     assert step["config"]["gate_margin"] == 0.5
     for bad in ("0", "1.5"):

@@ -29,6 +29,7 @@ def calibrate(
 
     from petctl.console import console, progress
     from petctl.engine.calibrate import calibrate as run_calibrate
+    from petctl.engine.calibrate import check_gate_margin, gate_rule_text
     from petctl.engine.registry import Registry, check_name, step_context
     from petctl.home import resolve_home
 
@@ -77,26 +78,13 @@ def calibrate(
     table.add_row(f"[bold]ensemble{seeded}[/]", "", "", f"[bold]{seg['threshold']:.2f}[/]", f"[bold]{seg['mean_dice']:.4f}[/]")
     console.print(table)
     if cls:
-        t2 = Table(title=f"Classifier gate ({_gate_text(cls)} on the test set)")
+        t2 = Table(title=f"Classifier gate ({gate_rule_text(cls)}, on the test set)")
         for col in ("threshold", "AUROC", "specificity", "negatives skipping segmentation"):
             t2.add_column(col, justify="right")
         t2.add_row(f"{cls['threshold']:.4f}", f"{cls['auroc']:.4f}", f"{cls['specificity']:.4f}",
                    f"{cls['negatives_skipping_segmentation']}/{cls['negatives']}")
         console.print(t2)
     console.print(f"[green]wrote[/] {run_dir / 'thresholds.json'}, calibration_dice.png" + (", calibration_roc.png" if cls else ""))
-
-
-def check_gate_margin(margin: float) -> None:
-    """--gate-margin must be within (0, 1]: a one-line error before any work starts."""
-    if not 0.0 < margin <= 1.0:
-        from petctl.errors import PetctlError
-
-        raise PetctlError(f"--gate-margin: expected a number in (0, 1], got {margin:g}")
-
-
-def _gate_text(cls: dict) -> str:
-    margin = cls.get("margin", 1.0)
-    return "sensitivity 1.0" if margin == 1.0 else f"{margin:g} × the sensitivity-1.0 threshold"
 
 
 def _prior(text: str) -> float | str | None:

@@ -41,6 +41,20 @@ Off by default: on 11 demo seeds a 5 mL budget on the small test split moved the
 the held-out optimum more often than it kept error volumes down."""
 
 
+def check_gate_margin(margin: float) -> None:
+    """`--gate-margin` must be within (0, 1]: one line, before any work starts (calibrate, demo)."""
+    if not 0.0 < margin <= 1.0:
+        raise PetctlError(f"--gate-margin: expected a number in (0, 1], got {margin:g}")
+
+
+def gate_rule_text(cls: dict[str, Any]) -> str:
+    """How the gate's threshold was chosen, for the report and calibrate's table."""
+    margin = cls.get("margin", 1.0)
+    if margin == 1.0:
+        return "sensitivity 1.0"
+    return f"{margin:g} × the lowest test positive's score {cls['lowest_positive_score']:.4f}"
+
+
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
               threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0) -> dict[str, Any]:
@@ -55,8 +69,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     and predict then flips too, so the threshold is applied to the probabilities it was chosen on.
     `gate_margin` in (0, 1] scales the classifier's sensitivity-1.0 threshold (`metrics.classifier_threshold`).
     """
-    if not 0.0 < gate_margin <= 1.0:
-        raise PetctlError(f"the gate margin must be within (0, 1] (got {gate_margin})")
+    check_gate_margin(gate_margin)
     if pet_extent and component_seed:
         raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
     from petctl.engine.ensemble import RunModels

@@ -80,8 +80,9 @@ class DemoConfig:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
         if self.train_folds is not None and not 1 <= self.train_folds <= self.folds:
             raise PetctlError(f"--train-folds must be within 1..{self.folds} (got {self.train_folds})")
-        if not 0.0 < self.gate_margin <= 1.0:
-            raise PetctlError(f"--gate-margin must be within (0, 1] (got {self.gate_margin:g})")
+        from petctl.engine.calibrate import check_gate_margin
+
+        check_gate_margin(self.gate_margin)
 
 
 def default_concurrency(processes: int = 1) -> int:

@@ -123,9 +123,9 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         lines.append(f"| component seed (a component must reach it) | {s_thr['seed_threshold']:.2f} | without it: Dice {plain['mean_dice']:.3f} "
                      f"at {plain['threshold']:.2f} |")
     if c_thr:
-        margin = c_thr.get("margin", 1.0)
-        gate = "sensitivity 1.0" if margin == 1.0 else f"{margin:g} × the lowest test positive's score {c_thr['lowest_positive_score']:.4f}"
-        lines.append(f"| classifier gate ({gate}) | {c_thr['threshold']:.4f} | AUROC {c_thr['auroc']:.3f}, specificity "
+        from petctl.engine.calibrate import gate_rule_text
+
+        lines.append(f"| classifier gate ({gate_rule_text(c_thr)}) | {c_thr['threshold']:.4f} | AUROC {c_thr['auroc']:.3f}, specificity "
                      f"{c_thr['specificity']:.3f}, {c_thr['negatives_skipping_segmentation']}/{c_thr['negatives']} negatives skip segmentation |")
     lines += ["", "## Segmentation folds (the paper's Table 1)", "", "| fold | best cycle | top-K AUROC | best threshold | Dice @ threshold |",
               "| --- | --- | --- | --- | --- |"]
