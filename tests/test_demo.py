@@ -68,3 +68,29 @@ def test_demo_config_takes_a_third_of_the_gate_threshold_and_refuses_a_margin_ou
     for bad in (0.0, 1.2):
         with pytest.raises(PetctlError, match="--gate-margin"):
             DemoConfig(gate_margin=bad)
+
+
+def test_training_curves_plot_per_epoch_and_read_metrics_from_before_per_epoch_curves(tmp_path: Path):
+    import numpy as np
+
+    from petctl.engine.loop import cycle_end_epochs, plot_progress
+    from petctl.engine.report import plot_training
+
+    # a 2-cycle × 3-epoch fold as written now, and one written before per-epoch curves (cycles only)
+    epochs = [{"epoch": k, "cycle": (k - 1) // 3 + 1, "global_step": 10 * k, "train_loss": 1.0 / k, "lr": 1e-3 / k, "steps": 10}
+              for k in range(1, 7)]
+    now = {"cycles": [{"cycle": c, "epoch": 3 * c, "train_loss": 0.5, "lr_end": 1e-4, "selection": 0.8, "top_k_auroc": 0.8,
+                       "dice_at_best": 0.6} for c in (1, 2)], "epochs": epochs}
+    old = {"cycles": [{"cycle": c, "train_loss": 0.5, "lr_end": 1e-4, "selection": 0.7, "top_k_auroc": 0.7} for c in (1, 2)]}
+    assert cycle_end_epochs(now["cycles"], epochs) == [3, 6]
+    assert cycle_end_epochs([{"cycle": 1}, {"cycle": 2}], epochs) == [3, 6]  # no "epoch": the cycle's last logged one
+    assert cycle_end_epochs(old["cycles"], []) == [1, 2]  # nothing logged per epoch: the cycle number
+    cls = {"fold0-x": {"cycles": [{"cycle": 1, "epoch": 6, "train_loss": 0.4, "auroc": 0.9}], "epochs": epochs}}
+    plot_training(tmp_path / "curves.png", {"fold0": now, "fold1": old}, cls)
+    plot_progress(tmp_path / "progress.png", now["cycles"], "top_k_auroc", epochs)
+    plot_progress(tmp_path / "progress_old.png", old["cycles"], "top_k_auroc")
+    import matplotlib.image as mpimg
+
+    for name in ("curves.png", "progress.png", "progress_old.png"):
+        img = mpimg.imread(tmp_path / name)
+        assert img.shape[0] > 200 and float(np.std(img)) > 0.01  # drawn, not blank

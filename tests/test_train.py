@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,6 +51,12 @@ def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
     cfg = cpu_tiny()
     assert [c["cycle"] for c in metrics["cycles"]] == list(range(1, cfg.num_cycles + 1))
     assert 0.0 <= metrics["best"]["top_k_auroc"] <= 1.0
+    # the training curve between validations: one record per epoch, the cycles' validations on its axis
+    epochs = metrics["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(1, cfg.num_cycles * cfg.epochs_per_cycle + 1))
+    assert all(math.isfinite(e["train_loss"]) and e["lr"] > 0 and e["steps"] > 0 for e in epochs)
+    assert [c["epoch"] for c in metrics["cycles"]] == [k * cfg.epochs_per_cycle for k in range(1, cfg.num_cycles + 1)]
+    assert epochs[-1]["global_step"] == metrics["cycles"][-1]["global_step"] == sum(e["steps"] for e in epochs)
     assert (fold / "progress.png").stat().st_size > 1000
     assert find_checkpoint(fold / "checkpoints" / "best") is not None
     # `last` resumes (optimizer + scheduler), `best` is for inference: weights and sidecar only
@@ -84,6 +91,8 @@ def test_sigterm_checkpoints_and_rerun_resumes(store: Path, tmp_path: Path):
     assert f"step {stopped_at}" in resumed.stdout
     _, _, meta = load_checkpoint(ckpt)
     assert meta["position"]["cycle"] == 1 and meta["position"]["global_step"] == meta["history"][0]["global_step"] > stopped_at
+    # the epochs logged before the signal came back with the checkpoint: the curve has every epoch once
+    assert [e["epoch"] for e in meta["epochs"]] == list(range(1, 41))
     step = json.loads((tmp_path / "home/runs/r/steps/train-seg-fold0.json").read_text())
     assert step["status"] == "done" and step["attempts"] == 2
 

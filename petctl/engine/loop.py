@@ -190,6 +190,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     scheduler = make_scheduler(optimizer, steps_per_cycle, cfg.num_cycles, lr_min_ratio=cfg.lr_min_ratio)
     position = Position()
     history: list[dict[str, Any]] = []
+    epochs: list[dict[str, Any]] = []  # one record per finished epoch: the training curve between validations
     best_metric = -math.inf
     ckpt_dir = out_dir / "checkpoints"
     resume = find_checkpoint(ckpt_dir / "last")
@@ -202,6 +203,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
             scheduler.load_state_dict(state["scheduler"])
         position = Position(**meta["position"])
         history = meta.get("history", [])
+        epochs = meta.get("epochs", [])
         best_metric = meta.get("best_metric") if meta.get("best_metric") is not None else -math.inf
         accelerator.print(f"{label}: resuming at cycle {position.cycle + 1}, epoch {position.epoch + 1}, step {position.global_step}")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -220,7 +222,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                             optimizer_state=optimizer.state_dict() if resumable else None,
                             scheduler_state=scheduler.state_dict() if resumable else None,
                             position=position, config=config_json, metric=metric,
-                            extra={"history": history, "best_metric": best_metric if best_metric > -math.inf else None,
+                            extra={"history": history, "epochs": epochs, "best_metric": best_metric if best_metric > -math.inf else None,
                                    "rank_weight_digests": digests, "num_processes": accelerator.num_processes})
         accelerator.wait_for_everyone()
 
@@ -237,6 +239,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
             batches = task.batches(epoch_index)
             for _ in range(position.step_in_epoch):  # mid-epoch resume: same data order, skip what was done
                 next(batches)
+            epoch_start = len(losses)  # a resumed epoch's record covers the steps run since the resume
             while position.step_in_epoch < task.steps_per_epoch:
                 batch = next(batches)
                 with accelerator.accumulate(model):
@@ -269,12 +272,17 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                     checkpoint("last", None)
                     _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
                     return 0
+            epoch_losses = losses[epoch_start:]
+            epochs.append({"epoch": epoch_index + 1, "cycle": position.cycle + 1, "global_step": position.global_step,
+                           "train_loss": dist.mean_over_ranks(accelerator, float(np.mean(epoch_losses)) if epoch_losses else float("nan"), len(epoch_losses)),
+                           "lr": float(scheduler.get_last_lr()[0]), "steps": len(epoch_losses)})
             position.epoch += 1
             position.step_in_epoch = 0
         val = task.validate(model, accelerator)
         train_loss = dist.mean_over_ranks(accelerator, float(np.mean(losses)) if losses else float("nan"), len(losses))
         selection = float(val.get("selection", float("nan")))
-        record = {"cycle": position.cycle + 1, "global_step": position.global_step, "train_loss": train_loss,
+        record = {"cycle": position.cycle + 1, "epoch": (position.cycle + 1) * cfg.epochs_per_cycle,
+                  "global_step": position.global_step, "train_loss": train_loss,
                   "lr_end": float(scheduler.get_last_lr()[0]), "seconds": round(time.perf_counter() - t_cycle, 2), **val}
         history.append(record)
         improved = not math.isnan(selection) and selection > best_metric
@@ -288,7 +296,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         if accelerator.log_with:
             accelerator.log({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}, step=position.global_step)
         if is_main:
-            write_metrics(out_dir, history, config_json, cfg.selection_name)
+            write_metrics(out_dir, history, config_json, cfg.selection_name, epochs)
             accelerator.print(f"{label} cycle {record['cycle']}: loss {train_loss:.4f} {cfg.selection_name} {selection:.4f}"
                               f"{' (best)' if improved else ''}")
             if report.registry is not None:
@@ -314,36 +322,63 @@ def best_record(history: list[dict[str, Any]]) -> dict[str, Any]:
     return max(valid, key=lambda h: h["selection"]) if valid else (history[-1] if history else {})
 
 
-def write_metrics(out_dir: Path, history: list[dict[str, Any]], config_json: dict[str, Any], selection_name: str) -> None:
+def write_metrics(out_dir: Path, history: list[dict[str, Any]], config_json: dict[str, Any], selection_name: str,
+                  epochs: list[dict[str, Any]] | None = None) -> None:
+    """`metrics.json` (the cycles' validation records and the per-epoch training curve) and `progress.png`."""
     from petctl.engine.store import write_json_atomic
 
     best = best_record(history)
     write_json_atomic(out_dir / "metrics.json", {"version": 1, "selection": selection_name, "config": config_json,
                                                  "best": {k: v for k, v in best.items() if not isinstance(v, list)} or None,
-                                                 "cycles": history})
+                                                 "cycles": history, "epochs": epochs or []})
     try:
-        plot_progress(out_dir / "progress.png", history, selection_name)
+        plot_progress(out_dir / "progress.png", history, selection_name, epochs or [])
     except Exception as exc:  # a plotting problem must never stop training
         print(f"progress.png not drawn: {exc}")
 
 
-def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str) -> None:
+def cycle_end_epochs(history: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> list[float]:
+    """The epoch each cycle's validation belongs to (its last), so validation points sit on the
+    training curve's axis; records without it (metrics.json before per-epoch curves) fall back to
+    the last epoch logged in that cycle, else the cycle number."""
+    out = []
+    for h in history:
+        if "epoch" in h:
+            out.append(h["epoch"])
+            continue
+        in_cycle = [e["epoch"] for e in epochs if e.get("cycle") == h["cycle"]]
+        out.append(max(in_cycle) if in_cycle else h["cycle"])
+    return out
+
+
+def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str, epochs: list[dict[str, Any]] = ()) -> None:
+    """One fold's training: loss and learning rate per epoch (per cycle when no epoch was logged),
+    validation at each cycle's end, on one epoch axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cycles = [h["cycle"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    axes[0].plot(cycles, [h["train_loss"] for h in history], "o-")
-    axes[0].set(title="train loss", xlabel="cycle")
-    axes[1].plot(cycles, [h["selection"] for h in history], "o-", label=selection_name)
+    at = cycle_end_epochs(history, list(epochs))
+    if epochs:
+        x = [e["epoch"] for e in epochs]
+        axes[0].plot(x, [e["train_loss"] for e in epochs], ".-")
+        axes[2].plot(x, [e["lr"] for e in epochs], ".-")
+        axes[0].set(title="train loss (epoch mean)", xlabel="epoch")
+        axes[2].set(title="learning rate (epoch end)", xlabel="epoch", yscale="log")
+    else:
+        axes[0].plot(at, [h["train_loss"] for h in history], "o-")
+        axes[2].plot(at, [h["lr_end"] for h in history], "o-")
+        axes[0].set(title="train loss (cycle mean)", xlabel="epoch")
+        axes[2].set(title="learning rate (cycle end)", xlabel="epoch", yscale="log")
+    axes[1].plot(at, [h["selection"] for h in history], "o-", label=selection_name)
     if any("dice_at_best" in h for h in history):
-        axes[1].plot(cycles, [h.get("dice_at_best", float("nan")) for h in history], "s-", label="Dice @ best threshold")
-    axes[1].set(title="validation", xlabel="cycle", ylim=(0, 1))
+        axes[1].plot(at, [h.get("dice_at_best", float("nan")) for h in history], "s-", label="Dice @ best threshold")
+    axes[1].set(title="validation (each cycle's end)", xlabel="epoch", ylim=(0, 1))
+    if epochs:
+        axes[1].set_xlim(0.5, max(x[-1], max(at, default=1)) + 0.5)
     axes[1].legend(loc="lower right")
-    axes[2].plot(cycles, [h["lr_end"] for h in history], "o-")
-    axes[2].set(title="learning rate (cycle end)", xlabel="cycle", yscale="log")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)

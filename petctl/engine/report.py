@@ -1,7 +1,7 @@
 """The demo's report: report.md plus the pictures a person would rather look at.
 
-- training_curves.png: per fold, train loss and validation top-K AUROC / Dice per cycle, and the
-  classifiers' validation AUROC;
+- training_curves.png: per fold, the train loss per epoch and the validation top-K AUROC / Dice at
+  each cycle's end; the classifiers' train loss and validation AUROC below;
 - calibration_dice.png / calibration_roc.png (copied from the run);
 - test_cases.png: coronal PET MIPs of test cases, ground truth and prediction side by side.
 """
@@ -32,24 +32,40 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dict[str, Any]]) -> None:
+    """Per fold: the training loss per epoch (per cycle for runs logged before per-epoch curves) and
+    the validation metrics at each cycle's end, on one epoch axis; segmentation above, classifier below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for name, m in seg.items():
-        cyc = [c["cycle"] for c in m["cycles"]]
-        axes[0].plot(cyc, [c["train_loss"] for c in m["cycles"]], "o-", label=name)
-        axes[1].plot(cyc, [c.get("top_k_auroc") for c in m["cycles"]], "o-", label=f"{name} top-K AUROC")
-        axes[1].plot(cyc, [c.get("dice_at_best") for c in m["cycles"]], "s--", label=f"{name} Dice")
-    for name, m in cls.items():
-        axes[2].plot([c["cycle"] for c in m["cycles"]], [c.get("auroc") for c in m["cycles"]], "o-", label=name)
-    axes[0].set(title="segmentation: train loss", xlabel="cycle")
-    axes[1].set(title="segmentation: validation", xlabel="cycle", ylim=(0, 1.02))
-    axes[2].set(title="MIP classifier: validation AUROC", xlabel="cycle", ylim=(0, 1.02))
-    for ax in axes:
-        ax.legend(fontsize=6)
+    from petctl.engine.loop import cycle_end_epochs
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
+    for row, (task, folds) in enumerate((("segmentation", seg), ("MIP classifier", cls))):
+        loss_ax, val_ax = axes[row]
+        last = 1.0
+        for k, (name, m) in enumerate(folds.items()):
+            color = f"C{k % 10}"
+            cycles, epochs = m.get("cycles", []), m.get("epochs", [])
+            at = cycle_end_epochs(cycles, epochs)
+            if epochs:
+                x = [e["epoch"] for e in epochs]
+                loss_ax.plot(x, [e["train_loss"] for e in epochs], ".-", color=color, label=name)
+            else:
+                x = at
+                loss_ax.plot(at, [c["train_loss"] for c in cycles], "o-", color=color, label=name)
+            last = max([last, *x, *at])
+            if row == 0:
+                val_ax.plot(at, [c.get("top_k_auroc") for c in cycles], "o-", color=color, label=f"{name} top-K AUROC")
+                val_ax.plot(at, [c.get("dice_at_best") for c in cycles], "s--", color=color, label=f"{name} Dice")
+            else:
+                val_ax.plot(at, [c.get("auroc") for c in cycles], "o-", color=color, label=f"{name} AUROC")
+        loss_ax.set(title=f"{task}: train loss (epoch mean)", xlabel="epoch")
+        val_ax.set(title=f"{task}: validation (each cycle's end)", xlabel="epoch", ylim=(0, 1.02), xlim=(0.5, last + 0.5))
+        for ax in (loss_ax, val_ax):
+            if ax.has_data():
+                ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
