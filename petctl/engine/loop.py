@@ -314,7 +314,7 @@ def _record_done(report: StepRef, history: list[dict[str, Any]], cfg: LoopConfig
     best = best_record(history)
     report.registry.finish_step(report.run, report.step, metrics={
         "best_cycle": best.get("cycle"), cfg.selection_name: best.get("selection"), "steps": position.global_step, **more,
-        **{k: v for k, v in best.items() if isinstance(v, (int, float)) and k not in ("cycle", "selection", "global_step", "seconds", "lr_end")}})
+        **{k: v for k, v in best.items() if isinstance(v, (int, float)) and k not in ("cycle", "epoch", "selection", "global_step", "seconds", "lr_end")}})
 
 
 def best_record(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -361,6 +361,7 @@ def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     at = cycle_end_epochs(history, list(epochs))
+    unit = "epoch" if epochs or all("epoch" in h for h in history) else "cycle"  # metrics.json before per-epoch curves: cycles
     if epochs:
         x = [e["epoch"] for e in epochs]
         axes[0].plot(x, [e["train_loss"] for e in epochs], ".-")
@@ -370,12 +371,12 @@ def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str
     else:
         axes[0].plot(at, [h["train_loss"] for h in history], "o-")
         axes[2].plot(at, [h["lr_end"] for h in history], "o-")
-        axes[0].set(title="train loss (cycle mean)", xlabel="epoch")
-        axes[2].set(title="learning rate (cycle end)", xlabel="epoch", yscale="log")
+        axes[0].set(title="train loss (cycle mean)", xlabel=unit)
+        axes[2].set(title="learning rate (cycle end)", xlabel=unit, yscale="log")
     axes[1].plot(at, [h["selection"] for h in history], "o-", label=selection_name)
     if any("dice_at_best" in h for h in history):
         axes[1].plot(at, [h.get("dice_at_best", float("nan")) for h in history], "s-", label="Dice @ best threshold")
-    axes[1].set(title="validation (each cycle's end)", xlabel="epoch", ylim=(0, 1))
+    axes[1].set(title="validation (each cycle's end)", xlabel=unit, ylim=(0, 1))
     if epochs:
         axes[1].set_xlim(0.5, max(x[-1], max(at, default=1)) + 0.5)
     axes[1].legend(loc="lower right")

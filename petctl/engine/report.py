@@ -44,7 +44,7 @@ def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dic
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     for row, (task, folds) in enumerate((("segmentation", seg), ("MIP classifier", cls))):
         loss_ax, val_ax = axes[row]
-        last = 1.0
+        last, unit = 1.0, "epoch"
         for k, (name, m) in enumerate(folds.items()):
             color = f"C{k % 10}"
             cycles, epochs = m.get("cycles", []), m.get("epochs", [])
@@ -55,14 +55,16 @@ def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dic
             else:
                 x = at
                 loss_ax.plot(at, [c["train_loss"] for c in cycles], "o-", color=color, label=name)
+                if not all("epoch" in c for c in cycles):  # metrics.json before per-epoch curves: cycle numbers
+                    unit = "epoch, or cycle for folds trained before per-epoch curves"
             last = max([last, *x, *at])
             if row == 0:
                 val_ax.plot(at, [c.get("top_k_auroc") for c in cycles], "o-", color=color, label=f"{name} top-K AUROC")
                 val_ax.plot(at, [c.get("dice_at_best") for c in cycles], "s--", color=color, label=f"{name} Dice")
             else:
                 val_ax.plot(at, [c.get("auroc") for c in cycles], "o-", color=color, label=f"{name} AUROC")
-        loss_ax.set(title=f"{task}: train loss (epoch mean)", xlabel="epoch")
-        val_ax.set(title=f"{task}: validation (each cycle's end)", xlabel="epoch", ylim=(0, 1.02), xlim=(0.5, last + 0.5))
+        loss_ax.set(title=f"{task}: train loss (epoch mean)", xlabel=unit)
+        val_ax.set(title=f"{task}: validation (each cycle's end)", xlabel=unit, ylim=(0, 1.02), xlim=(0.5, last + 0.5))
         for ax in (loss_ax, val_ax):
             if ax.has_data():
                 ax.legend(fontsize=6)
