@@ -73,7 +73,7 @@ def test_demo_config_takes_a_third_of_the_gate_threshold_and_refuses_a_margin_ou
 def test_training_curves_plot_per_epoch_and_read_metrics_from_before_per_epoch_curves(tmp_path: Path):
     import numpy as np
 
-    from petctl.engine.loop import cycle_end_epochs, plot_progress
+    from petctl.engine.loop import plot_progress, training_curve
     from petctl.engine.report import plot_training
 
     # a 2-cycle × 3-epoch fold as written now, and one written before per-epoch curves (cycles only)
@@ -82,9 +82,11 @@ def test_training_curves_plot_per_epoch_and_read_metrics_from_before_per_epoch_c
     now = {"cycles": [{"cycle": c, "epoch": 3 * c, "train_loss": 0.5, "lr_end": 1e-4, "selection": 0.8, "top_k_auroc": 0.8,
                        "dice_at_best": 0.6} for c in (1, 2)], "epochs": epochs}
     old = {"cycles": [{"cycle": c, "train_loss": 0.5, "lr_end": 1e-4, "selection": 0.7, "top_k_auroc": 0.7} for c in (1, 2)]}
-    assert cycle_end_epochs(now["cycles"], epochs) == [3, 6]
-    assert cycle_end_epochs([{"cycle": 1}, {"cycle": 2}], epochs) == [3, 6]  # no "epoch": the cycle's last logged one
-    assert cycle_end_epochs(old["cycles"], []) == [1, 2]  # nothing logged per epoch: the cycle number
+    curve = training_curve(now["cycles"], epochs)
+    assert curve["unit"] == "epoch" and curve["x"] == list(range(1, 7)) and curve["at"] == [3, 6]
+    assert curve["loss"] == [e["train_loss"] for e in epochs] and curve["lr"] == [e["lr"] for e in epochs]
+    curve = training_curve(old["cycles"], [])  # nothing logged per epoch: the cycles' own numbers
+    assert curve == {"x": [1, 2], "loss": [0.5, 0.5], "lr": [1e-4, 1e-4], "at": [1, 2], "unit": "cycle"}
     cls = {"fold0-x": {"cycles": [{"cycle": 1, "epoch": 6, "train_loss": 0.4, "auroc": 0.9}], "epochs": epochs}}
     plot_training(tmp_path / "curves.png", {"fold0": now, "fold1": old}, cls)
     plot_progress(tmp_path / "progress.png", now["cycles"], "top_k_auroc", epochs)

@@ -337,49 +337,37 @@ def write_metrics(out_dir: Path, history: list[dict[str, Any]], config_json: dic
         print(f"progress.png not drawn: {exc}")
 
 
-def cycle_end_epochs(history: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> list[float]:
-    """The epoch each cycle's validation belongs to (its last), so validation points sit on the
-    training curve's axis; records without it (metrics.json before per-epoch curves) fall back to
-    the last epoch logged in that cycle, else the cycle number."""
-    out = []
-    for h in history:
-        if "epoch" in h:
-            out.append(h["epoch"])
-            continue
-        in_cycle = [e["epoch"] for e in epochs if e.get("cycle") == h["cycle"]]
-        out.append(max(in_cycle) if in_cycle else h["cycle"])
-    return out
+def training_curve(history: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a fold's plots draw, on one axis: `x`, `loss` and `lr` per epoch, `at` = each cycle's
+    validation epoch (its last) and `unit` "epoch"; for metrics.json written before per-epoch curves
+    (cycle records only) the same series per cycle, with `unit` "cycle"."""
+    if epochs:
+        return {"x": [e["epoch"] for e in epochs], "loss": [e["train_loss"] for e in epochs], "lr": [e["lr"] for e in epochs],
+                "at": [h.get("epoch", h["cycle"]) for h in history], "unit": "epoch"}
+    at = [h["cycle"] for h in history]
+    return {"x": at, "loss": [h["train_loss"] for h in history], "lr": [h["lr_end"] for h in history], "at": at, "unit": "cycle"}
 
 
 def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str, epochs: list[dict[str, Any]] = ()) -> None:
-    """One fold's training: loss and learning rate per epoch (per cycle when no epoch was logged),
-    validation at each cycle's end, on one epoch axis."""
+    """One fold's training: loss and learning rate per epoch (per cycle for runs logged before
+    per-epoch curves), validation at each cycle's end, on the same axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curve = training_curve(history, list(epochs))
+    unit, at = curve["unit"], curve["at"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    at = cycle_end_epochs(history, list(epochs))
-    unit = "epoch" if epochs or all("epoch" in h for h in history) else "cycle"  # metrics.json before per-epoch curves: cycles
-    if epochs:
-        x = [e["epoch"] for e in epochs]
-        axes[0].plot(x, [e["train_loss"] for e in epochs], ".-")
-        axes[2].plot(x, [e["lr"] for e in epochs], ".-")
-        axes[0].set(title="train loss (epoch mean)", xlabel="epoch")
-        axes[2].set(title="learning rate (epoch end)", xlabel="epoch", yscale="log")
-    else:
-        axes[0].plot(at, [h["train_loss"] for h in history], "o-")
-        axes[2].plot(at, [h["lr_end"] for h in history], "o-")
-        axes[0].set(title="train loss (cycle mean)", xlabel=unit)
-        axes[2].set(title="learning rate (cycle end)", xlabel=unit, yscale="log")
+    axes[0].plot(curve["x"], curve["loss"], ".-")
+    axes[0].set(title=f"train loss ({unit} mean)", xlabel=unit)
     axes[1].plot(at, [h["selection"] for h in history], "o-", label=selection_name)
     if any("dice_at_best" in h for h in history):
         axes[1].plot(at, [h.get("dice_at_best", float("nan")) for h in history], "s-", label="Dice @ best threshold")
-    axes[1].set(title="validation (each cycle's end)", xlabel=unit, ylim=(0, 1))
-    if epochs:
-        axes[1].set_xlim(0.5, max(x[-1], max(at, default=1)) + 0.5)
+    axes[1].set(title="validation (each cycle's end)", xlabel=unit, ylim=(0, 1), xlim=(0.5, max([1, *curve["x"], *at]) + 0.5))
     axes[1].legend(loc="lower right")
+    axes[2].plot(curve["x"], curve["lr"], ".-")
+    axes[2].set(title=f"learning rate ({unit} end)", xlabel=unit, yscale="log")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -39,31 +39,27 @@ def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from petctl.engine.loop import cycle_end_epochs
+    from petctl.engine.loop import training_curve
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     for row, (task, folds) in enumerate((("segmentation", seg), ("MIP classifier", cls))):
         loss_ax, val_ax = axes[row]
-        last, unit = 1.0, "epoch"
+        last, units = 1.0, set()
         for k, (name, m) in enumerate(folds.items()):
             color = f"C{k % 10}"
-            cycles, epochs = m.get("cycles", []), m.get("epochs", [])
-            at = cycle_end_epochs(cycles, epochs)
-            if epochs:
-                x = [e["epoch"] for e in epochs]
-                loss_ax.plot(x, [e["train_loss"] for e in epochs], ".-", color=color, label=name)
-            else:
-                x = at
-                loss_ax.plot(at, [c["train_loss"] for c in cycles], "o-", color=color, label=name)
-                if not all("epoch" in c for c in cycles):  # metrics.json before per-epoch curves: cycle numbers
-                    unit = "epoch, or cycle for folds trained before per-epoch curves"
-            last = max([last, *x, *at])
+            cycles = m.get("cycles", [])
+            curve = training_curve(cycles, m.get("epochs", []))
+            at = curve["at"]
+            units.add(curve["unit"])
+            loss_ax.plot(curve["x"], curve["loss"], ".-", color=color, label=name)
+            last = max([last, *curve["x"], *at])
             if row == 0:
                 val_ax.plot(at, [c.get("top_k_auroc") for c in cycles], "o-", color=color, label=f"{name} top-K AUROC")
                 val_ax.plot(at, [c.get("dice_at_best") for c in cycles], "s--", color=color, label=f"{name} Dice")
             else:
                 val_ax.plot(at, [c.get("auroc") for c in cycles], "o-", color=color, label=f"{name} AUROC")
-        loss_ax.set(title=f"{task}: train loss (epoch mean)", xlabel=unit)
+        unit = " or ".join(sorted(units, reverse=True)) or "epoch"  # "epoch or cycle": folds trained before per-epoch curves
+        loss_ax.set(title=f"{task}: train loss (mean per {unit})", xlabel=unit)
         val_ax.set(title=f"{task}: validation (each cycle's end)", xlabel=unit, ylim=(0, 1.02), xlim=(0.5, last + 0.5))
         for ax in (loss_ax, val_ax):
             if ax.has_data():
