@@ -31,7 +31,7 @@ def demo(
     pet_clip: Annotated[str, typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (0,95: the PET floor at the lesions' lowest uptake; 5,95: the paper's).")] = "0,95",
     hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform sampling).")] = 0.5,
     pet_wide: Annotated[bool, typer.Option("--pet-wide", help="prepare's third channel: log(1 + SUV) up to the body's p99.9 beside the clipped PET.")] = False,
-    gate_margin: Annotated[float, typer.Option("--gate-margin", help="calibrate's gate margin: the classifier gate's threshold is this fraction of the lowest test-split positive's score (1: the paper's).")] = 0.33,
+    gate_margin: Annotated[float, typer.Option("--gate-margin", help="calibrate's gate margin: the classifier gate's threshold is this fraction of the lowest test-split positive's score (1: the paper's).")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,

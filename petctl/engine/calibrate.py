@@ -17,7 +17,7 @@ The paper's plain threshold, on the input grid, is recorded beside it.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
 positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0 (the
-paper), times `gate_margin` (1 by default; the demo takes a third, README).
+paper), times `gate_margin` (1 by default; the demo takes half, README).
 Writes `thresholds.json` (versioned) and two PNGs.
 """
 
