@@ -60,14 +60,17 @@ def test_demo_config_rejects_more_trained_folds_than_the_split_has():
         DemoConfig(folds=3, train_folds=4)
 
 
-def test_demo_config_takes_half_the_gate_threshold_and_refuses_a_margin_outside_zero_one():
+def test_demo_config_takes_half_the_detected_positives_gate_and_refuses_bad_gate_settings():
     from petctl.engine.demo import DemoConfig
     from petctl.errors import PetctlError
 
     assert DemoConfig().gate_margin == 0.5 and DemoConfig().pet_clip == (0.0, 95.0)
+    assert DemoConfig().gate_positives == "detected"
     for bad in (0.0, 1.2):
         with pytest.raises(PetctlError, match="--gate-margin"):
             DemoConfig(gate_margin=bad)
+    with pytest.raises(PetctlError, match="--gate-positives: expected one of all, detected"):
+        DemoConfig(gate_positives="found")
 
 
 def test_training_curves_plot_per_epoch_and_read_metrics_from_before_per_epoch_curves(tmp_path: Path):

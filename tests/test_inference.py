@@ -107,7 +107,96 @@ def test_gate_margin_scales_the_classifier_threshold(trained: Path):
     for bad in ("0", "1.5"):
         result = _petctl(trained, "calibrate", "--run", "margin", "--gate-margin", bad, check=False)
         assert result.returncode == 2 and "--gate-margin" in result.stdout + result.stderr
+    result = _petctl(trained, "calibrate", "--run", "margin", "--gate-positives", "found", check=False)
+    assert result.returncode == 2 and "--gate-positives: expected one of all, detected" in " ".join((result.stdout + result.stderr).split())
     assert json.loads((run_dir / "thresholds.json").read_text()) == t  # a refused margin leaves the calibration as it was
+
+
+def test_gate_over_detected_positives_ignores_a_positive_the_segmentation_misses(trained: Path, store: Path, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
+    """calibrate(gate_positives="detected") with the ensemble and the classifier replaced by known
+    answers: one positive's lesions are "found" (probability 1 on them), the other's are not, and the
+    missed one scores lowest. The gate then rises to half the found positive's score, stops the
+    negatives below it (their false positives count 0, the would-be volume kept beside), and the
+    written FPV agrees with the cases; the paper's rule on the same answers stays at the missed one."""
+    from petctl.engine import calibrate as cal
+    from petctl.engine.ensemble import RunModels
+    from petctl.engine.store import CaseStore
+
+    run_dir = _copy_run(trained, "r", "detected")
+    copy = tmp_path / "s"  # the store with a positive and a negative more in its test split (it has one of each)
+    shutil.copytree(store, copy)
+    splits = json.loads((copy / "splits.json").read_text())
+    manifest = json.loads((copy / "manifest.json").read_text())["cases"]
+    for positive in (True, False):
+        splits["test"].append(next(c for c in sorted(manifest) if manifest[c]["positive"] == positive and c not in splits["test"]))
+    (copy / "splits.json").write_text(json.dumps(splits))
+    real_models = RunModels.load
+
+    def models_on_copy(*args, **kwargs):
+        models = real_models(*args, **kwargs)
+        models.store = copy
+        return models
+
+    monkeypatch.setattr(RunModels, "load", staticmethod(models_on_copy))
+    positives = sorted(c for c in splits["test"] if manifest[c]["positive"])
+    negatives = sorted(c for c in splits["test"] if not manifest[c]["positive"])
+    assert len(positives) == 2 and len(negatives) == 2, splits["test"]
+    found, missed = positives[0], positives[1]
+    score = {missed: 0.10, **{c: 0.80 for c in positives if c != missed}}
+    score.update({negatives[0]: 0.30, negatives[1]: 0.45, **{c: 0.05 for c in negatives[2:]}})
+    last: dict[str, object] = {}
+    real_load = CaseStore.load
+
+    def load(self, case):  # remember which case the next model call is about
+        stored = real_load(self, case)
+        last["case"], last["stored"] = case, stored
+        return stored
+
+    def seg_probs(self, image, *, models=None, tta=False, stitch_on_cpu=False):
+        case = last["case"]
+        if case in positives and case != missed:
+            return last["stored"].label.read_all().astype(np.float32)
+        probs = np.zeros(tuple(image.shape[1:]), np.float32)
+        if case in negatives[:2]:  # a bright false positive in the two negatives the gates disagree on
+            probs[tuple(slice(n // 2 - 2, n // 2 + 2) for n in probs.shape)] = 1.0
+        return probs
+
+    monkeypatch.setattr(CaseStore, "load", load)
+    monkeypatch.setattr(RunModels, "seg_probs", seg_probs)
+    monkeypatch.setattr(RunModels, "cls_score", lambda self, pet: score[last["case"]])
+    paper = cal.calibrate(run_dir, gate_margin=0.5)["classifier"]
+    assert paper["threshold"] == pytest.approx(0.05) and paper["gate_positives"] == "all"
+    t = cal.calibrate(run_dir, gate_margin=0.5, gate_positives="detected")
+    cls, cases = t["classifier"], t["cases"]
+    assert cases[found]["dice_at_threshold"] > 0.5 and cases[missed]["dice_at_threshold"] == 0.0
+    assert cls["gate_positive_score"] == pytest.approx(0.80) and cls["threshold"] == pytest.approx(0.40)
+    assert cls["lowest_positive_score"] == pytest.approx(0.10)
+    assert cls["positives_left_out"] == 1 and cls["positives_below_threshold"] == 1
+    assert cls["negatives_skipping_segmentation"] == len(negatives) - 1
+    stopped, passed = cases[negatives[0]], cases[negatives[1]]
+    assert stopped["fpv_ml_at_threshold"] == 0.0 and stopped["fpv_ml_without_gate"] > 0
+    assert passed["fpv_ml_at_threshold"] > 0 and "fpv_ml_without_gate" not in passed
+    ext = t["segmentation"]["extent"]
+    fpv = [cases[c].get("fpv_ml_at_threshold", 0.0) for c in negatives]
+    assert ext["mean_fpv_ml_negatives"] == pytest.approx(np.mean(fpv))
+    assert cal.gate_rule_text(cls) == "0.5 × the lowest detected test positive's score 0.8000"
+    with pytest.raises(Exception, match="--gate-positives"):
+        cal.calibrate(run_dir, gate_positives="some")
+
+
+def test_detected_gate_threshold_counts_only_found_positives():
+    from petctl.engine.calibrate import detected_gate_threshold
+
+    cases = {"a": {"positive": True, "cls_score": 0.2, "dice_at_threshold": 0.0},
+             "b": {"positive": True, "cls_score": 0.6, "dice_at_threshold": 0.7},
+             "c": {"positive": True, "cls_score": 0.9, "dice_at_threshold": 0.9},
+             "n": {"positive": False, "cls_score": 0.4}}
+    assert detected_gate_threshold(cases, 0.5) == (pytest.approx(0.3), 0.6, 1)
+    assert detected_gate_threshold(cases, 1.0)[0] == pytest.approx(0.6)
+    for c in "bc":
+        cases[c]["dice_at_threshold"] = 0.0
+    assert detected_gate_threshold(cases, 0.5) is None  # nothing found: the paper's rule stands
 
 
 def test_calibrate_names_a_missing_cohort(trained: Path, store: Path, tmp_path: Path):

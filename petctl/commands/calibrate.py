@@ -21,6 +21,7 @@ def calibrate(
     threshold_prior: Annotated[str, typer.Option("--threshold-prior", help="With the PET extent: among the thresholds within one standard error of the best mean Dice, take the one nearest this prior. 'preset': the run's preset's (cpu-small 0.75; autopet-paper none); 'none': the best Dice; or a number in (0, 1).")] = "preset",
     volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: consider only thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (when none is: all). Default inf: Dice alone.")] = float("inf"),
     gate_margin: Annotated[float, typer.Option("--gate-margin", help="The classifier gate's threshold is this fraction of the lowest test positive's score (1: the paper's sensitivity-1.0 threshold; `petctl demo` takes 0.5).")] = 1.0,
+    gate_positives: Annotated[str, typer.Option("--gate-positives", help="The test positives the gate keeps: 'all' (the paper's sensitivity 1.0) or 'detected' (only those the ensemble's mask at the chosen threshold touches; a positive the segmentation misses keeps an empty mask either way; `petctl demo` takes it).")] = "all",
     tta: Annotated[bool, typer.Option("--tta", help="Average each fold over flips too (3 extra passes per fold, ~4× the segmentation time); recorded, so predict flips as well.")] = False,
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
@@ -29,23 +30,25 @@ def calibrate(
 
     from petctl.console import console, progress
     from petctl.engine.calibrate import calibrate as run_calibrate
-    from petctl.engine.calibrate import check_gate_margin, gate_rule_text
+    from petctl.engine.calibrate import check_gate_margin, check_gate_positives, gate_rule_text
     from petctl.engine.registry import Registry, check_name, step_context
     from petctl.home import resolve_home
 
     check_name(run, "run")
     prior = _prior(threshold_prior)
     check_gate_margin(gate_margin)
+    check_gate_positives(gate_positives)
     home_path = resolve_home(home)
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
     with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
-                                                                                                "component_seed": component_seed, "tta": tta, "gate_margin": gate_margin}):
+                                                                                                "component_seed": component_seed, "tta": tta, "gate_margin": gate_margin,
+                                                                                                "gate_positives": gate_positives}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
-                               threshold_prior=prior, tta=tta, gate_margin=gate_margin)
+                               threshold_prior=prior, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):

@@ -32,6 +32,7 @@ def demo(
     hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform sampling).")] = 0.5,
     pet_wide: Annotated[bool, typer.Option("--pet-wide", help="prepare's third channel: log(1 + SUV) up to the body's p99.9 beside the clipped PET.")] = False,
     gate_margin: Annotated[float, typer.Option("--gate-margin", help="calibrate's gate margin: the classifier gate's threshold is this fraction of the lowest test-split positive's score (1: the paper's).")] = 0.5,
+    gate_positives: Annotated[str, typer.Option("--gate-positives", help="calibrate's gate keeps the test positives the segmentation finds ('detected') or all of them ('all': the paper's).")] = "detected",
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
@@ -47,7 +48,7 @@ def demo(
     cfg = DemoConfig(out=str(out), data=str(data) if data else None, preset=preset, run=run, cases=cases, test_cases=test_cases,
                      seed=seed, folds=folds, train_folds=None if all_folds else train_folds, test_fraction=test_fraction, concurrent=concurrent, workers=workers,
                      clip=percentile_pair(clip), pet_clip=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
-                     hot_background=hot_background, pet_wide=pet_wide, tta=tta, gate_margin=gate_margin,
+                     hot_background=hot_background, pet_wide=pet_wide, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
                      retrain_merged=retrain_merged, fresh=fresh)
     summary = run_demo(cfg, resolve_home(home), say=console.print, warn=error_line)
     table = Table(title="petctl demo")

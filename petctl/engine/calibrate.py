@@ -17,7 +17,10 @@ The paper's plain threshold, on the input grid, is recorded beside it.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
 positives and negatives; the threshold is the highest value that still keeps sensitivity 1.0 (the
-paper), times `gate_margin` (1 by default; the demo takes half, README).
+paper), times `gate_margin` (1 by default; the demo takes half, README). With `gate_positives=
+"detected"` (the demo's) the sensitivity counts only the test positives whose lesions the ensemble's
+mask at the chosen threshold touches (Dice > 0): a positive the segmentation misses anyway keeps an
+empty mask whether the gate stops it or not, so it need not hold the gate down for every healthy scan.
 Writes `thresholds.json` (versioned) and two PNGs.
 """
 
@@ -47,17 +50,41 @@ def check_gate_margin(margin: float) -> None:
         raise PetctlError(f"--gate-margin: expected a number in (0, 1], got {margin:g}")
 
 
+GATE_POSITIVES = ("all", "detected")
+
+
+def check_gate_positives(mode: str) -> None:
+    """`--gate-positives` must be one of GATE_POSITIVES: one line, before any work starts."""
+    if mode not in GATE_POSITIVES:
+        raise PetctlError(f"--gate-positives: expected one of {', '.join(GATE_POSITIVES)}, got {mode!r}")
+
+
 def gate_rule_text(cls: dict[str, Any]) -> str:
     """How the gate's threshold was chosen, for the report and calibrate's table."""
     margin = cls.get("margin", 1.0)
-    if margin == 1.0:
+    detected = cls.get("gate_positives") == "detected"
+    if margin == 1.0 and not detected:
         return "sensitivity 1.0"
-    return f"{margin:g} × the lowest test positive's score {cls['lowest_positive_score']:.4f}"
+    which = "detected " if detected else ""
+    score = cls.get("gate_positive_score", cls["lowest_positive_score"])
+    return f"{margin:g} × the lowest {which}test positive's score {score:.4f}"
+
+
+def detected_gate_threshold(per_case: dict[str, dict[str, Any]], margin: float) -> tuple[float, float, int] | None:
+    """The gate over the test positives the segmentation finds (`dice_at_threshold` > 0):
+    (threshold, the lowest such positive's score, how many positives were left out). None when no
+    positive is found at all (the gate then counts every positive, as the paper does)."""
+    found = [r["cls_score"] for r in per_case.values() if r["positive"] and r.get("dice_at_threshold", 0.0) > 0.0]
+    if not found:
+        return None
+    missed = sum(1 for r in per_case.values() if r["positive"] and not r.get("dice_at_threshold", 0.0) > 0.0)
+    return min(found) * margin, min(found), missed
 
 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
-              threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0) -> dict[str, Any]:
+              threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0,
+              gate_positives: str = "all") -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -67,9 +94,13 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     on the stored grid. `component_seed` (only without `pet_extent`) adds the seed grid to the search.
     `tta` averages each fold over flips as well (`RunModels.seg_probs`); the thresholds file records it
     and predict then flips too, so the threshold is applied to the probabilities it was chosen on.
-    `gate_margin` in (0, 1] scales the classifier's sensitivity-1.0 threshold (`metrics.classifier_threshold`).
+    `gate_margin` in (0, 1] scales the classifier's sensitivity-1.0 threshold (`metrics.classifier_threshold`);
+    `gate_positives="detected"` counts only the positives the segmentation finds (module doc). The
+    negatives between the two gates are segmented (the segmentation threshold does not depend on
+    them unless a volume budget is set, which then sees them) and count as stopped in what is written.
     """
     check_gate_margin(gate_margin)
+    check_gate_positives(gate_positives)
     if pet_extent and component_seed:
         raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
     from petctl.engine.ensemble import RunModels
@@ -106,7 +137,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                                        np.array([per_case[c]["cls_score"] for c in test], float), gate_margin)
     segmented = [c for c in test if per_case[c]["positive"] or (pet_extent and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
     sources = _sources(models.store, segmented) if pet_extent else {}
-    extent_tables, input_curves = [], []
+    extent_tables, input_curves, segmented_order = [], [], []
 
     seeds = SEED_THRESHOLDS if component_seed else SEED_THRESHOLDS[:1]  # [0.0]: every component kept
     ensemble_tables, fold_curves = [], {m.name: [] for m in models.seg}
@@ -127,6 +158,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             if pet_extent:
                 ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"])
                 extent_tables.append((row["positive"], ext))
+                segmented_order.append(case)
                 if row["positive"]:
                     input_curves.append(plain)
                 row["extent_table"] = ext
@@ -179,6 +211,22 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             row.update(fpv_ml_at_threshold=float(fpv), fnv_ml_at_threshold=float(fnv))
             if row["positive"]:
                 row["dice_at_threshold"] = float(d)
+    detected = None
+    if cls_thr is not None and gate_positives == "detected":
+        detected = detected_gate_threshold(per_case, gate_margin)
+        if detected is not None and detected[0] > cls_thr:
+            cls_thr = detected[0]
+            for row in per_case.values():  # negatives the final gate stops: no false positive in predict
+                if not row["positive"] and row["cls_score"] < cls_thr and "fpv_ml_at_threshold" in row:
+                    row["fpv_ml_without_gate"] = row["fpv_ml_at_threshold"]
+                    row["fpv_ml_at_threshold"] = 0.0
+            if extent is not None:
+                stopped = [c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr]
+                drop = sum((t[:, 1] for c, (p, t) in zip(segmented_order, extent_tables) if c in stopped), np.zeros(len(REFINE_THRESHOLDS)))
+                curve = np.array([np.nan if v is None else v for v in extent["mean_fpv_ml_negatives_curve"]], float)
+                curve = curve - drop / max(sum(not per_case[c]["positive"] for c in test), 1)
+                extent["mean_fpv_ml_negatives_curve"] = _listed(np.maximum(curve, 0.0))
+                extent["mean_fpv_ml_negatives"] = float(np.maximum(curve, 0.0)[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
 
     payload: dict[str, Any] = {
         "version": THRESHOLDS_VERSION,
@@ -208,6 +256,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         gated = int(((scores < cls_thr) & ~labels).sum())
         payload["classifier"] = {
             "threshold": float(cls_thr), "margin": float(gate_margin), "lowest_positive_score": float(scores[labels].min()),
+            "gate_positives": gate_positives,
+            "gate_positive_score": float(detected[1]) if detected else float(scores[labels].min()),
+            "positives_left_out": int(detected[2]) if detected else 0,
+            "positives_below_threshold": int(((scores < cls_thr) & labels).sum()),
             "auroc": float(auroc(labels, scores)),
             "specificity": float(specificity_at(labels, scores, cls_thr)) if negatives else float("nan"),
             "negatives": negatives, "negatives_skipping_segmentation": gated, "positives": int(labels.sum()),
