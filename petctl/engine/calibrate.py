@@ -183,7 +183,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if pet_extent:
         pos = np.array([t for p, t in extent_tables if p])
         negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
-        fpv_neg = sum((t[:, 1] for p, t in extent_tables if not p), np.zeros(len(REFINE_THRESHOLDS))) / max(negatives, 1)  # all gated: 0
+        fpv_neg = _negatives_fpv_curve(extent_tables, segmented_order, set(), negatives)
         dice_curve, fnv_curve = np.nanmean(pos[:, :, 0], axis=0), pos[:, :, 2].mean(axis=0)
         prior = models.seg[0].cfg.extent_threshold_prior if threshold_prior == "preset" else threshold_prior
         choice = choose_extent_threshold(REFINE_THRESHOLDS, pos[:, :, 0], fpv_neg, fnv_curve, volume_budget_ml,
@@ -221,12 +221,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                     row["fpv_ml_without_gate"] = row["fpv_ml_at_threshold"]
                     row["fpv_ml_at_threshold"] = 0.0
             if extent is not None:
-                stopped = [c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr]
-                drop = sum((t[:, 1] for c, (p, t) in zip(segmented_order, extent_tables) if c in stopped), np.zeros(len(REFINE_THRESHOLDS)))
-                curve = np.array([np.nan if v is None else v for v in extent["mean_fpv_ml_negatives_curve"]], float)
-                curve = curve - drop / max(sum(not per_case[c]["positive"] for c in test), 1)
-                extent["mean_fpv_ml_negatives_curve"] = _listed(np.maximum(curve, 0.0))
-                extent["mean_fpv_ml_negatives"] = float(np.maximum(curve, 0.0)[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
+                stopped = {c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr}
+                fpv_neg = _negatives_fpv_curve(extent_tables, segmented_order, stopped, negatives)
+                extent["mean_fpv_ml_negatives_curve"] = _listed(fpv_neg)
+                extent["mean_fpv_ml_negatives"] = float(fpv_neg[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
 
     payload: dict[str, Any] = {
         "version": THRESHOLDS_VERSION,
@@ -306,6 +304,16 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
     probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json))
     voxel_ml = voxel_volume_ml(spacing_of(loaded.affine))
     return extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS), dice_sweep(label, probs, THRESHOLDS)
+
+
+def _negatives_fpv_curve(tables: list[tuple[bool, np.ndarray]], cases: list[str], stopped: set[str], negatives: int) -> np.ndarray:
+    """Mean false-positive volume over the test negatives per REFINE_THRESHOLDS: `tables` are the
+    segmented cases' (positive, extent table) in the order of `cases`; a negative not segmented or
+    in `stopped` (by the gate) counts 0, as in predict; no negative at all gives zeros."""
+    from petctl.engine.extent import REFINE_THRESHOLDS
+
+    total = sum((t[:, 1] for c, (p, t) in zip(cases, tables) if not p and c not in stopped), np.zeros(len(REFINE_THRESHOLDS)))
+    return total / max(negatives, 1)
 
 
 def _listed(curve: np.ndarray) -> list[float | None]:
