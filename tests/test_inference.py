@@ -181,7 +181,9 @@ def test_gate_over_detected_positives_ignores_a_positive_the_segmentation_misses
     fpv = [cases[c].get("fpv_ml_at_threshold", 0.0) for c in negatives]
     assert ext["mean_fpv_ml_negatives"] == pytest.approx(np.mean(fpv))
     assert cal.gate_rule_text(cls) == "0.5 × the lowest detected test positive's score 0.8000"
-    with pytest.raises(Exception, match="--gate-positives"):
+    from petctl.errors import PetctlError
+
+    with pytest.raises(PetctlError, match="--gate-positives"):
         cal.calibrate(run_dir, gate_positives="some")
 
 

@@ -74,11 +74,15 @@ def detected_gate_threshold(per_case: dict[str, dict[str, Any]], margin: float) 
     """The gate over the test positives the segmentation finds (`dice_at_threshold` > 0):
     (threshold, the lowest such positive's score, how many positives were left out). None when no
     positive is found at all (the gate then counts every positive, as the paper does)."""
-    found = [r["cls_score"] for r in per_case.values() if r["positive"] and r.get("dice_at_threshold", 0.0) > 0.0]
-    if not found:
+    from petctl.engine.metrics import classifier_threshold
+
+    rows = list(per_case.values())
+    found = np.array([r["positive"] and r.get("dice_at_threshold", 0.0) > 0.0 for r in rows], bool)
+    if not found.any():
         return None
-    missed = sum(1 for r in per_case.values() if r["positive"] and not r.get("dice_at_threshold", 0.0) > 0.0)
-    return min(found) * margin, min(found), missed
+    scores = np.array([r["cls_score"] for r in rows], float)
+    missed = sum(1 for r in rows if r["positive"]) - int(found.sum())
+    return classifier_threshold(found, scores, margin), float(scores[found].min()), missed
 
 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
@@ -137,7 +141,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                                        np.array([per_case[c]["cls_score"] for c in test], float), gate_margin)
     segmented = [c for c in test if per_case[c]["positive"] or (pet_extent and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
     sources = _sources(models.store, segmented) if pet_extent else {}
-    extent_tables, input_curves, segmented_order = [], [], []
+    extent_tables, input_curves = [], []  # extent_tables: (case, positive, table) per segmented case
 
     seeds = SEED_THRESHOLDS if component_seed else SEED_THRESHOLDS[:1]  # [0.0]: every component kept
     ensemble_tables, fold_curves = [], {m.name: [] for m in models.seg}
@@ -157,8 +161,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                 row["dice_table"] = table
             if pet_extent:
                 ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"])
-                extent_tables.append((row["positive"], ext))
-                segmented_order.append(case)
+                extent_tables.append((case, row["positive"], ext))
                 if row["positive"]:
                     input_curves.append(plain)
                 row["extent_table"] = ext
@@ -181,9 +184,9 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         folds.append(entry)
     extent: dict[str, Any] | None = None
     if pet_extent:
-        pos = np.array([t for p, t in extent_tables if p])
+        pos = np.array([t for _, p, t in extent_tables if p])
         negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
-        fpv_neg = _negatives_fpv_curve(extent_tables, segmented_order, set(), negatives)
+        fpv_neg = _negatives_fpv_curve(extent_tables, set(), negatives)
         dice_curve, fnv_curve = np.nanmean(pos[:, :, 0], axis=0), pos[:, :, 2].mean(axis=0)
         prior = models.seg[0].cfg.extent_threshold_prior if threshold_prior == "preset" else threshold_prior
         choice = choose_extent_threshold(REFINE_THRESHOLDS, pos[:, :, 0], fpv_neg, fnv_curve, volume_budget_ml,
@@ -222,7 +225,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                     row["fpv_ml_at_threshold"] = 0.0
             if extent is not None:
                 stopped = {c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr}
-                fpv_neg = _negatives_fpv_curve(extent_tables, segmented_order, stopped, negatives)
+                fpv_neg = _negatives_fpv_curve(extent_tables, stopped, negatives)
                 extent["mean_fpv_ml_negatives_curve"] = _listed(fpv_neg)
                 extent["mean_fpv_ml_negatives"] = float(fpv_neg[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
 
@@ -306,13 +309,13 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
     return extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS), dice_sweep(label, probs, THRESHOLDS)
 
 
-def _negatives_fpv_curve(tables: list[tuple[bool, np.ndarray]], cases: list[str], stopped: set[str], negatives: int) -> np.ndarray:
+def _negatives_fpv_curve(tables: list[tuple[str, bool, np.ndarray]], stopped: set[str], negatives: int) -> np.ndarray:
     """Mean false-positive volume over the test negatives per REFINE_THRESHOLDS: `tables` are the
-    segmented cases' (positive, extent table) in the order of `cases`; a negative not segmented or
-    in `stopped` (by the gate) counts 0, as in predict; no negative at all gives zeros."""
+    segmented cases' (case, positive, extent table); a negative not segmented or in `stopped` (by
+    the gate) counts 0, as in predict; no negative at all gives zeros."""
     from petctl.engine.extent import REFINE_THRESHOLDS
 
-    total = sum((t[:, 1] for c, (p, t) in zip(cases, tables) if not p and c not in stopped), np.zeros(len(REFINE_THRESHOLDS)))
+    total = sum((t[:, 1] for c, p, t in tables if not p and c not in stopped), np.zeros(len(REFINE_THRESHOLDS)))
     return total / max(negatives, 1)
 
 
