@@ -299,6 +299,43 @@ def test_predict_draws_the_pet_extent_on_the_input_grid(trained: Path, cohort: P
     assert np.array_equal(mask, expected)
 
 
+def test_urine_veto_is_calibrated_recorded_and_applied_by_predict(trained: Path, cohort: Path, tmp_path: Path):
+    """calibrate --urine-veto records the veto's settings; predict drops the components the recorded
+    veto finds in urine (`urine.veto_mask` on the input grid's CT), and a veto whose water range
+    spans every CT number drops them all."""
+    from petctl.engine.extent import pet_extent_mask
+    from petctl.engine.geometry import spacing_of
+    from petctl.engine.nifti import load_case
+    from petctl.engine.predict import input_cases
+    from petctl.engine.urine import UrineVeto, veto_mask
+
+    run_dir = _copy_run(trained, "r", "urine")
+    result = _petctl(trained, "calibrate", "--run", "urine", "--no-pet-extent", "--urine-veto", check=False)
+    assert result.returncode == 2 and "--urine-veto" in result.stdout + result.stderr
+    _petctl(trained, "calibrate", "--run", "urine", "--urine-veto")
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    assert UrineVeto.from_json(t["segmentation"]["urine_veto"]) == UrineVeto()
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    name = case.name[: -len("_0000.nii.gz")]
+    _petctl(trained, "predict", str(case), str(tmp_path / "probe"), "--run", "urine", "--no-gate", "--save-probabilities", "float32")
+    prob = np.asarray(nib.load(str(tmp_path / "probe" / f"{name}_prob.nii.gz")).dataobj, np.float32)
+    threshold = float(np.quantile(prob, 0.999))
+    t["segmentation"]["threshold"] = threshold
+    loaded = load_case(input_cases(case)[0], need_label=False)  # the CT on the PET grid, as predict reads it
+    pet, ct = loaded.pet, loaded.ct
+    detected = pet_extent_mask(pet, prob, threshold)
+    for veto, expect_empty in ((UrineVeto(), False), (UrineVeto(water_hu=(-2000.0, 5000.0), min_ml=0.0), True)):
+        t["segmentation"]["urine_veto"] = veto.to_json()
+        (run_dir / "thresholds.json").write_text(json.dumps(t))
+        out = tmp_path / f"out-{expect_empty}"
+        _petctl(trained, "predict", str(case), str(out), "--run", "urine", "--no-gate")
+        mask = np.asarray(nib.load(str(out / f"{name}.nii.gz")).dataobj).astype(bool)
+        assert np.array_equal(mask, veto_mask(detected, ct, spacing_of(loaded.affine), veto))
+        assert detected.any() and (not mask.any()) == expect_empty
+        record = json.loads((out / "predictions.json").read_text())["written"][name]
+        assert record["urine_vetoed_voxels"] == int(detected.sum() - mask.sum())
+
+
 def test_bad_case_is_named_and_others_go_on(trained: Path, cohort: Path, tmp_path: Path):
     data = tmp_path / "in"
     data.mkdir()

@@ -1,7 +1,8 @@
 """Choose the segmentation threshold (max Dice) and the classifier gate (sensitivity 1.0, × --gate-margin) on the test set.
 
 By default the threshold is chosen for PET-extent masks (each detected component redrawn at its
-background-corrected 50 % SUV isocontour), as predict then draws them.
+background-corrected 50 % SUV isocontour), as predict then draws them; with --urine-veto, after the
+components lying mostly in urine on the CT are dropped, as predict then drops them.
 Writes HOME/runs/RUN/thresholds.json, calibration_dice.png and calibration_roc.png, and records a
 `calibrate` step in the registry.
 """
@@ -22,6 +23,7 @@ def calibrate(
     volume_budget_ml: Annotated[float, typer.Option("--volume-budget-ml", help="With the PET extent: consider only thresholds whose mean false-positive volume over the test negatives and mean false-negative volume over the test positives are both within this many mL (when none is: all). Default inf: Dice alone.")] = float("inf"),
     gate_margin: Annotated[float, typer.Option("--gate-margin", help="The classifier gate's threshold is this fraction of the lowest test positive's score (1: the paper's sensitivity-1.0 threshold; `petctl demo` takes 0.5).")] = 1.0,
     gate_positives: Annotated[str, typer.Option("--gate-positives", help="The test positives the gate keeps: 'all' (the paper's sensitivity 1.0) or 'detected' (only those the ensemble's mask at the chosen threshold touches; a positive the segmentation misses keeps an empty mask either way; `petctl demo` takes it).")] = "all",
+    urine_veto: Annotated[bool, typer.Option("--urine-veto/--no-urine-veto", help="With the PET extent: drop each predicted component that lies mostly (≥ 50%) in urine — large connected water-density (-30..20 HU) regions of the CT, such as the bladder — before scoring; recorded, so predict drops them too (`petctl demo` takes it).")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average each fold over flips too (3 extra passes per fold, ~4× the segmentation time); recorded, so predict flips as well.")] = False,
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
@@ -44,11 +46,12 @@ def calibrate(
     run_dir = home_path / "runs" / run
     with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
                                                                                                 "component_seed": component_seed, "tta": tta, "gate_margin": gate_margin,
-                                                                                                "gate_positives": gate_positives}):
+                                                                                                "gate_positives": gate_positives, "urine_veto": urine_veto}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
-                               threshold_prior=prior, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives)
+                               threshold_prior=prior, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
+                               urine_veto=urine_veto)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):

@@ -88,7 +88,7 @@ def detected_gate_threshold(per_case: dict[str, dict[str, Any]], margin: float) 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
               threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0,
-              gate_positives: str = "all") -> dict[str, Any]:
+              gate_positives: str = "all", urine_veto: bool = False) -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -102,11 +102,15 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     `gate_positives="detected"` counts only the positives the segmentation finds (module doc). The
     negatives between the two gates are segmented (the segmentation threshold does not depend on
     them unless a volume budget is set, which then sees them) and count as stopped in what is written.
+    `urine_veto` (only with `pet_extent`) drops the components that lie mostly in urine on the CT
+    (`petctl.engine.urine`) before each case is scored; predict then drops them too.
     """
     check_gate_margin(gate_margin)
     check_gate_positives(gate_positives)
     if pet_extent and component_seed:
         raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
+    if urine_veto and not pet_extent:
+        raise PetctlError("the urine veto reads the CT of the input grid, as the PET extent does: keep --pet-extent to use --urine-veto")
     from petctl.engine.ensemble import RunModels
     from petctl.engine.metrics import (
         SEED_THRESHOLDS,
@@ -121,7 +125,9 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     )
     from petctl.engine.extent import FRACTION, GROW_VOXELS, REFINE_THRESHOLDS, SHELL
     from petctl.engine.store import CaseStore, write_json_atomic
+    from petctl.engine.urine import UrineVeto
 
+    veto = UrineVeto() if urine_veto else None
     t0 = time.perf_counter()
     models = RunModels.load(run_dir, need_cls=gate)
     assert models.store is not None
@@ -160,7 +166,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                     fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
                 row["dice_table"] = table
             if pet_extent:
-                ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"])
+                ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"], veto)
                 extent_tables.append((case, row["positive"], ext))
                 if row["positive"]:
                     input_curves.append(plain)
@@ -244,6 +250,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             "mean_dice_curve_at_seed": _listed(mean_table[:, seed_col]),
             "folds": folds,
             "extent": extent,
+            "urine_veto": veto.to_json() if veto else None,
         },
         "classifier": None,
         "cases": per_case,
@@ -291,9 +298,9 @@ def _sources(store: Path, cases: list[str]) -> dict[str, Any]:
 
 
 def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], ensemble: np.ndarray,
-                       positive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One case on its input grid: the PET extent's (Dice, FPV, FNV) per REFINE_THRESHOLDS, and the
-    plain threshold's Dice per THRESHOLDS."""
+                       positive: bool, veto: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """One case on its input grid: the PET extent's (Dice, FPV, FNV) per REFINE_THRESHOLDS (after the
+    urine veto, when given), and the plain threshold's Dice per THRESHOLDS."""
     from petctl.engine.evaluate import voxel_volume_ml
     from petctl.engine.extent import REFINE_THRESHOLDS, extent_curves
     from petctl.engine.geometry import CaseGeometry, spacing_of, to_original
@@ -306,7 +313,14 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
         raise PetctlError(f"{case}: its NIfTI label {'holds no' if positive else 'holds a'} lesion but the store says otherwise (was the cohort changed after prepare?)")
     probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json))
     voxel_ml = voxel_volume_ml(spacing_of(loaded.affine))
-    return extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS), dice_sweep(label, probs, THRESHOLDS)
+    urine = None
+    if veto is not None and bool((probs >= float(REFINE_THRESHOLDS.min())).any()):
+        from petctl.engine.urine import water_region
+
+        urine = water_region(loaded.ct, spacing_of(loaded.affine), veto)
+    curves = extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS, urine=urine,
+                           urine_fraction=veto.fraction if veto is not None else 0.5)
+    return curves, dice_sweep(label, probs, THRESHOLDS)
 
 
 def _negatives_fpv_curve(tables: list[tuple[str, bool, np.ndarray]], stopped: set[str], negatives: int) -> np.ndarray:

@@ -68,16 +68,22 @@ def pet_extent_mask(pet: np.ndarray, probs: np.ndarray, threshold: float, *, fra
 
 
 def extent_curves(labels: np.ndarray, pet: np.ndarray, probs: np.ndarray, voxel_ml: float,
-                  thresholds: np.ndarray = REFINE_THRESHOLDS, **kw: float) -> np.ndarray:
+                  thresholds: np.ndarray = REFINE_THRESHOLDS, *, urine: np.ndarray | None = None,
+                  urine_fraction: float = 0.5, **kw: float) -> np.ndarray:
     """autoPET (Dice, FPV mL, FNV mL) of `pet_extent_mask` at every threshold: shape (len(thresholds), 3).
 
-    Dice is nan when the volume has no lesion (a negative scan: its FPV is what it costs).
+    Dice is nan when the volume has no lesion (a negative scan: its FPV is what it costs). With
+    `urine` (`urine.water_region`) each mask first loses its components mostly in it, as predict does.
     """
     from petctl.engine.evaluate import case_metrics
+    from petctl.engine.urine import drop_urine_components
 
     out = np.empty((len(thresholds), 3))
     gt = np.asarray(labels) > 0
     for i, t in enumerate(thresholds):
-        m = case_metrics(gt, pet_extent_mask(pet, probs, float(t), **kw), voxel_ml)
+        mask = pet_extent_mask(pet, probs, float(t), **kw)
+        if urine is not None:
+            mask = drop_urine_components(mask, urine, urine_fraction)
+        m = case_metrics(gt, mask, voxel_ml)
         out[i] = (m.dice if gt.any() else np.nan, m.fpv_ml, m.fnv_ml)
     return out

@@ -6,7 +6,8 @@ segmentation cost); otherwise the fold ensemble by sliding window, its probabili
 onto the input's grid, and the calibrated threshold there — with the PET extent when calibrated so
 (each component of `p >= threshold` redrawn at its background-corrected 50 % SUV isocontour,
 `extent.pet_extent_mask`), or with the component seed when one was calibrated (components with
-no voxel at the seed are dropped). The mask keeps the input's grid (same shape, affine and
+no voxel at the seed are dropped); then, when calibrated with the urine veto, the components that
+lie mostly in urine on the CT are dropped (`urine.veto_mask`). The mask keeps the input's grid (same shape, affine and
 orientation as the PET, which is the label grid of the cohort). Outputs are written atomically and never over an input file.
 Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
 """
@@ -110,17 +111,19 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
 
     from petctl.engine.ensemble import RunModels, read_thresholds
     from petctl.engine.extent import pet_extent_mask
-    from petctl.engine.geometry import to_original
+    from petctl.engine.geometry import spacing_of, to_original
     from petctl.engine.metrics import seeded_mask
     from petctl.engine.nifti import load_case
     from petctl.engine.prepare import preprocess
     from petctl.engine.store import read_json
+    from petctl.engine.urine import UrineVeto, veto_mask
 
     run_dir = Path(run_dir)
     thresholds = read_thresholds(run_dir)
     seg_threshold = float(thresholds["segmentation"]["threshold"])
     seed_threshold = float(thresholds["segmentation"].get("seed_threshold") or 0.0)
     extent = thresholds["segmentation"].get("extent")  # None: calibrated without the PET extent
+    veto = UrineVeto.from_json(thresholds["segmentation"].get("urine_veto"))  # None: calibrated without it
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
     tta = bool(thresholds.get("tta", False)) if options.tta is None else options.tta
@@ -143,7 +146,8 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             loaded = load_case(src, need_label=False)
             image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
             pet, affine = (loaded.pet if options.preview or extent else None), loaded.affine
-            del loaded  # the full-size CT (and the PET, unless the extent or preview needs it) go: peak memory
+            ct = loaded.ct if veto is not None else None
+            del loaded  # the full-size CT (unless the urine veto reads it) and PET (unless the extent or preview needs it) go
             image_t = torch.from_numpy(image).float()
             reference = nib.load(str(src.pet))
             record: dict[str, Any] = {"stored_shape": list(image.shape[1:]), "tta": tta}
@@ -165,6 +169,10 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                                            grow=int(extent["grow_voxels"]), shell=tuple(extent["shell_voxels"])).astype(np.uint8)
                 else:
                     mask = seeded_mask(probs, seg_threshold, seed_threshold).astype(np.uint8)
+                if veto is not None:
+                    kept = veto_mask(mask, ct, spacing_of(affine), veto)
+                    record["urine_vetoed_voxels"] = int(mask.sum() - kept.sum())
+                    mask = kept.astype(np.uint8)
             _save_nifti(mask, reference, mask_path, np.uint8)
             record["lesion_voxels"] = int(mask.sum())
             if options.save_probabilities:

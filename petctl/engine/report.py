@@ -132,6 +132,10 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
                      f"{ext['mean_fpv_ml_negatives']:.2f} mL on negatives, FNV {ext['mean_fnv_ml']:.2f} mL"
                      f"{'' if ext['budget_met'] else ' (no threshold within the budget)'}{_rule_text(ext)} |")
         lines.append(f"| the paper's plain threshold, for comparison | {plain['threshold']:.2f} | Dice {plain['mean_dice']:.3f} (input grid) |")
+        if s_thr.get("urine_veto"):
+            v = s_thr["urine_veto"]
+            lines.append(f"| urine veto (a component ≥ {v['fraction']:.0%} in CT water, {v['water_hu'][0]:g}..{v['water_hu'][1]:g} HU, "
+                         f"regions ≥ {v['min_ml']:g} mL, is dropped) | – | applied before the scores above |")
     elif s_thr.get("seed_threshold"):
         plain = s_thr["without_seed"]
         lines.append(f"| component seed (a component must reach it) | {s_thr['seed_threshold']:.2f} | without it: Dice {plain['mean_dice']:.3f} "
@@ -152,6 +156,7 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         lines.append(f"| {name} | {_fmt(b.get('cycle'))} | {_fmt(b.get('auroc'), 4)} |")
     summary: dict[str, Any] = {"thresholds": {"segmentation": s_thr["threshold"], "seed": s_thr.get("seed_threshold"),
                                               "pet_extent": bool(s_thr.get("extent")),
+                                              "urine_veto": bool(s_thr.get("urine_veto")),
                                               "segmentation_prior": (s_thr.get("extent") or {}).get("threshold_prior"),
                                               "segmentation_best": (s_thr.get("extent") or {}).get("best_threshold"),
                                               "classifier": c_thr.get("threshold")},

@@ -1,0 +1,114 @@
+"""The urine veto: predicted components that lie mostly in urine are dropped.
+
+FDG is excreted in the urine, so the bladder (and at times the renal pelvis) is as bright on the PET
+as the hottest lesions; the clipped PET saturates both. The CT tells them apart: urine is water
+(0–20 HU), lesions are soft tissue (30–60 HU) or bone. The veto finds urine on the CT of the input
+grid — voxels whose CT, smoothed over `SMOOTH_MM`, lies in `WATER_HU`; opened with a ball of
+`OPEN_MM` so the thin partial-volume shells between fat and soft tissue (which pass through water
+density) fall away; connected regions of at least `MIN_ML` kept — and drops every connected
+component of the predicted mask of which at least `FRACTION` lies in that region. Whole components,
+not voxels: a lesion beside the bladder keeps its own voxels, and a component that is only partly in
+water (a lesion with partial volume against fat) stays.
+
+`calibrate --urine-veto` chooses the threshold with the veto applied and records it in
+thresholds.json (`urine_veto`); predict then applies it the same way. Measured offline on the ten
+fresh demo seeds 3030–3939 (their masks re-scored): held-out mean Dice 0.815 → 0.832, FPV on the
+negatives 2.68 → 1.23 mL, FNV unchanged, no positive's Dice lower (README, the demo section).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from petctl.errors import PetctlError
+
+WATER_HU = (-30.0, 20.0)
+SMOOTH_MM = 3.0
+OPEN_MM = 4.0
+MIN_ML = 5.0
+FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class UrineVeto:
+    """The veto's settings, as thresholds.json records them."""
+
+    water_hu: tuple[float, float] = WATER_HU
+    smooth_mm: float = SMOOTH_MM
+    open_mm: float = OPEN_MM
+    min_ml: float = MIN_ML
+    fraction: float = FRACTION
+
+    def __post_init__(self) -> None:
+        lo, hi = self.water_hu
+        if not lo < hi:
+            raise PetctlError(f"urine veto: the water range must run low to high (got {self.water_hu})")
+        if self.smooth_mm < 0 or self.open_mm < 0 or self.min_ml < 0:
+            raise PetctlError("urine veto: smoothing, opening and minimum volume must be ≥ 0")
+        if not 0.0 < self.fraction <= 1.0:
+            raise PetctlError(f"urine veto: fraction must be within (0, 1] (got {self.fraction})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "water_hu": list(self.water_hu)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> "UrineVeto | None":
+        if not d:
+            return None
+        return cls(water_hu=(float(d["water_hu"][0]), float(d["water_hu"][1])), smooth_mm=float(d["smooth_mm"]),
+                   open_mm=float(d["open_mm"]), min_ml=float(d["min_ml"]), fraction=float(d["fraction"]))
+
+
+def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """A boolean ellipsoid of `radius_mm` on a grid of `spacing` (at least one voxel each way)."""
+    radii = [max(1, int(round(radius_mm / s))) for s in spacing]
+    axes = np.meshgrid(*[np.arange(-r, r + 1) * s / radius_mm for r, s in zip(radii, spacing)], indexing="ij")
+    return sum(a**2 for a in axes) <= 1.0
+
+
+def water_region(ct_hu: np.ndarray, spacing: Sequence[float], veto: UrineVeto = UrineVeto()) -> np.ndarray:
+    """Boolean mask of the large connected water-density regions of a CT (HU) on a grid of `spacing` mm."""
+    spacing = [float(s) for s in spacing]
+    ct = np.asarray(ct_hu, np.float32)
+    if veto.smooth_mm > 0:
+        ct = ndimage.gaussian_filter(ct, [veto.smooth_mm / s for s in spacing])
+    region = (ct >= veto.water_hu[0]) & (ct <= veto.water_hu[1])
+    if veto.open_mm > 0 and region.any():
+        region = ndimage.binary_opening(region, _ball(veto.open_mm, spacing))
+    labels, n = ndimage.label(region)
+    if n == 0:
+        return region
+    volume_ml = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing)) / 1000.0
+    keep = volume_ml >= veto.min_ml
+    keep[0] = False
+    return keep[labels]
+
+
+def drop_urine_components(mask: np.ndarray, region: np.ndarray, fraction: float = FRACTION) -> np.ndarray:
+    """`mask` (boolean) without its 26-connected components of which ≥ `fraction` lies in `region`."""
+    import cc3d
+
+    mask = np.asarray(mask, bool)
+    if mask.shape != region.shape:
+        raise ValueError(f"mask {mask.shape} and urine region {region.shape} differ in shape")
+    if not mask.any() or not region.any():
+        return mask
+    components = cc3d.connected_components(mask.view(np.uint8), connectivity=26)
+    n = int(components.max())
+    size = np.bincount(components.ravel(), minlength=n + 1)
+    in_urine = np.bincount(components.ravel(), weights=region.ravel(), minlength=n + 1)
+    drop = in_urine >= fraction * np.maximum(size, 1)
+    drop[0] = False
+    return mask & ~drop[components]
+
+
+def veto_mask(mask: np.ndarray, ct_hu: np.ndarray, spacing: Sequence[float], veto: UrineVeto) -> np.ndarray:
+    """`mask` after the veto (the CT region is only computed when the mask has a voxel)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return mask
+    return drop_urine_components(mask, water_region(ct_hu, spacing, veto), veto.fraction)

@@ -1,0 +1,87 @@
+"""The urine veto (petctl.engine.urine): the CT's water regions and the components dropped in them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from petctl.engine.urine import UrineVeto, drop_urine_components, veto_mask, water_region
+from petctl.errors import PetctlError
+
+SPACING = (4.0, 4.0, 6.0)
+
+
+def _ball(shape, centre, radius_mm, spacing=SPACING) -> np.ndarray:
+    grids = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, centre, spacing)], indexing="ij")
+    return sum(g**2 for g in grids) <= radius_mm**2
+
+
+@pytest.fixture
+def body() -> dict[str, np.ndarray]:
+    """A CT (HU) of soft tissue in fat, with a bladder (water, ~65 mL), a soft-tissue lesion beside it,
+    a small water cyst (~1 mL) and a lesion in fat (its rim passes through water density)."""
+    rng = np.random.default_rng(0)
+    shape = (48, 48, 32)
+    ct = np.full(shape, -100.0, np.float32)
+    ct[6:42, 6:42, 3:29] = 42.0
+    bladder = _ball(shape, (20, 24, 16), 25.0)
+    lesion = _ball(shape, (33, 24, 16), 10.0)  # 13 voxels (52 mm) from the bladder's centre, clear of it
+    cyst = _ball(shape, (12, 12, 8), 6.0)
+    fat_lesion = _ball(shape, (3, 24, 16), 6.0) & (ct < 0)
+    ct[bladder] = 8.0
+    ct[cyst] = 5.0
+    ct[fat_lesion] = 42.0
+    ct += rng.normal(0, 10, shape).astype(np.float32)
+    return {"ct": ct, "bladder": bladder, "lesion": lesion, "cyst": cyst, "fat_lesion": fat_lesion}
+
+
+def test_water_region_is_the_bladder_not_the_cyst_or_partial_volume(body):
+    region = water_region(body["ct"], SPACING)
+    bladder = body["bladder"]
+    assert region[bladder].mean() > 0.8  # most of the bladder (its rim blurs into soft tissue)
+    assert not region[body["cyst"]].any()  # ~1 mL: below the 5 mL minimum
+    assert not region[body["lesion"]].any() and not region[body["fat_lesion"]].any()
+    assert (region & ~bladder).sum() < 0.1 * bladder.sum()  # no shells between fat and soft tissue
+    assert water_region(body["ct"], SPACING, UrineVeto(min_ml=0.1))[body["cyst"]].any()  # the minimum is what kept the cyst out
+
+
+def test_components_mostly_in_urine_are_dropped_and_lesions_kept(body):
+    region = water_region(body["ct"], SPACING)
+    bladder_fp = body["bladder"] & _ball(body["ct"].shape, (20, 24, 16), 18.0)  # the nets' bladder false positive
+    mask = bladder_fp | body["lesion"] | body["fat_lesion"]
+    kept = drop_urine_components(mask, region)
+    assert np.array_equal(kept, body["lesion"] | body["fat_lesion"])
+    # a lesion joined to the bladder's rim by a bridge: one component, partly in urine, stays whole
+    bridge = np.zeros_like(mask)
+    bridge[24:31, 22:27, 14:19] = True
+    straddle = body["lesion"] | bridge
+    assert 0.1 < region[straddle].mean() < 0.5
+    assert np.array_equal(drop_urine_components(straddle, region), straddle)
+    assert not drop_urine_components(straddle, region, fraction=0.01).any()
+    assert np.array_equal(veto_mask(mask, body["ct"], SPACING, UrineVeto()), kept)
+    assert not veto_mask(np.zeros_like(mask), body["ct"], SPACING, UrineVeto()).any()
+
+
+def test_calibration_scores_the_masks_after_the_veto(body):
+    from petctl.engine.extent import extent_curves
+
+    pet = np.full(body["ct"].shape, 1.0, np.float32)
+    pet[body["bladder"]] = 15.0
+    pet[body["lesion"]] = 12.0
+    probs = np.where(body["bladder"] | body["lesion"], 0.9, 0.0).astype(np.float32)
+    label = body["lesion"].astype(np.uint8)
+    thresholds = np.array([0.5])
+    plain = extent_curves(label, pet, probs, 0.096, thresholds)
+    vetoed = extent_curves(label, pet, probs, 0.096, thresholds, urine=water_region(body["ct"], SPACING))
+    assert plain[0, 1] > 10 and vetoed[0, 1] < 1.0  # the bladder's false-positive volume (mL) gone
+    assert vetoed[0, 0] > 0.95 and plain[0, 0] < vetoed[0, 0]
+
+
+def test_settings_round_trip_and_refusals():
+    veto = UrineVeto()
+    assert UrineVeto.from_json(veto.to_json()) == veto and UrineVeto.from_json(None) is None
+    for bad in ({"water_hu": (20.0, -30.0)}, {"fraction": 0.0}, {"min_ml": -1.0}):
+        with pytest.raises(PetctlError, match="urine veto"):
+            UrineVeto(**bad)
+    with pytest.raises(ValueError, match="differ in shape"):
+        drop_urine_components(np.ones((2, 2, 2), bool), np.ones((3, 2, 2), bool))
