@@ -23,6 +23,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert set(summary["timings_s"]) >= {"data", "prepare", "train", "calibrate", "predict", "evaluate", "report"}
     assert summary["thresholds"]["seed"] == 0.0 and summary["thresholds"]["pet_extent"] is True  # calibrate's default
     assert "PET 50% isocontour" in (out / "report.md").read_text()
+    assert summary["thresholds"]["urine_veto"] is True and "urine veto (a component ≥ 50% in CT water" in (out / "report.md").read_text()
     assert summary["thresholds"]["segmentation_prior"] == 0.75  # cpu-tiny inherits cpu-small's prior
     assert "nearest the prior 0.75 within 1 SE" in (out / "report.md").read_text()
     test = summary["test"]
@@ -47,7 +48,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     home_run = tmp_path / "home" / "runs" / "demo"
     assert json.loads((home_run / "thresholds.json").read_text())["tta"] is True
     assert "segmentation (flip TTA; " in report
-    assert all(r["tta"] is True for r in json.loads((out / "predictions" / "predictions.json").read_text())["written"].values())
+    written = json.loads((out / "predictions" / "predictions.json").read_text())["written"].values()
+    assert all(r["tta"] is True for r in written)
+    assert all("urine_vetoed_voxels" in r for r in written if not r["gated"])  # the demo's default veto, applied by predict
 
 
 def test_demo_config_rejects_more_trained_folds_than_the_split_has():
@@ -65,7 +68,7 @@ def test_demo_config_takes_half_the_detected_positives_gate_and_refuses_bad_gate
     from petctl.errors import PetctlError
 
     assert DemoConfig().gate_margin == 0.5 and DemoConfig().pet_clip == (0.0, 95.0)
-    assert DemoConfig().gate_positives == "detected"
+    assert DemoConfig().gate_positives == "detected" and DemoConfig().urine_veto is True
     for bad in (0.0, 1.2):
         with pytest.raises(PetctlError, match="--gate-margin"):
             DemoConfig(gate_margin=bad)

@@ -74,9 +74,9 @@ class DemoConfig:
     urine_veto: bool = True
     """calibrate's urine veto (`petctl.engine.urine`): a predicted component lying mostly in large
     water-density regions of the CT (the bladder) is dropped, in calibration and prediction. The
-    nets still marked the bladder in some scans. Re-scoring the ten fresh seeds' masks 3030–3939
-    offline: mean Dice 0.815 → 0.832, FPV on negatives 2.68 → 1.23 mL, FNV unchanged, no positive
-    lower (README)."""
+    nets still marked the bladder in some scans. Re-scoring the masks of 36 finished demos offline:
+    on the fresh seeds 3030–3939 mean Dice 0.815 → 0.829, FPV on negatives 2.68 → 1.34 mL; on 26
+    older demos 0.626 → 0.649 and 1.70 → 0.63 mL; FNV unchanged, no positive lower (README)."""
     tta: bool = False
     """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
     seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
