@@ -336,6 +336,48 @@ def test_urine_veto_is_calibrated_recorded_and_applied_by_predict(trained: Path,
         assert record["urine_vetoed_voxels"] == int(detected.sum() - mask.sum())
 
 
+def test_predict_processes_split_the_cases_and_merge_one_summary(trained: Path, cohort: Path, tmp_path: Path):
+    """--processes 2: two spawned workers take every other case; the masks and probabilities match one
+    process's, a bad case is still one named line, and predictions.json and the registry hold one
+    record of the whole cohort."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for ct in sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[:3]:
+        name = ct.name[: -len("_0000.nii.gz")]
+        for channel in ("0000", "0001"):
+            shutil.copy(ct.with_name(f"{name}_{channel}.nii.gz"), inputs)
+    (inputs / "broken_0000.nii.gz").write_bytes(b"not a nifti")
+    (inputs / "broken_0001.nii.gz").write_bytes(b"not a nifti")
+    one = _petctl(trained, "predict", str(inputs), str(tmp_path / "one"), "--run", "r", "--no-gate", "--save-probabilities", "float32",
+                  check=False)
+    two = _petctl(trained, "predict", str(inputs), str(tmp_path / "two"), "--run", "r", "--no-gate", "--save-probabilities", "float32",
+                  "--processes", "2", check=False)
+    assert one.returncode == two.returncode == 3, two.stdout[-2000:] + two.stderr[-2000:]
+    assert "broken" in two.stdout + two.stderr
+    summaries = [json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two")]
+    assert list(summaries[1]["written"]) == list(summaries[0]["written"]) and len(summaries[1]["written"]) == 3
+    assert list(summaries[1]["skipped"]) == ["broken"]
+    for case in summaries[0]["written"]:
+        a, b = (np.asarray(nib.load(str(tmp_path / d / f"{case}_prob.nii.gz")).dataobj) for d in ("one", "two"))
+        assert np.allclose(a, b, atol=1e-5)
+        assert np.array_equal(*(np.asarray(nib.load(str(tmp_path / d / f"{case}.nii.gz")).dataobj) for d in ("one", "two")))
+    status = subprocess.run([sys.executable, "-m", "petctl", "status", "--json"], capture_output=True, text=True,
+                            env={**os.environ, "PETCTL_HOME": str(trained)})
+    steps = [s for r in json.loads(status.stdout)["runs"] if r["run"] == "r" for s in r["steps"] if s["step"].startswith("predict-")]
+    assert any(s["config"].get("processes") == 2 and s["metrics"]["cases"] == 3 for s in steps), steps
+
+
+def test_launched_ranks_merge_their_summaries(tmp_path: Path):
+    """Ranks from a launcher write their own summaries and merge them, whichever finishes last."""
+    from petctl.engine.predict import PredictResult, write_summary
+
+    write_summary(tmp_path, PredictResult(written={"b": {"gated": False}}, skipped={}), rank=1, world_size=2)
+    assert list(json.loads((tmp_path / "predictions.json").read_text())["written"]) == ["b"]
+    write_summary(tmp_path, PredictResult(written={"a": {"gated": True}}, skipped={"c": "bad"}), rank=0, world_size=2)
+    merged = json.loads((tmp_path / "predictions.json").read_text())
+    assert list(merged["written"]) == ["a", "b"] and merged["skipped"] == {"c": "bad"} and merged["ranks_merged"] == 2
+
+
 def test_bad_case_is_named_and_others_go_on(trained: Path, cohort: Path, tmp_path: Path):
     data = tmp_path / "in"
     data.mkdir()

@@ -4,7 +4,8 @@ INPUT is an nnU-Net folder (imagesTs, else imagesTr), an AutoPET-layout folder, 
 CASE_0000.nii.gz (its PET CASE_0001 beside it). The MIP classifier gates each scan first (predicted
 healthy → an empty mask, no segmentation); otherwise the fold ensemble and the calibrated threshold
 (and component seed, when calibrated with one).
-Writes OUTPUT/{case}.nii.gz (uint8). Exit status 3 when some cases were skipped (each named).
+Writes OUTPUT/{case}.nii.gz (uint8) and OUTPUT/predictions.json. `--processes N` splits the cases
+over N local worker processes. Exit status 3 when some cases were skipped (each named).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ def predict(
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Flip test-time augmentation (3 extra passes per fold). Default: as the run was calibrated (`calibrate --tta`), since its threshold was chosen on those probabilities.", show_default=False)] = None,
     save_probabilities: Annotated[Optional[str], typer.Option("--save-probabilities", help="Also write {case}_prob.nii.gz: float32 or uint8 (×255; a quarter of the size).")] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Write {case}_preview.png (PET MIP with the mask).")] = False,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="Worker processes that split the cases (each on its own GPU when there are enough, else sharing the CPU's cores); one predictions.json. Under a launcher that sets RANK/WORLD_SIZE, leave it at 1: each rank takes its share.")] = 1,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from rich.table import Table
 
     from petctl.console import console, progress, warn_line
-    from petctl.engine.predict import PredictOptions, input_cases, predict as run_predict, write_summary
+    import os
+
+    from petctl.engine.predict import PredictOptions, input_cases, predict_processes, rank_share, write_summary
+    from petctl.errors import PetctlError
     from petctl.engine.registry import Registry, check_name, step_context
     from petctl.home import resolve_home
 
@@ -40,14 +45,24 @@ def predict(
     registry = Registry(home_path)
     registry.run(run)
     options = PredictOptions(gate=not no_gate, tta=tta, save_probabilities=save_probabilities, preview=preview)
-    total = len(input_cases(input_path))
-    step = f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and processes > 1:
+        raise PetctlError(f"--processes {processes} under a launcher's WORLD_SIZE={world_size}: use one or the other")
+    total = rank_share(len(input_cases(input_path)), rank, world_size)
+    step = f"predict-{time.strftime('%Y%m%d-%H%M%S')}" + (f"-rank{rank}" if world_size > 1 else "")
     with progress() as bar, step_context(registry, run, step, kind="predict",
-                                         config={"input": str(input_path), "output": str(output), **options.__dict__}):
+                                         config={"input": str(input_path), "output": str(output), "processes": processes,
+                                                 "rank": rank, "world_size": world_size, **options.__dict__}):
         task = bar.add_task("predict", total=total)
-        result = run_predict(home_path / "runs" / run, input_path, output, options,
-                             on_case=lambda c: bar.advance(task), on_skip=lambda c, r: warn_line(f"{c}: {r}"))
-        write_summary(output, result)
+        if world_size > 1:
+            from petctl.engine.predict import predict as run_predict
+
+            result = run_predict(home_path / "runs" / run, input_path, output, options, rank=rank, world_size=world_size,
+                                 on_case=lambda c: bar.advance(task), on_skip=lambda c, r: warn_line(f"{c}: {r}"))
+        else:
+            result = predict_processes(home_path / "runs" / run, input_path, output, options, processes,
+                                       on_case=lambda c: bar.advance(task), on_skip=lambda c, r: warn_line(f"{c}: {r}"))
+        write_summary(output, result, rank=rank, world_size=world_size)
         gated = sum(1 for r in result.written.values() if r.get("gated"))
         seconds = [r["seconds"] for r in result.written.values()]
         registry.update_step(run, step, metrics={"cases": len(result.written), "gated": gated, "skipped": len(result.skipped),

@@ -9,7 +9,9 @@ onto the input's grid, and the calibrated threshold there — with the PET exten
 no voxel at the seed are dropped); then, when calibrated with the urine veto, the components that
 lie mostly in urine on the CT are dropped (`urine.veto_mask`). The mask keeps the input's grid (same shape, affine and
 orientation as the PET, which is the label grid of the cohort). Outputs are written atomically and never over an input file.
-Several processes split the cases by rank (`RANK`/`WORLD_SIZE`, as `accelerate launch` sets).
+Several processes split the cases by rank: `predict_processes` starts them itself (`petctl predict
+--processes N`), or they come from a launcher (`RANK`/`WORLD_SIZE`, as `accelerate launch` and srun
+set), each writing its own summary and merging it into predictions.json (`write_summary`).
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def _save_nifti(data: np.ndarray, reference: Any, path: Path, dtype: Any) -> Non
 
 def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptions = PredictOptions(), *,
             on_case: Callable[[str], None] | None = None, on_skip: Callable[[str, str], None] | None = None,
-            rank: int | None = None, world_size: int | None = None) -> PredictResult:
-    """Predict every input case into `output`; a bad case is reported and skipped, never raised."""
+            rank: int | None = None, world_size: int | None = None, device: torch.device | None = None) -> PredictResult:
+    """Predict every input case (of this rank's share) into `output`; a bad case is reported and
+    skipped, never raised. `device`: where the models run (default: the GPU when there is one)."""
     import nibabel as nib
 
     from petctl.engine.ensemble import RunModels, read_thresholds
@@ -127,7 +130,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
     tta = bool(thresholds.get("tta", False)) if options.tta is None else options.tta
-    models = RunModels.load(run_dir, need_cls=gate)
+    models = RunModels.load(run_dir, need_cls=gate, device=device)
     assert models.store is not None
     fingerprint = read_json(models.store / "fingerprint.json")
     prep = read_json(models.store / "prepare.json")["config"]
@@ -228,5 +231,89 @@ def preview_png(path: Path, pet: np.ndarray, mask: np.ndarray, affine: np.ndarra
     os.replace(tmp, path)
 
 
-def write_summary(output: Path, result: PredictResult) -> None:
-    (Path(output) / "predictions.json").write_text(json.dumps({"written": result.written, "skipped": result.skipped}, indent=2))
+def rank_share(total: int, rank: int, world_size: int) -> int:
+    """How many of `total` cases rank `rank` of `world_size` predicts (`cases[rank::world_size]`)."""
+    return len(range(rank, total, world_size))
+
+
+def predict_processes(run_dir: Path, input_path: Path, output: Path, options: PredictOptions, processes: int, *,
+                      on_case: Callable[[str], None] | None = None,
+                      on_skip: Callable[[str, str], None] | None = None) -> PredictResult:
+    """`predict` split over `processes` local worker processes (rank r of N, cases[r::N]), merged.
+
+    Each worker runs on GPU r when there are at least N GPUs (else all share the GPU, or the CPU with
+    its cores shared out as threads); progress and skipped cases reach the callbacks as they happen.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    if processes < 1:
+        raise PetctlError(f"--processes must be at least 1 (got {processes})")
+    if processes == 1:
+        return predict(run_dir, input_path, output, options, on_case=on_case, on_skip=on_skip, rank=0, world_size=1)
+    ctx = mp.get_context("spawn")  # torch and fork do not mix
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    result = PredictResult()
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
+        events = manager.Queue()
+
+        def drain() -> None:
+            while not events.empty():
+                event = events.get()
+                if event[0] == "case" and on_case:
+                    on_case(event[1])
+                elif event[0] == "skip" and on_skip:
+                    on_skip(event[1], event[2])
+
+        devices = [f"cuda:{r}" if gpus >= processes else ("cuda" if gpus else "cpu") for r in range(processes)]
+        futures = [pool.submit(_predict_worker, str(run_dir), str(input_path), str(output), options, r, processes, devices[r],
+                               threads, events) for r in range(processes)]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            drain()
+        drain()
+        for future in futures:  # a worker that died raises here, with its own traceback
+            part = future.result()
+            result.written.update(part.written)
+            result.skipped.update(part.skipped)
+    result.written = dict(sorted(result.written.items()))
+    result.skipped = dict(sorted(result.skipped.items()))
+    return result
+
+
+def _predict_worker(run_dir: str, input_path: str, output: str, options: PredictOptions, rank: int, world_size: int,
+                    device: str, threads: int, events: Any) -> PredictResult:
+    torch.set_num_threads(threads)
+    return predict(Path(run_dir), Path(input_path), Path(output), options, rank=rank, world_size=world_size,
+                   device=torch.device(device), on_case=lambda c: events.put(("case", c)),
+                   on_skip=lambda c, r: events.put(("skip", c, r)))
+
+
+def write_summary(output: Path, result: PredictResult, *, rank: int = 0, world_size: int = 1) -> None:
+    """OUTPUT/predictions.json. Ranks launched from outside (`RANK`/`WORLD_SIZE`) each write
+    predictions.rank{R}.json and then, one at a time (a file lock), merge every rank file there is into
+    predictions.json, so the last to finish leaves the whole cohort in it."""
+    from petctl.engine.store import write_json_atomic
+
+    output = Path(output)
+    payload = {"written": result.written, "skipped": result.skipped}
+    if world_size <= 1:
+        write_json_atomic(output / "predictions.json", payload)
+        return
+    import fcntl
+
+    write_json_atomic(output / f"predictions.rank{rank}.json", {**payload, "rank": rank, "world_size": world_size})
+    with open(output / ".predictions.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged: dict[str, dict[str, Any]] = {"written": {}, "skipped": {}}
+        for r in range(world_size):
+            part_path = output / f"predictions.rank{r}.json"
+            if part_path.exists():
+                part = json.loads(part_path.read_text())
+                merged["written"].update(part["written"])
+                merged["skipped"].update(part["skipped"])
+        merged = {k: dict(sorted(v.items())) for k, v in merged.items()}
+        write_json_atomic(output / "predictions.json", {**merged, "ranks_merged": sum((output / f"predictions.rank{r}.json").exists()
+                                                                                        for r in range(world_size)), "world_size": world_size})
