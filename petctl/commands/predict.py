@@ -10,6 +10,7 @@ over N local worker processes. Exit status 3 when some cases were skipped (each 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,11 +34,9 @@ def predict(
     from rich.table import Table
 
     from petctl.console import console, progress, warn_line
-    import os
-
-    from petctl.engine.predict import PredictOptions, input_cases, predict_processes, rank_share, write_summary
-    from petctl.errors import PetctlError
+    from petctl.engine.predict import PredictOptions, input_cases, predict as run_predict, predict_processes, rank_share, write_summary
     from petctl.engine.registry import Registry, check_name, step_context
+    from petctl.errors import PetctlError
     from petctl.home import resolve_home
 
     check_name(run, "run")
@@ -55,8 +54,6 @@ def predict(
                                                  "rank": rank, "world_size": world_size, **options.__dict__}):
         task = bar.add_task("predict", total=total)
         if world_size > 1:
-            from petctl.engine.predict import predict as run_predict
-
             result = run_predict(home_path / "runs" / run, input_path, output, options, rank=rank, world_size=world_size,
                                  on_case=lambda c: bar.advance(task), on_skip=lambda c, r: warn_line(f"{c}: {r}"))
         else:

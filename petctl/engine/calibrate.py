@@ -313,13 +313,13 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
         raise PetctlError(f"{case}: its NIfTI label {'holds no' if positive else 'holds a'} lesion but the store says otherwise (was the cohort changed after prepare?)")
     probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json))
     voxel_ml = voxel_volume_ml(spacing_of(loaded.affine))
-    urine = None
-    if veto is not None and bool((probs >= float(REFINE_THRESHOLDS.min())).any()):
+    if veto is None or not bool((probs >= float(REFINE_THRESHOLDS.min())).any()):  # nothing the veto could drop
+        curves = extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS)
+    else:
         from petctl.engine.urine import water_region
 
-        urine = water_region(loaded.ct, spacing_of(loaded.affine), veto)
-    curves = extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS, urine=urine,
-                           urine_fraction=veto.fraction if veto is not None else 0.5)
+        curves = extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS,
+                               urine=water_region(loaded.ct, spacing_of(loaded.affine), veto), urine_fraction=veto.fraction)
     return curves, dice_sweep(label, probs, THRESHOLDS)
 
 

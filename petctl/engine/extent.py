@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from petctl.engine.urine import FRACTION as URINE_FRACTION
+
 FRACTION = 0.5
 GROW_VOXELS = 3
 SHELL = (4, 6)
@@ -69,7 +71,7 @@ def pet_extent_mask(pet: np.ndarray, probs: np.ndarray, threshold: float, *, fra
 
 def extent_curves(labels: np.ndarray, pet: np.ndarray, probs: np.ndarray, voxel_ml: float,
                   thresholds: np.ndarray = REFINE_THRESHOLDS, *, urine: np.ndarray | None = None,
-                  urine_fraction: float = 0.5, **kw: float) -> np.ndarray:
+                  urine_fraction: float = URINE_FRACTION, **kw: float) -> np.ndarray:
     """autoPET (Dice, FPV mL, FNV mL) of `pet_extent_mask` at every threshold: shape (len(thresholds), 3).
 
     Dice is nan when the volume has no lesion (a negative scan: its FPV is what it costs). With
