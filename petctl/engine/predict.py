@@ -307,13 +307,6 @@ def write_summary(output: Path, result: PredictResult, *, rank: int = 0, world_s
     write_json_atomic(output / f"predictions.rank{rank}.json", {**payload, "rank": rank, "world_size": world_size})
     with open(output / ".predictions.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        merged: dict[str, dict[str, Any]] = {"written": {}, "skipped": {}}
-        for r in range(world_size):
-            part_path = output / f"predictions.rank{r}.json"
-            if part_path.exists():
-                part = json.loads(part_path.read_text())
-                merged["written"].update(part["written"])
-                merged["skipped"].update(part["skipped"])
-        merged = {k: dict(sorted(v.items())) for k, v in merged.items()}
-        write_json_atomic(output / "predictions.json", {**merged, "ranks_merged": sum((output / f"predictions.rank{r}.json").exists()
-                                                                                        for r in range(world_size)), "world_size": world_size})
+        parts = [json.loads(p.read_text()) for p in (output / f"predictions.rank{r}.json" for r in range(world_size)) if p.exists()]
+        merged = {key: dict(sorted(item for part in parts for item in part[key].items())) for key in ("written", "skipped")}
+        write_json_atomic(output / "predictions.json", {**merged, "ranks_merged": len(parts), "world_size": world_size})
