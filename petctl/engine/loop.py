@@ -205,6 +205,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         history = meta.get("history", [])
         epochs = meta.get("epochs", [])
         best_metric = meta.get("best_metric") if meta.get("best_metric") is not None else -math.inf
+        if hasattr(task, "load_sampler_state"):
+            task.load_sampler_state(meta.get("sampler_state"))
         accelerator.print(f"{label}: resuming at cycle {position.cycle + 1}, epoch {position.epoch + 1}, step {position.global_step}")
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
@@ -223,7 +225,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                             scheduler_state=scheduler.state_dict() if resumable else None,
                             position=position, config=config_json, metric=metric,
                             extra={"history": history, "epochs": epochs, "best_metric": best_metric if best_metric > -math.inf else None,
-                                   "rank_weight_digests": digests, "num_processes": accelerator.num_processes})
+                                   "rank_weight_digests": digests, "num_processes": accelerator.num_processes,
+                                   "sampler_state": task.sampler_state() if hasattr(task, "sampler_state") else None})
         accelerator.wait_for_everyone()
 
     total_steps = cfg.num_cycles * cfg.epochs_per_cycle * task.steps_per_epoch
@@ -273,9 +276,10 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                     _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
                     return 0
             epoch_losses = losses[epoch_start:]
+            sampler_summary = task.end_epoch(accelerator) if hasattr(task, "end_epoch") else {}
             epochs.append({"epoch": epoch_index + 1, "cycle": position.cycle + 1, "global_step": position.global_step,
                            "train_loss": dist.mean_over_ranks(accelerator, float(np.mean(epoch_losses)) if epoch_losses else float("nan"), len(epoch_losses)),
-                           "lr": float(scheduler.get_last_lr()[0]), "steps": len(epoch_losses)})
+                           "lr": float(scheduler.get_last_lr()[0]), "steps": len(epoch_losses), **sampler_summary})
             position.epoch += 1
             position.step_in_epoch = 0
         val = task.validate(model, accelerator)

@@ -5,6 +5,9 @@ Three layers, from pure to stateful:
   position out. A lesion-centred draw picks a lesion *component* uniformly and then one of its
   sampled voxels, so a case's tiny lesions are seen as often as its big ones (or, with
   `lesion_size_power` p > 0, with weight voxels ** p, so big lesions are seen more often).
+  With `hard_lesion_gain` g > 0 a component's weight is also multiplied by 1 + g·h, where h is how
+  much of it the net missed in the patches centred on it so far (`update_hardness`): hard-example
+  mining per lesion, so a large hot lesion the net calls physiology is shown again until it is not.
 - `SegPatchDataset` streams patches from a `CaseStore`: each epoch the case list is shuffled the
   same way on every rank, padded to a multiple of the world size and dealt out `[rank::world]`;
   within a rank, DataLoader workers split the cases again. A case is opened once and yields
@@ -51,6 +54,19 @@ def patch_centre(
     one of its sampled voxels uniformly; otherwise a body voxel, or any voxel of the volume when
     the case has no body samples.
     """
+    centre, component = patch_centre_component(stored_shape, lesion_coords, body_coords, lesion_prob, rng, component_weights)
+    return centre, component >= 0
+
+
+def patch_centre_component(
+    stored_shape: Sequence[int],
+    lesion_coords: np.ndarray,
+    body_coords: np.ndarray,
+    lesion_prob: float,
+    rng: np.random.Generator,
+    component_weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """`patch_centre`, with the lesion component the patch is centred on (-1: not lesion-centred)."""
     # Always consume the coin so that the rest of the stream does not depend on the case type.
     coin = rng.random()
     if len(lesion_coords) and coin < lesion_prob:
@@ -62,10 +78,10 @@ def patch_centre(
             weights = np.asarray(component_weights, dtype=np.float64)[labels]
             chosen = labels[rng.choice(len(labels), p=weights / weights.sum())]
         rows = np.flatnonzero(components == chosen)
-        return lesion_coords[rows[rng.integers(len(rows))], 1:4].astype(np.int64), True
+        return lesion_coords[rows[rng.integers(len(rows))], 1:4].astype(np.int64), int(chosen)
     if len(body_coords):
-        return body_coords[rng.integers(len(body_coords))].astype(np.int64), False
-    return rng.integers(0, np.asarray(stored_shape, dtype=np.int64)), False
+        return body_coords[rng.integers(len(body_coords))].astype(np.int64), -1
+    return rng.integers(0, np.asarray(stored_shape, dtype=np.int64)), -1
 
 
 def patch_start(
@@ -114,6 +130,8 @@ class SegPatchDataset(IterableDataset):
         world_size: int = 1,
         jitter: float = 0.25,
         lesion_size_power: float = 0.0,
+        hard_lesion_gain: float = 0.0,
+        hard_momentum: float = 0.5,
     ) -> None:
         if not cases:
             raise PetctlError("no training cases to sample patches from")
@@ -131,6 +149,10 @@ class SegPatchDataset(IterableDataset):
             raise PetctlError("seed must be non-negative")
         if lesion_size_power < 0:
             raise PetctlError(f"lesion size power must be ≥ 0, got {lesion_size_power}")
+        if hard_lesion_gain < 0:
+            raise PetctlError(f"hard lesion gain must be ≥ 0, got {hard_lesion_gain}")
+        if not 0.0 <= hard_momentum < 1.0:
+            raise PetctlError(f"hard-example momentum must be in [0, 1), got {hard_momentum}")
         self.store_root = str(store_root)
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -146,6 +168,23 @@ class SegPatchDataset(IterableDataset):
         # dataset) see `set_epoch` calls made in the main process.
         self._epoch: Any = multiprocessing.Value("q", 0, lock=False)
         self._store: CaseStore | None = None
+        self.hard_lesion_gain = float(hard_lesion_gain)
+        self.hard_momentum = float(hard_momentum)
+        # Per lesion component of every case: how much of it the net missed (0 found … 1 missed),
+        # in shared memory for the same reason as the epoch; `_hard_offset[case]` is its first slot.
+        self._hard_offset: dict[str, int] = {}
+        self._hard_count: dict[str, int] = {}
+        self._hardness: Any = None
+        if self.hard_lesion_gain > 0:
+            store = CaseStore(self.store_root)
+            total = 0
+            for case in self.cases:
+                coords = store.load(case).lesion_coords
+                self._hard_offset[case] = total
+                self._hard_count[case] = int(coords[:, 0].max()) + 1 if len(coords) else 0
+                total += self._hard_count[case]
+            store.close()
+            self._hardness = multiprocessing.Array("d", max(total, 1), lock=False)
 
     @property
     def epoch(self) -> int:
@@ -186,19 +225,69 @@ class SegPatchDataset(IterableDataset):
 
     def _case_patches(self, case: str, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         stored = self._store.load(case)  # type: ignore[union-attr]
-        weights = self.component_weights(case, stored) if self.lesion_size_power > 0 and len(stored.lesion_coords) else None
+        weights = self.sampling_weights(case, stored)
         for _ in range(self.patches_per_scan):
-            centre, lesion = patch_centre(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng, weights)
+            centre, component = patch_centre_component(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng, weights)
             start = patch_start(centre, self.patch_size, self.jitter, rng)
             image, label = self._store.read_patch(case, start, self.patch_size)  # type: ignore[union-attr]
             yield {
                 "image": torch.from_numpy(image).float(),
                 "label": torch.from_numpy(label).float().unsqueeze(0),
                 "case": case,
-                "lesion": lesion,
+                "lesion": component >= 0,
+                "component": component,
                 "start": torch.tensor(start, dtype=torch.int64),
                 "shape": torch.tensor(stored.shape, dtype=torch.int64),
             }
+
+    def sampling_weights(self, case: str, stored: Any) -> np.ndarray | None:
+        """The weights a lesion-centred draw of `case` picks its components by (None: uniform)."""
+        if not len(stored.lesion_coords) or (self.lesion_size_power <= 0 and self.hard_lesion_gain <= 0):
+            return None
+        num_components = int(stored.lesion_coords[:, 0].max()) + 1
+        weights = self.component_weights(case, stored) if self.lesion_size_power > 0 else np.ones(num_components)
+        if self.hard_lesion_gain > 0:
+            weights = weights * (1.0 + self.hard_lesion_gain * self.hardness(case, num_components))
+        return weights
+
+    def hardness(self, case: str, num_components: int | None = None) -> np.ndarray:
+        """Per lesion component of `case`: the running miss rate (0 before its first patch)."""
+        if self._hardness is None:
+            raise PetctlError("hard-example sampling is off (hard_lesion_gain is 0)")
+        if case not in self._hard_offset:
+            raise PetctlError(f"{case}: not one of this dataset's training cases")
+        count = self._hard_count[case]
+        if num_components is not None and num_components != count:
+            raise PetctlError(f"{case}: {num_components} lesion components asked for, the store has {count}; re-run `petctl prepare`")
+        offset = self._hard_offset[case]
+        return np.array(self._hardness[offset : offset + count], dtype=np.float64)
+
+    def update_hardness(self, records: Sequence[tuple[str, int, float]]) -> None:
+        """Fold (case, component, recall in a patch centred on it) records into the running miss
+        rates: h ← m·h + (1 − m)·(1 − recall), in the order given (give every rank the same order)."""
+        if self._hardness is None:
+            return
+        m = self.hard_momentum
+        for case, component, recall in records:
+            if case not in self._hard_offset or not 0 <= int(component) < self._hard_count[case] or not 0.0 <= recall <= 1.0:
+                continue
+            slot = self._hard_offset[case] + int(component)
+            self._hardness[slot] = m * self._hardness[slot] + (1.0 - m) * (1.0 - float(recall))
+
+    def hardness_state(self) -> dict[str, list[float]] | None:
+        """The running miss rates per case (for a checkpoint), or None when the sampling is off."""
+        if self._hardness is None:
+            return None
+        return {case: self.hardness(case).tolist() for case in self._hard_offset}
+
+    def load_hardness_state(self, state: dict[str, list[float]] | None) -> None:
+        """Restore `hardness_state()` (a resumed run samples as the interrupted one would have)."""
+        if self._hardness is None or not state:
+            return
+        for case, values in state.items():
+            if case in self._hard_offset and len(values) == self._hard_count[case]:
+                offset = self._hard_offset[case]
+                self._hardness[offset : offset + len(values)] = [float(v) for v in values]
 
     def component_weights(self, case: str, stored: Any) -> np.ndarray:
         """Per lesion component of `case`: its voxel count ** `lesion_size_power` (cached).
@@ -222,6 +311,8 @@ class SegPatchDataset(IterableDataset):
         if get_spawning_popen() is None and not isinstance(self._epoch, int):
             # Shared memory only travels to a process being started; any other copy gets a value.
             state["_epoch"] = self.epoch
+            if self._hardness is not None:
+                state["_hardness"] = list(self._hardness)
         return state
 
 

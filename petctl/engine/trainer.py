@@ -73,7 +73,8 @@ class SegTask:
         channels_last(self.model, cfg.channels_last)
         self.dataset = SegPatchDataset(str(store_root), train_cases, cfg.patch_size, cfg.patches_per_scan, lesion_prob=cfg.lesion_prob,
                                        seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                       lesion_size_power=cfg.lesion_size_power)
+                                       lesion_size_power=cfg.lesion_size_power, hard_lesion_gain=cfg.hard_lesion_gain)
+        self._hard_records: list[tuple[str, int, float]] = []  # (case, component, recall) of this epoch's lesion patches
         self.loader = make_loader(self.dataset, cfg.batch_size, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
         # exact batches per epoch (each loader worker ends on its own partial batch); equal on all ranks
         self.steps_per_epoch = self.dataset.batches_per_epoch_per_rank(cfg.batch_size, cfg.num_workers)
@@ -95,7 +96,42 @@ class SegTask:
             from petctl.engine.position import batch_positions
 
             image = torch.cat([image, batch_positions(batch["shape"], batch["start"], image.shape[2:]).to(image)], 1)
-        return self.loss_fn(model(as_channels_last(image, self.cfg.channels_last)), label)
+        logits = model(as_channels_last(image, self.cfg.channels_last))
+        if self.cfg.hard_lesion_gain > 0:
+            self._record_recall(batch, logits, label)
+        return self.loss_fn(logits, label)
+
+    def _record_recall(self, batch: Any, logits: torch.Tensor, label: torch.Tensor) -> None:
+        """Per lesion-centred patch: the share of its (augmented) lesion voxels the net scores > 0.5."""
+        with torch.no_grad():
+            positive = label > 0.5
+            hits = ((logits.detach() > 0) & positive).flatten(1).sum(1)
+            totals = positive.flatten(1).sum(1)
+        components = batch["component"].tolist()
+        for case, component, hit, total in zip(batch["case"], components, hits.tolist(), totals.tolist()):
+            if component >= 0 and total > 0:
+                self._hard_records.append((case, int(component), hit / total))
+
+    def end_epoch(self, accelerator: Any) -> dict[str, Any]:
+        """After each epoch: every rank folds all ranks' lesion-patch recalls into its sampler's miss
+        rates (hard-example mining); returns the epoch's summary numbers for the training record."""
+        if self.cfg.hard_lesion_gain <= 0:
+            return {}
+        from petctl.engine.distributed import gather_objects
+
+        records = sorted(gather_objects(accelerator, self._hard_records))
+        self._hard_records = []
+        self.dataset.update_hardness(records)
+        state = self.dataset.hardness_state() or {}
+        rates = np.concatenate([np.asarray(v, dtype=float) for v in state.values()]) if state else np.zeros(0)
+        return {"lesion_patch_recall": float(np.mean([r for _, _, r in records])) if records else float("nan"),
+                "hard_lesions": int((rates > 0.5).sum())}
+
+    def sampler_state(self) -> dict[str, Any] | None:
+        return self.dataset.hardness_state()
+
+    def load_sampler_state(self, state: dict[str, Any] | None) -> None:
+        self.dataset.load_hardness_state(state)
 
     def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
         from petctl.engine.distributed import gather_objects
