@@ -134,6 +134,59 @@ def test_dataset_weights_components_by_voxel_count_to_the_power(tmp_path: Path):
         list(SegPatchDataset(str(tmp_path), ["odd"], PATCH, patches_per_scan=1, lesion_size_power=1.0))
 
 
+def _two_lesion_store(root: Path) -> None:
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((2, *SHAPE)).astype(np.float16)
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:10, 2:10, 2:10] = 1  # component 0 (first in scan order)
+    label[28:32, 18:22, 38:42] = 1  # component 1
+    lesion = np.array([[0, 5, 5, 5], [0, 6, 6, 6], [1, 30, 20, 40]], np.int32)
+    CaseStore(root).save("two", image, label, lesion, np.array([[0, 0, 0]]), {})
+    CaseStore(root).save("none", image, np.zeros(SHAPE, np.uint8), np.zeros((0, 4), np.int32), np.array([[0, 0, 0]]), {})
+
+
+def test_hard_lesions_are_drawn_in_proportion_to_their_miss_rate(tmp_path: Path):
+    _two_lesion_store(tmp_path)
+    ds = SegPatchDataset(str(tmp_path), ["two", "none"], PATCH, patches_per_scan=2000, lesion_prob=1.0, hard_lesion_gain=3.0)
+    np.testing.assert_array_equal(ds.hardness("two"), [0.0, 0.0])
+    assert ds.hardness("none").size == 0
+
+    def share_of_second() -> float:
+        items = [it for it in ds if it["case"] == "two"]
+        assert all(it["component"] in (0, 1) and it["lesion"] for it in items)
+        return float(np.mean([it["component"] == 1 for it in items]))
+
+    assert abs(share_of_second() - 0.5) <= 0.04  # nothing missed yet: uniform
+    # the net found component 0 and missed component 1, twice: h = 0.5·0.5 + 0.5·1 = 0.75 for it
+    ds.update_hardness([("two", 0, 1.0), ("two", 1, 0.0), ("two", 1, 0.0), ("none", 0, 0.0), ("two", 5, 0.0), ("elsewhere", 0, 0.0)])
+    np.testing.assert_allclose(ds.hardness("two"), [0.0, 0.75])
+    expected = (1 + 3 * 0.75) / (1 + 1 + 3 * 0.75)
+    assert abs(share_of_second() - expected) <= 0.04
+    np.testing.assert_allclose(ds.sampling_weights("two", CaseStore(tmp_path).load("two")), [1.0, 3.25])
+    # the state round-trips (a resumed fold samples as the interrupted one would have)
+    again = SegPatchDataset(str(tmp_path), ["two", "none"], PATCH, patches_per_scan=1, hard_lesion_gain=3.0)
+    again.load_hardness_state(ds.hardness_state())
+    np.testing.assert_allclose(again.hardness("two"), [0.0, 0.75])
+    # with the sampling off nothing is tracked, and the draws stay the uniform stream
+    off = SegPatchDataset(str(tmp_path), ["two"], PATCH, patches_per_scan=5, lesion_prob=1.0)
+    off.update_hardness([("two", 1, 0.0)])
+    assert off.hardness_state() is None and off.sampling_weights("two", CaseStore(tmp_path).load("two")) is None
+    with pytest.raises(PetctlError, match="hard-example sampling is off"):
+        off.hardness("two")
+
+
+def test_hard_lesion_rates_reach_persistent_loader_workers(tmp_path: Path):
+    _two_lesion_store(tmp_path)
+    ds = SegPatchDataset(str(tmp_path), ["two"], PATCH, patches_per_scan=600, lesion_prob=1.0, hard_lesion_gain=9.0)
+    loader = make_loader(ds, batch_size=50, num_workers=1, pin_memory=False)
+    first = torch.cat([b["component"] for b in loader]).float().mean().item()
+    ds.update_hardness([("two", 1, 0.0)] * 20)  # in the main process, between epochs
+    ds.set_epoch(1)
+    second = torch.cat([b["component"] for b in loader]).float().mean().item()
+    assert abs(first - 0.5) <= 0.06
+    assert abs(second - 10 / 11) <= 0.05
+
+
 @pytest.fixture()
 def tiny_store(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(3)
@@ -235,7 +288,7 @@ def test_workers_split_cases_and_follow_set_epoch(store: Path):
 @pytest.mark.parametrize(
     "kwargs",
     [{"cases": []}, {"patch_size": (16, 16)}, {"patches_per_scan": 0}, {"lesion_prob": 1.5}, {"rank": 2, "world_size": 2}, {"jitter": 0.6},
-     {"lesion_size_power": -1.0}],
+     {"lesion_size_power": -1.0}, {"hard_lesion_gain": -1.0}, {"hard_momentum": 1.0}],
 )
 def test_bad_dataset_arguments_are_refused(kwargs):
     args = {"store_root": "x", "cases": ["a"], "patch_size": PATCH, "patches_per_scan": 1, **kwargs}

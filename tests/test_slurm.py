@@ -315,6 +315,23 @@ def test_cli_plan_writes_files_with_the_users_umask(tmp_path: Path):
     assert read_plan(folder)["jobs"][0]["job_id"] is None
 
 
+def test_cli_plan_passes_checked_calibrate_options(tmp_path: Path):
+    result = CliRunner().invoke(app, _plan_args(tmp_path, "--calibrate-args", "--urine-veto --gate-margin 0.5"))
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "home/runs/r/slurm"
+    script = (folder / "calibrate.sbatch").read_text()
+    assert script.rstrip().endswith("calibrate --run r --urine-veto --gate-margin 0.5")
+    assert read_plan(folder)["config"]["calibrate_args"] == ["--urine-veto", "--gate-margin", "0.5"]
+    # checked against `petctl calibrate` at plan time: one line naming the option, nothing written
+    for words, message in (("--gate-margn 0.5", "No such option: --gate-margn"), ("--gate-margin x", "Invalid value for '--gate-margin'"),
+                           ("--run other", "may not set --run"), ("--home=/elsewhere", "may not set --home"),
+                           ("--urine-veto '", "No closing quotation")):
+        result = CliRunner().invoke(app, _plan_args(tmp_path / "bad", "--calibrate-args", words))
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, (words, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_cli_errors_are_one_line(tmp_path: Path):
     result = CliRunner().invoke(app, _plan_args(tmp_path, "--partition", "a\nb"))
     assert result.exit_code == 2 and "line break" in result.output and "Traceback" not in result.output
@@ -539,7 +556,8 @@ def test_chain_on_local_cluster(slurm_cluster, cohort: Path, tmp_path: Path):
         shutil.copy(path, new / path.name)
     _petctl(home, "slurm", "plan", "--run", "c", "--store", str(tmp_path / "store"), "--data", str(cohort), "--preset", "cpu-tiny",
             "--gpus-per-node", "0", "--cpus-per-task", "1", "--folds", "2", "--spacing", "6,6,8", "--test-fraction", "0.25",
-            "--cycles", "1", "--predict-input", str(new.parent), "--predict-output", str(tmp_path / "masks"), cwd=tmp_path)
+            "--cycles", "1", "--predict-input", str(new.parent), "--predict-output", str(tmp_path / "masks"),
+            "--calibrate-args", "--gate-margin 0.5", cwd=tmp_path)
     _petctl(home, "slurm", "submit", "--run", "c")
     plan = read_plan(home / "runs/c/slurm")
     ids = [j["job_id"] for j in plan["jobs"]]
@@ -554,6 +572,7 @@ def test_chain_on_local_cluster(slurm_cluster, cohort: Path, tmp_path: Path):
     assert [(s.status, s.slurm_job_id) for s in predicted] == [("done", ids[-1])]
     assert (tmp_path / "masks" / f"{first[0].name[: -len('_0000.nii.gz')]}.nii.gz").exists()
     assert (home / "runs/c-merged/thresholds.json").exists()
+    assert json.loads((home / "runs/c/thresholds.json").read_text())["classifier"]["margin"] == 0.5  # --calibrate-args reached it
     assert {_scontrol_state(i) for i in ids} == {"COMPLETED"}
     status = _petctl(home, "status", "--run", "c").stdout
     assert "COMPLETED" in status

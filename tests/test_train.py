@@ -67,6 +67,34 @@ def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
     assert "Table 1" in result.stdout
 
 
+@pytest.mark.ddp
+def test_hard_lesion_mining_under_two_process_ddp(store: Path, tmp_path: Path):
+    # every rank folds all ranks' lesion-patch recalls in the same order: the miss rates the
+    # checkpoint keeps come from both ranks' patches, and the weights stay identical
+    result = _train(store, tmp_path, "--cycles", "1", "--epochs", "2", "--hard-lesion-gain", "3", processes=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fold = tmp_path / "home/runs/t/seg/fold0"
+    meta = json.loads((fold / "checkpoints/last/meta.json").read_text())
+    assert meta["config"]["hard_lesion_gain"] == 3.0
+    digests = meta["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    from petctl.engine.trainer import read_fold
+
+    train_cases, _ = read_fold(store, 0)
+    rates = meta["sampler_state"]
+    assert sorted(rates) == sorted(train_cases)
+    assert any(v for v in rates.values()) and all(0.0 <= r <= 1.0 for v in rates.values() for r in v)
+    epochs = json.loads((fold / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(0.0 <= e["lesion_patch_recall"] <= 1.0 and e["hard_lesions"] >= 0 for e in epochs)
+    # with the mining off (the default) nothing is tracked
+    plain = _train(store, tmp_path, "--cycles", "1", "--epochs", "1", run="plain")
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    plain_meta = json.loads((tmp_path / "home/runs/plain/seg/fold0/checkpoints/last/meta.json").read_text())
+    assert plain_meta["sampler_state"] is None
+    assert "lesion_patch_recall" not in json.loads((tmp_path / "home/runs/plain/seg/fold0/metrics.json").read_text())["epochs"][0]
+
+
 def test_sigterm_checkpoints_and_rerun_resumes(store: Path, tmp_path: Path):
     cmd = [sys.executable, "-m", "petctl", "train", "--store", str(store), "--fold", "0", "--preset", "cpu-tiny",
            "--cycles", "1", "--epochs", "40", "--run", "r"]

@@ -48,6 +48,28 @@ def _spacing(text: str | None) -> tuple[float, float, float] | None:
     return parse(text)
 
 
+def _calibrate_args(text: str | None, run: str) -> tuple[str, ...]:
+    """The words of --calibrate-args, parsed by `petctl calibrate`'s own options (unknown options and
+    bad values fail at plan time, in one line, instead of in the calibrate job hours later)."""
+    import shlex
+
+    if not text:
+        return ()
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as e:
+        raise PetctlError(f"--calibrate-args: {e}") from None
+    from petctl.cli import app as cli_app  # imported late: petctl.cli imports this module
+
+    command = typer.main.get_command(cli_app).commands["calibrate"]  # type: ignore[attr-defined]
+    try:
+        command.make_context("calibrate", ["--run", run, *words])
+    except Exception as e:  # click's usage errors (from the click that typer bundles)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        raise PetctlError(f"--calibrate-args {text!r}: {message}") from None
+    return words
+
+
 def plan(
     run: RunOpt,
     store: Annotated[Path, typer.Option("--store", help="Store that prepare writes and training reads.")],
@@ -71,6 +93,7 @@ def plan(
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no or bf16.")] = "no",
     predict_input: Annotated[Optional[Path], typer.Option("--predict-input", help="NIfTI cases to predict at the end.")] = None,
     predict_output: Annotated[Optional[Path], typer.Option("--predict-output", help="Where predict writes the masks.")] = None,
+    calibrate_args: Annotated[Optional[str], typer.Option("--calibrate-args", help="More options for the calibrate job, in one quoted string, e.g. '--urine-veto --gate-margin 0.5 --gate-positives detected' (what `petctl demo` calibrates with); checked against `petctl calibrate` now, not when the job starts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scripts instead of writing them.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a plan whose jobs were already submitted.")] = False,
     home: HomeOpt = None,
@@ -87,6 +110,7 @@ def plan(
         spacing=_spacing(spacing), test_fraction=test_fraction, cycles=cycles, epochs=epochs, max_steps=max_steps, mixed_precision=mixed_precision,
         predict_input=_absolute(predict_input) if predict_input else None,
         predict_output=_absolute(predict_output) if predict_output else None,
+        calibrate_args=_calibrate_args(calibrate_args, run),
     )
     result, scripts = render_plan(cfg)
     if dry_run:

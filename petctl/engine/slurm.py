@@ -84,6 +84,9 @@ class SlurmConfig:
     predict_input: str | None = None
     """With `predict_output`: the final predict job's input and output folders (absolute)."""
     predict_output: str | None = None
+    calibrate_args: tuple[str, ...] = ()
+    """More words for the calibrate job's `petctl calibrate --run RUN` (e.g. `--urine-veto`,
+    `--gate-margin 0.5`); the run and the home are the plan's own."""
     python: str = sys.executable
     """The interpreter that runs petctl on the compute nodes (same shared filesystem)."""
 
@@ -103,8 +106,12 @@ class SlurmConfig:
             raise PetctlError("--predict-input and --predict-output go together")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, str) and ("\n" in value or "\r" in value or "\0" in value):
-                raise PetctlError(f"{f.name} may not contain a line break or NUL ({value[:40]!r})")
+            for text in (value if isinstance(value, tuple) else (value,)):
+                if isinstance(text, str) and ("\n" in text or "\r" in text or "\0" in text):
+                    raise PetctlError(f"{f.name} may not contain a line break or NUL ({text[:40]!r})")
+        owned = [w for w in self.calibrate_args if w.split("=", 1)[0] in ("--run", "--home")]
+        if owned:
+            raise PetctlError(f"--calibrate-args may not set {owned[0].split('=', 1)[0]}: the plan sets the run and the home itself")
         if "\\" in self.home:  # SLURM drops backslashes from --output paths (its escape character)
             raise PetctlError(f"petctl home may not contain a backslash for SLURM jobs ({self.home[:60]!r})")
 
@@ -340,7 +347,7 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
     scripts[prepare.filename] = _render_prepare(cfg, prepare, cfg.spacing or train_cfg.spacing)
     jobs = [prepare, train_job("seg", False, ("prepare",)), train_job("cls", False, ("prepare",))]
     calibrate = Job("calibrate", "calibrate", ("train-seg", "train-cls"), (PlannedStep(cfg.run, "calibrate", "calibrate"),))
-    scripts[calibrate.filename] = _render_step(cfg, calibrate, _petctl(cfg, "calibrate", "--run", cfg.run))
+    scripts[calibrate.filename] = _render_step(cfg, calibrate, _petctl(cfg, "calibrate", "--run", cfg.run, *cfg.calibrate_args))
     jobs += [calibrate, train_job("seg", True, ("calibrate",)), train_job("cls", True, ("calibrate",))]
     if cfg.predict_input is not None and cfg.predict_output is not None:
         # no pending placeholder: predict names its step when it starts (predict-YYYYmmdd-HHMMSS)
