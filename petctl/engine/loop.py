@@ -30,7 +30,9 @@ CHECKPOINT_VERSION = 1
 
 
 class Task(Protocol):
-    """What the loop needs from a segmentation or classifier fold."""
+    """What the loop needs from a segmentation or classifier fold. Optional hooks, used when a task
+    has them: `end_epoch(accelerator) -> dict` (after each epoch, on every rank; its numbers join the
+    epoch's record), `sampler_state()` / `load_sampler_state(state)` (kept in checkpoints)."""
 
     model: torch.nn.Module
     steps_per_epoch: int

@@ -114,7 +114,8 @@ class SegTask:
 
     def end_epoch(self, accelerator: Any) -> dict[str, Any]:
         """After each epoch: every rank folds all ranks' lesion-patch recalls into its sampler's miss
-        rates (hard-example mining); returns the epoch's summary numbers for the training record."""
+        rates (hard-example mining); returns the epoch's summary numbers for the training record.
+        The rates travel in checkpoints; an epoch resumed mid-way counts only the patches after the resume."""
         if self.cfg.hard_lesion_gain <= 0:
             return {}
         from petctl.engine.distributed import gather_objects
