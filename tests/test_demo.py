@@ -15,7 +15,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "3", "--train-folds", "2",
-           "--test-fraction", "0.2", "--tta",
+           "--test-fraction", "0.2", "--tta", "--hard-lesion-gain", "2",
            "--out", str(out), "--fresh"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -51,6 +51,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     written = json.loads((out / "predictions" / "predictions.json").read_text())["written"].values()
     assert all(r["tta"] is True for r in written)
     assert all("urine_vetoed_voxels" in r for r in written if not r["gated"])  # the demo's default veto, applied by predict
+    # --hard-lesion-gain reached the segmentation folds (and not the classifier's own sampling)
+    fold_meta = json.loads((home_run / "seg" / "fold0" / "checkpoints" / "last" / "meta.json").read_text())
+    assert fold_meta["config"]["hard_lesion_gain"] == 2.0 and fold_meta["sampler_state"]
 
 
 def test_demo_config_rejects_more_trained_folds_than_the_split_has():

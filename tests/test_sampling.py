@@ -147,7 +147,7 @@ def _two_lesion_store(root: Path) -> None:
 
 def test_hard_lesions_are_drawn_in_proportion_to_their_miss_rate(tmp_path: Path):
     _two_lesion_store(tmp_path)
-    ds = SegPatchDataset(str(tmp_path), ["two", "none"], PATCH, patches_per_scan=2000, lesion_prob=1.0, hard_lesion_gain=3.0)
+    ds = SegPatchDataset(str(tmp_path), ["two", "none"], PATCH, patches_per_scan=600, lesion_prob=1.0, hard_lesion_gain=3.0)
     np.testing.assert_array_equal(ds.hardness("two"), [0.0, 0.0])
     assert ds.hardness("none").size == 0
 
@@ -156,12 +156,12 @@ def test_hard_lesions_are_drawn_in_proportion_to_their_miss_rate(tmp_path: Path)
         assert all(it["component"] in (0, 1) and it["lesion"] for it in items)
         return float(np.mean([it["component"] == 1 for it in items]))
 
-    assert abs(share_of_second() - 0.5) <= 0.04  # nothing missed yet: uniform
+    assert abs(share_of_second() - 0.5) <= 0.06  # nothing missed yet: uniform
     # the net found component 0 and missed component 1, twice: h = 0.5·0.5 + 0.5·1 = 0.75 for it
     ds.update_hardness([("two", 0, 1.0), ("two", 1, 0.0), ("two", 1, 0.0), ("none", 0, 0.0), ("two", 5, 0.0), ("elsewhere", 0, 0.0)])
     np.testing.assert_allclose(ds.hardness("two"), [0.0, 0.75])
     expected = (1 + 3 * 0.75) / (1 + 1 + 3 * 0.75)
-    assert abs(share_of_second() - expected) <= 0.04
+    assert abs(share_of_second() - expected) <= 0.06
     np.testing.assert_allclose(ds.sampling_weights("two", CaseStore(tmp_path).load("two")), [1.0, 3.25])
     # the state round-trips (a resumed fold samples as the interrupted one would have)
     again = SegPatchDataset(str(tmp_path), ["two", "none"], PATCH, patches_per_scan=1, hard_lesion_gain=3.0)
@@ -177,13 +177,13 @@ def test_hard_lesions_are_drawn_in_proportion_to_their_miss_rate(tmp_path: Path)
 
 def test_hard_lesion_rates_reach_persistent_loader_workers(tmp_path: Path):
     _two_lesion_store(tmp_path)
-    ds = SegPatchDataset(str(tmp_path), ["two"], PATCH, patches_per_scan=600, lesion_prob=1.0, hard_lesion_gain=9.0)
+    ds = SegPatchDataset(str(tmp_path), ["two"], PATCH, patches_per_scan=400, lesion_prob=1.0, hard_lesion_gain=9.0)
     loader = make_loader(ds, batch_size=50, num_workers=1, pin_memory=False)
     first = torch.cat([b["component"] for b in loader]).float().mean().item()
     ds.update_hardness([("two", 1, 0.0)] * 20)  # in the main process, between epochs
     ds.set_epoch(1)
     second = torch.cat([b["component"] for b in loader]).float().mean().item()
-    assert abs(first - 0.5) <= 0.06
+    assert abs(first - 0.5) <= 0.07
     assert abs(second - 10 / 11) <= 0.05
 
 
