@@ -34,7 +34,7 @@ PATCH = (16, 16, 16)
 
 def _draw(lesion_coords, body_coords, p, n=3000, seed=0):
     rng = np.random.default_rng(seed)
-    return [patch_centre(SHAPE, lesion_coords, body_coords, p, rng) for _ in range(n)]
+    return [(c, component >= 0) for c, component in (patch_centre(SHAPE, lesion_coords, body_coords, p, rng) for _ in range(n))]
 
 
 # -- patch centres -----------------------------------------------------------------------------
@@ -104,6 +104,8 @@ def test_component_weights_set_the_share_of_each_component():
     rng = np.random.default_rng(0)
     draws = [patch_centre(SHAPE, coords, BODY, 1.0, rng, weights) for _ in range(4000)]
     tiny_share = np.mean([tuple(c.tolist()) == (39, 29, 49) for c, _ in draws])
+    # the component returned is the one the centre was drawn from (the tiny lesion is component 2)
+    assert all((component == 2) == (tuple(c.tolist()) == (39, 29, 49)) and component in (0, 2) for c, component in draws)
     assert abs(tiny_share - 0.25) <= 0.03
     # all weights equal: the same shares as uniform (the stream differs, the distribution does not)
     rng = np.random.default_rng(0)

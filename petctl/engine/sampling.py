@@ -46,27 +46,15 @@ def patch_centre(
     lesion_prob: float,
     rng: np.random.Generator,
     component_weights: np.ndarray | None = None,
-) -> tuple[np.ndarray, bool]:
-    """(centre_xyz int64 (3,), lesion_centred) for one patch of a case.
+) -> tuple[np.ndarray, int]:
+    """(centre_xyz int64 (3,), component) for one patch of a case: the lesion component the patch is
+    centred on, or -1 when it is not lesion-centred.
 
     With probability `lesion_prob` (only when the case has lesion coordinates) a lesion component
     is chosen — uniformly, or in proportion to `component_weights[component]` when given — then
     one of its sampled voxels uniformly; otherwise a body voxel, or any voxel of the volume when
     the case has no body samples.
     """
-    centre, component = patch_centre_component(stored_shape, lesion_coords, body_coords, lesion_prob, rng, component_weights)
-    return centre, component >= 0
-
-
-def patch_centre_component(
-    stored_shape: Sequence[int],
-    lesion_coords: np.ndarray,
-    body_coords: np.ndarray,
-    lesion_prob: float,
-    rng: np.random.Generator,
-    component_weights: np.ndarray | None = None,
-) -> tuple[np.ndarray, int]:
-    """`patch_centre`, with the lesion component the patch is centred on (-1: not lesion-centred)."""
     # Always consume the coin so that the rest of the stream does not depend on the case type.
     coin = rng.random()
     if len(lesion_coords) and coin < lesion_prob:
@@ -227,7 +215,7 @@ class SegPatchDataset(IterableDataset):
         stored = self._store.load(case)  # type: ignore[union-attr]
         weights = self.sampling_weights(case, stored)
         for _ in range(self.patches_per_scan):
-            centre, component = patch_centre_component(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng, weights)
+            centre, component = patch_centre(stored.shape, stored.lesion_coords, stored.body_coords, self.lesion_prob, rng, weights)
             start = patch_start(centre, self.patch_size, self.jitter, rng)
             image, label = self._store.read_patch(case, start, self.patch_size)  # type: ignore[union-attr]
             yield {
