@@ -83,7 +83,8 @@ def test_hard_lesion_mining_under_two_process_ddp(store: Path, tmp_path: Path):
     train_cases, _ = read_fold(store, 0)
     rates = meta["sampler_state"]
     assert sorted(rates) == sorted(train_cases)
-    assert any(v for v in rates.values()) and all(0.0 <= r <= 1.0 for v in rates.values() for r in v)
+    # the tiny nets miss lesions: the recalls were folded in (rates off 0), and every rate is a share
+    assert any(r > 0 for v in rates.values() for r in v) and all(0.0 <= r <= 1.0 for v in rates.values() for r in v)
     epochs = json.loads((fold / "metrics.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(0.0 <= e["lesion_patch_recall"] <= 1.0 and e["hard_lesions"] >= 0 for e in epochs)
