@@ -35,6 +35,7 @@ def demo(
     gate_positives: Annotated[str, typer.Option("--gate-positives", help="calibrate's gate keeps the test positives the segmentation finds ('detected') or all of them ('all': the paper's).")] = "detected",
     urine_veto: Annotated[bool, typer.Option("--urine-veto/--no-urine-veto", help="calibrate's urine veto: drop predicted components lying mostly in water-density CT regions (the bladder), in calibration and prediction (--no-urine-veto: the paper's).")] = True,
     hard_lesion_gain: Annotated[Optional[float], typer.Option("--hard-lesion-gain", help="Segmentation training's hard-example mining: a lesion's weight in lesion-centred draws is 1 + GAIN × the share of it the nets missed so far (0: off; default: the preset's).")] = None,
+    budget: Annotated[float, typer.Option("--budget", min=0, help="Minutes the demo may take on a CPU machine: a few timed training steps size the epochs to fit (never below half the preset's; 0: the preset's epochs whatever the time).")] = 20.0,
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
@@ -51,7 +52,7 @@ def demo(
                      seed=seed, folds=folds, train_folds=None if all_folds else train_folds, test_fraction=test_fraction, concurrent=concurrent, workers=workers,
                      clip=percentile_pair(clip), pet_clip=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
                      hot_background=hot_background, pet_wide=pet_wide, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
-                     urine_veto=urine_veto, hard_lesion_gain=hard_lesion_gain, retrain_merged=retrain_merged, fresh=fresh)
+                     urine_veto=urine_veto, hard_lesion_gain=hard_lesion_gain, budget_min=budget, retrain_merged=retrain_merged, fresh=fresh)
     summary = run_demo(cfg, resolve_home(home), say=console.print, warn=error_line)
     table = Table(title="petctl demo")
     table.add_column("what")
@@ -67,6 +68,9 @@ def demo(
         table.add_row("held-out mean FNV mL (positives)", f"{test['mean_fnv_ml']:.2f}")
         table.add_row("held-out classifier AUROC", f"{test['classifier_auroc']:.3f}")
         table.add_row("gated (predicted healthy)", f"{test['gated']}/{test['num_positive'] + test['num_negative']}")
+    budget = summary.get("budget")
+    if budget:
+        table.add_row(f"epochs seg / cls (budget {budget['budget_min']:g} min)", f"{budget['seg_epochs']} / {budget['cls_epochs']}")
     table.add_row("total time", f"{sum(summary['timings_s'].values()):.0f} s")
     console.print(table)
     console.print(f"report: {out / 'report.md'}")

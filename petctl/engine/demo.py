@@ -84,6 +84,12 @@ class DemoConfig:
     """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
     seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
     939 s against ~718 s), past the 20-minute budget on a loaded machine (README)."""
+    budget_min: float | None = 20.0
+    """Minutes the whole demo may take on a CPU machine. After prepare a few training steps are timed
+    (`petctl.engine.budget`); when the preset's epochs would run past the budget, the segmentation and
+    classifier epochs are cut by a common share, to no less than half the preset's. CPU machines
+    differ ~2× per step (16½ against 31 minutes for the same demo). None or 0: the preset's epochs
+    whatever the time; ignored on GPUs."""
     processes: int = 1
     concurrent: int | None = None
     """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
@@ -94,6 +100,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.cases < 8 or self.folds < 2:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
+        if self.budget_min is not None and self.budget_min < 0:
+            raise PetctlError(f"--budget must be ≥ 0 minutes (got {self.budget_min})")
         if self.train_folds is not None and not 1 <= self.train_folds <= self.folds:
             raise PetctlError(f"--train-folds must be within 1..{self.folds} (got {self.train_folds})")
         from petctl.engine.calibrate import check_gate_margin, check_gate_positives
@@ -125,6 +133,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     from petctl.engine.report import write_report
     from petctl.engine.synth import make_cohort
 
+    t_demo = time.perf_counter()
     out = Path(cfg.out)
     registry = Registry(home)
     if cfg.fresh:
@@ -162,9 +171,10 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     timings["prepare"] = time.perf_counter() - t
 
     launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
+    folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
+    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=time.perf_counter() - t_demo, say=say, warn=warn)
     # Both tasks share one queue, so a classifier fold fills a core a segmentation fold leaves idle.
     t = stage("train segmentation and classifier folds")
-    folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
     code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
                        run_config={"store": str(store.resolve()), "preset": cfg.preset})
     if code:
@@ -221,8 +231,54 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
 
     t = stage("report")
     summary = write_report(out, run_dir=run_dir, predict_run_dir=Path(home) / "runs" / predict_run, data=data, cfg=cfg,
-                           thresholds=thresholds, evaluation=evaluation, timings=timings, train_cfg=train_cfg)
+                           thresholds=thresholds, evaluation=evaluation, timings=timings, train_cfg=train_cfg, budget=budget)
     timings["report"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    if budget:
+        summary["budget"] = budget
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launch: Any, *, elapsed_s: float,
+               say: Callable[[str], Any], warn: Callable[[str], Any]) -> tuple[Any, dict[str, Any] | None]:
+    """The preset with its epochs cut to `cfg.budget_min` on this machine (`petctl.engine.budget`), and
+    the plan (None: no budget, or a GPU). The plan is kept in OUT/budget.json, so a resumed demo trains
+    what the interrupted one started."""
+    from petctl.engine.budget import fit_epochs, probe_seg_step
+    from petctl.engine.config import with_overrides
+    from petctl.engine.folds import gpu_count
+    from petctl.engine.trainer import read_fold
+
+    if not cfg.budget_min or gpu_count():
+        return train_cfg, None
+    path = Path(cfg.out) / "budget.json"
+    plan = json.loads(path.read_text()) if path.exists() else None
+    if plan is None:
+        seg_cfg = train_cfg.with_image_channels(3 if cfg.pet_wide else 2)
+        train, val = read_fold(store, folds[0])
+        per_rank = -(-len(train) // max(1, cfg.processes))
+        trainings = 2 if cfg.retrain_merged else 1
+
+        def rounds(runs: int) -> int:  # fold runs one after another, each training
+            return trainings * -(-runs // max(1, launch.concurrent))
+
+        step_s = probe_seg_step(seg_cfg)
+        fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
+                         cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=-(-per_rank * train_cfg.patches_per_scan // train_cfg.batch_size),
+                         num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)))
+        plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
+                "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
+                "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle}
+        path.write_text(json.dumps(plan, indent=2))
+    seg, cls = plan["seg_epochs"], plan["cls_epochs"]
+    if (seg, cls) == (plan["preset_seg_epochs"], plan["preset_cls_epochs"]):
+        say(f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, the preset's epochs fit "
+            f"(estimate {plan['estimate_s'] / 60:.1f} min)")
+    else:
+        (say if plan["fits"] else warn)(
+            f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, so {seg} of "
+            f"{plan['preset_seg_epochs']} segmentation and {cls} of {plan['preset_cls_epochs']} classifier epochs "
+            f"(estimate {plan['estimate_s'] / 60:.1f} min{'' if plan['fits'] else ', past the budget even so'}; --budget 0 trains them all)")
+    train_cfg = with_overrides(with_overrides(train_cfg, epochs=seg), task="cls", epochs=cls)
+    return train_cfg, plan

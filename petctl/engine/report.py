@@ -106,8 +106,19 @@ def _folds_text(cfg: Any) -> str:
     return f"{trained} of {cfg.folds} folds trained"
 
 
+def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    if not budget:
+        return []
+    what = ("the preset's epochs fit" if (budget["seg_epochs"], budget["cls_epochs"]) == (budget["preset_seg_epochs"], budget["preset_cls_epochs"])
+            else f"trained {budget['seg_epochs']} of {budget['preset_seg_epochs']} segmentation and {budget['cls_epochs']} of "
+                 f"{budget['preset_cls_epochs']} classifier epochs to fit it")
+    past = "" if budget["fits"] else " (past the budget even at half the epochs)"
+    return [f"Time budget {budget['budget_min']:g} min: {budget['step_s']:.2f} s per training step on this machine, {what}; "
+            f"estimated {budget['estimate_s'] / 60:.1f} min{past}.", ""]
+
+
 def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path, cfg: Any, thresholds: dict[str, Any],
-                 evaluation: Any, timings: dict[str, float], train_cfg: Any) -> dict[str, Any]:
+                 evaluation: Any, timings: dict[str, float], train_cfg: Any, budget: dict[str, Any] | None = None) -> dict[str, Any]:
     out = Path(out)
     seg, cls = _fold_metrics(run_dir / "seg"), _fold_metrics(run_dir / "cls")
     plot_training(out / "training_curves.png", seg, cls)
@@ -120,6 +131,7 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         "# petctl demo report", "",
         f"Preset `{train_cfg.preset}` ({train_cfg.arch}, patch {train_cfg.patch_size}, {train_cfg.num_cycles}×{train_cfg.epochs_per_cycle} cycles, "
         f"spacing {train_cfg.spacing} mm), {_folds_text(cfg)}, seed {cfg.seed}, data `{data}`.", "",
+        *_budget_lines(budget),
         "## Thresholds (calibrated on the held-out test split of the training cohort)", "",
         "| what | threshold | quality |", "| --- | --- | --- |",
         f"{seg_row}ensemble, max mean Dice) | {s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives |",

@@ -1,0 +1,114 @@
+"""The demo's time budget: the cost model, the probe, and the plan the demo trains by."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from petctl.engine.budget import fit_epochs, probe_seg_step
+from petctl.errors import PetctlError
+
+# The cpu-small demo of seed 4747 as measured (2 cores, 0.78 s per probed step): 115 s before training,
+# one round of two segmentation folds (65 training cases, 17 validation), two rounds of classifier folds.
+DEMO = dict(elapsed_s=115.0, seg_epochs=12, cls_epochs=13, seg_steps_per_epoch=130, num_val_cases=17, seg_rounds=1, cls_rounds=2)
+
+
+def test_the_cost_model_reproduces_the_measured_demo():
+    plan = fit_epochs(budget_s=10_000, step_s=0.78, **DEMO)
+    assert (plan.seg_epochs, plan.cls_epochs, plan.fits) == (12, 13, True)
+    assert plan.estimate_s == pytest.approx(1884, rel=0.03)  # the run took 1884 s
+
+
+@pytest.mark.parametrize("step_s, seg, cls, fits", [
+    (0.40, 12, 13, True),   # the machines of earlier sessions: the preset fits (16½ min measured)
+    (0.78, 6, 6, True),     # this session's: half the epochs
+    (0.60, 9, 10, True),
+    (3.00, 6, 6, False),    # far too slow: the floor, flagged
+])
+def test_epochs_shrink_with_the_machine_and_stop_at_the_floor(step_s, seg, cls, fits):
+    plan = fit_epochs(budget_s=1200, step_s=step_s, **DEMO)
+    assert (plan.seg_epochs, plan.cls_epochs, plan.fits) == (seg, cls, fits)
+    assert (plan.estimate_s <= 1200) == fits
+    if seg < 12:  # one more epoch would not have fitted
+        more = fit_epochs(budget_s=1200, step_s=step_s, **{**DEMO, "seg_epochs": seg + 1, "cls_epochs": round(13 * (seg + 1) / 12)},
+                          min_share=1.0)
+        assert more.estimate_s > 1200
+
+
+def test_more_rounds_or_less_budget_never_buy_more_epochs():
+    base = fit_epochs(budget_s=1500, step_s=0.6, **DEMO)
+    assert fit_epochs(budget_s=1500, step_s=0.6, **{**DEMO, "seg_rounds": 2}).seg_epochs <= base.seg_epochs
+    assert fit_epochs(budget_s=1000, step_s=0.6, **DEMO).seg_epochs <= base.seg_epochs
+    assert fit_epochs(budget_s=1500, step_s=0.6, **DEMO, min_share=1.0).seg_epochs == 12  # no cut allowed
+
+
+@pytest.mark.parametrize("bad", [dict(budget_s=0), dict(step_s=0.0), dict(seg_epochs=0), dict(min_share=0.0), dict(min_share=1.5)])
+def test_fit_epochs_refuses_nonsense(bad):
+    args = dict(budget_s=1200.0, step_s=0.5, **DEMO)
+    args.update(bad)
+    min_share = args.pop("min_share", 0.5)
+    with pytest.raises(PetctlError, match="must be positive"):
+        fit_epochs(**args, min_share=min_share)
+
+
+def test_the_probe_times_real_steps_and_restores_the_thread_count():
+    import torch
+
+    from petctl.engine.config import preset
+
+    threads = torch.get_num_threads()
+    step_s = probe_seg_step(preset("cpu-tiny").with_image_channels(2), num_steps=2, warmup=1)
+    assert 0 < step_s < 60 and torch.get_num_threads() == threads
+
+
+def _fit(tmp_path: Path, monkeypatch, step_s: float | None, **demo):
+    from petctl.engine import budget, trainer
+    from petctl.engine.config import preset
+    from petctl.engine.demo import DemoConfig, fit_budget
+    from petctl.engine.folds import FoldLaunch
+
+    def probe(cfg):
+        if step_s is None:
+            raise AssertionError("the probe ran")
+        assert cfg.in_channels == 5  # two image channels and the position channels
+        return step_s
+
+    monkeypatch.setattr(budget, "probe_seg_step", probe)
+    monkeypatch.setattr(trainer, "read_fold", lambda store, fold: ([f"t{i}" for i in range(65)], [f"v{i}" for i in range(17)]))
+    said, warned = [], []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = DemoConfig(out=str(tmp_path), **demo)
+    train_cfg, plan = fit_budget(cfg, preset("cpu-small"), tmp_path / "store", [0, 1], FoldLaunch(processes=1, concurrent=2),
+                                 elapsed_s=115.0, say=said.append, warn=warned.append)
+    return train_cfg, plan, said, warned
+
+
+def test_the_demo_trains_what_fits_and_a_resume_keeps_the_plan(tmp_path: Path, monkeypatch):
+    train_cfg, plan, said, warned = _fit(tmp_path, monkeypatch, 0.78)
+    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (6, 6) and plan["fits"] and not warned
+    assert "6 of 12 segmentation and 6 of 13 classifier epochs" in said[0]
+    assert json.loads((tmp_path / "budget.json").read_text()) == plan
+    # a resumed demo does not probe again: it trains what the interrupted one started
+    again, plan2, _, _ = _fit(tmp_path, monkeypatch, None)
+    assert plan2 == plan and again.epochs_per_cycle == 6
+
+
+def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Path, monkeypatch):
+    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.40)
+    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 13) and "the preset's epochs fit" in said[0]
+    train_cfg, plan, _, warned = _fit(tmp_path / "slow", monkeypatch, 3.0)
+    assert train_cfg.epochs_per_cycle == 6 and not plan["fits"] and "past the budget even so" in warned[0]
+
+
+def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):
+    train_cfg, plan, said, _ = _fit(tmp_path, monkeypatch, None, budget_min=0)
+    assert plan is None and train_cfg.epochs_per_cycle == 12 and not said and not (tmp_path / "budget.json").exists()
+
+
+def test_a_negative_budget_is_refused():
+    from petctl.engine.demo import DemoConfig
+
+    with pytest.raises(PetctlError, match="--budget must be ≥ 0"):
+        DemoConfig(budget_min=-1)
