@@ -21,7 +21,7 @@ from petctl.errors import PetctlError
 @dataclass(frozen=True)
 class DemoCost:
     """The demo's stages in units of one probed training step (`probe_seg_step`). Measured on the
-    cpu-small demo, seed 4747, 2 cores (AMD EPYC, 0.78 s per probed step): each segmentation step
+    cpu-small demo, seed 4747, 2 cores (AMD EPYC; its probe gave 0.76–0.95 s a step, 0.78 taken): each segmentation step
     cost 1.02 probe steps in the fold (patch reads, augmentation, the loop), each validation case
     3.4; a classifier fold 13.8 probe steps per epoch (13 epochs, 140 s), two folds at a time;
     calibrate, predict and the report 200 probe steps together (156 s)."""

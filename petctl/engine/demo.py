@@ -172,9 +172,9 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
 
     launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
     folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
-    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=time.perf_counter() - t_demo, say=say, warn=warn)
+    t = stage("train segmentation and classifier folds")  # the budget's probe counts as training time
+    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=t - t_demo, say=say, warn=warn)
     # Both tasks share one queue, so a classifier fold fills a core a segmentation fold leaves idle.
-    t = stage("train segmentation and classifier folds")
     code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
                        run_config={"store": str(store.resolve()), "preset": cfg.preset})
     if code:
