@@ -88,18 +88,22 @@ def _fit(tmp_path: Path, monkeypatch, step_s: float | None, **demo):
 def test_the_demo_trains_what_fits_and_a_resume_keeps_the_plan(tmp_path: Path, monkeypatch):
     train_cfg, plan, said, warned = _fit(tmp_path, monkeypatch, 0.78)
     assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (6, 6) and plan["fits"] and not warned
-    assert "6 of 12 segmentation and 6 of 13 classifier epochs" in said[0]
+    assert "6 of 12 segmentation and 6 of 13 classifier epochs" in said[0] and said[0].endswith("estimate 18.5 min")
     assert json.loads((tmp_path / "budget.json").read_text()) == plan
     # a resumed demo does not probe again: it trains what the interrupted one started
     again, plan2, _, _ = _fit(tmp_path, monkeypatch, None)
     assert plan2 == plan and again.epochs_per_cycle == 6
+    # a half-written plan is planned again, not a traceback
+    (tmp_path / "budget.json").write_text("{")
+    _, plan3, _, _ = _fit(tmp_path, monkeypatch, 0.40)
+    assert plan3["seg_epochs"] == 12 and json.loads((tmp_path / "budget.json").read_text()) == plan3
 
 
 def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Path, monkeypatch):
     train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.40)
     assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 13) and "the preset's epochs fit" in said[0]
     train_cfg, plan, _, warned = _fit(tmp_path / "slow", monkeypatch, 3.0)
-    assert train_cfg.epochs_per_cycle == 6 and not plan["fits"] and "past the budget even so" in warned[0]
+    assert train_cfg.epochs_per_cycle == 6 and not plan["fits"] and "past the budget even at half the epochs" in warned[0]
 
 
 def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):

@@ -47,7 +47,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     # the time budget (20 min by default) probed this machine and planned the epochs the folds trained
     budget = summary["budget"]
     assert budget["budget_min"] == 20 and budget["step_s"] > 0 and (budget["seg_epochs"], budget["cls_epochs"]) == (1, 1)
-    assert json.loads((out / "budget.json").read_text()) == budget and "Time budget 20 min: " in report
+    assert json.loads((out / "budget.json").read_text()) == budget and "Time budget 20 min: " in report and "the preset's epochs fit" in report
     # --tta: calibrated on flip-averaged probabilities, recorded, and predict followed it
     home_run = tmp_path / "home" / "runs" / "demo"
     assert json.loads((home_run / "thresholds.json").read_text())["tta"] is True

@@ -71,6 +71,18 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     return EpochPlan(floor, cls, estimate(floor, cls), step_s, False)
 
 
+def describe_plan(plan: dict) -> str:
+    """One line for a demo plan (`OUT/budget.json`): the demo's message and the report's sentence."""
+    if (plan["seg_epochs"], plan["cls_epochs"]) == (plan["preset_seg_epochs"], plan["preset_cls_epochs"]):
+        what = "the preset's epochs fit"
+    else:
+        what = (f"so {plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation and {plan['cls_epochs']} of "
+                f"{plan['preset_cls_epochs']} classifier epochs (--budget 0 trains them all)")
+    past = "" if plan["fits"] else ", past the budget even at half the epochs"
+    return (f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, {what}; "
+            f"estimate {plan['estimate_s'] / 60:.1f} min{past}")
+
+
 def probe_seg_step(cfg, num_steps: int = 4, warmup: int = 2) -> float:
     """Seconds per training step (forward, backward, NAdam) of `cfg`'s segmentation net on a batch of
     random patches, one thread, the median of `num_steps` after `warmup`. The caller's thread count is

@@ -245,7 +245,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     """The preset with its epochs cut to `cfg.budget_min` on this machine (`petctl.engine.budget`), and
     the plan (None: no budget, or a GPU). The plan is kept in OUT/budget.json, so a resumed demo trains
     what the interrupted one started."""
-    from petctl.engine.budget import fit_epochs, probe_seg_step
+    from petctl.engine.budget import describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
     from petctl.engine.trainer import read_fold
@@ -253,7 +253,11 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     if not cfg.budget_min or gpu_count():
         return train_cfg, None
     path = Path(cfg.out) / "budget.json"
-    plan = json.loads(path.read_text()) if path.exists() else None
+    try:
+        plan = json.loads(path.read_text()) if path.exists() else None
+        plan = plan if isinstance(plan, dict) and {"seg_epochs", "cls_epochs", "fits"} <= plan.keys() else None
+    except (OSError, ValueError):
+        plan = None  # unreadable: plan again
     if plan is None:
         seg_cfg = train_cfg.with_image_channels(3 if cfg.pet_wide else 2)
         train, val = read_fold(store, folds[0])
@@ -272,13 +276,6 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle}
         path.write_text(json.dumps(plan, indent=2))
     seg, cls = plan["seg_epochs"], plan["cls_epochs"]
-    if (seg, cls) == (plan["preset_seg_epochs"], plan["preset_cls_epochs"]):
-        say(f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, the preset's epochs fit "
-            f"(estimate {plan['estimate_s'] / 60:.1f} min)")
-    else:
-        (say if plan["fits"] else warn)(
-            f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, so {seg} of "
-            f"{plan['preset_seg_epochs']} segmentation and {cls} of {plan['preset_cls_epochs']} classifier epochs "
-            f"(estimate {plan['estimate_s'] / 60:.1f} min{'' if plan['fits'] else ', past the budget even so'}; --budget 0 trains them all)")
+    (say if plan["fits"] else warn)(describe_plan(plan))
     train_cfg = with_overrides(with_overrides(train_cfg, epochs=seg), task="cls", epochs=cls)
     return train_cfg, plan

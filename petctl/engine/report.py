@@ -107,14 +107,12 @@ def _folds_text(cfg: Any) -> str:
 
 
 def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    from petctl.engine.budget import describe_plan
+
     if not budget:
         return []
-    what = ("the preset's epochs fit" if (budget["seg_epochs"], budget["cls_epochs"]) == (budget["preset_seg_epochs"], budget["preset_cls_epochs"])
-            else f"trained {budget['seg_epochs']} of {budget['preset_seg_epochs']} segmentation and {budget['cls_epochs']} of "
-                 f"{budget['preset_cls_epochs']} classifier epochs to fit it")
-    past = "" if budget["fits"] else " (past the budget even at half the epochs)"
-    return [f"Time budget {budget['budget_min']:g} min: {budget['step_s']:.2f} s per training step on this machine, {what}; "
-            f"estimated {budget['estimate_s'] / 60:.1f} min{past}.", ""]
+    line = describe_plan(budget)
+    return [line[0].upper() + line[1:] + ".", ""]
 
 
 def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path, cfg: Any, thresholds: dict[str, Any],
