@@ -20,16 +20,22 @@ from petctl.errors import PetctlError
 
 @dataclass(frozen=True)
 class DemoCost:
-    """The demo's stages in units of one probed training step (`probe_seg_step`). Measured on the
-    cpu-small demo, seed 4747, 2 cores (AMD EPYC; its probe gave 0.76–0.95 s a step, 0.78 taken): each segmentation step
-    cost 1.02 probe steps in the fold (patch reads, augmentation, the loop), each validation case
-    3.4; a classifier fold 13.8 probe steps per epoch (13 epochs, 140 s), two folds at a time;
-    calibrate, predict and the report 200 probe steps together (156 s)."""
+    """The demo's stages in units of one probed training step (`probe_seg_step`), measured on cpu-small
+    demos on 2 cores (AMD EPYC; probes of 0.78-0.79 s a step): seed 4747 at the preset's epochs (1884 s)
+    and seed 5050 at half (1213 s). A segmentation step in the fold cost 1.02 and 1.13 probe steps
+    (patch reads, augmentation, the loop, and the other fold on the second core; 1.10 taken, so a slow
+    probe does not plan past the budget); each validation case 3.4; a classifier fold 13.8 probe steps
+    per epoch, two folds at a time. Calibrate and predict segment each test-split and imagesTs scan the
+    gate lets through, 5.4 probe steps a scan on 5050 (41 of 46 let through); all are counted, so a
+    gate that stops more leaves time over (4747: 156 s against 207 planned)."""
 
-    seg_step: float = 1.02
+    seg_step: float = 1.10
     seg_val_case: float = 3.4
     cls_epoch: float = 13.8
-    after_training: float = 200.0
+    infer_scan: float = 5.5
+    """Calibrate + predict, per scan of the test split and imagesTs."""
+    report_s: float = 10.0
+    """Evaluate and the report (PNGs, tables), whatever the machine."""
     launch_s: float = 15.0
     """Seconds per round of fold launches (accelerate, imports), whatever the machine."""
 
@@ -46,12 +52,13 @@ class EpochPlan:
 
 
 def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: int, cls_epochs: int,
-               seg_steps_per_epoch: int, num_val_cases: int, seg_rounds: int, cls_rounds: int,
+               seg_steps_per_epoch: int, num_val_cases: int, seg_rounds: int, cls_rounds: int, infer_scans: int,
                min_share: float = 0.5, cost: DemoCost = DemoCost()) -> EpochPlan:
     """The most epochs, a common share of the preset's `seg_epochs` and `cls_epochs` (never below
     `min_share` of them), whose estimated demo ends within `budget_s`. `seg_rounds` and `cls_rounds`
-    are how many times the folds of a task run one after another (folds / concurrent folds)."""
-    if budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or not 0 < min_share <= 1:
+    are how many times the folds of a task run one after another (folds / concurrent folds);
+    `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs)."""
+    if budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or not 0 < min_share <= 1:
         raise PetctlError(f"budget {budget_s} s, step {step_s} s, epochs {seg_epochs}/{cls_epochs}, share {min_share}: "
                           "all must be positive (share at most 1)")
 
@@ -59,7 +66,7 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
         seg_fold = (seg * seg_steps_per_epoch * cost.seg_step + num_val_cases * cost.seg_val_case) * step_s
         cls_fold = cls * cost.cls_epoch * step_s
         return (elapsed_s + seg_rounds * (seg_fold + cost.launch_s) + cls_rounds * (cls_fold + cost.launch_s)
-                + cost.after_training * step_s)
+                + infer_scans * cost.infer_scan * step_s + cost.report_s)
 
     floor = max(1, math.ceil(seg_epochs * min_share))
     for seg in range(seg_epochs, floor - 1, -1):

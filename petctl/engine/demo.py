@@ -173,7 +173,8 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
     folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
     t = stage("train segmentation and classifier folds")  # the budget's probe counts as training time
-    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=t - t_demo, say=say, warn=warn)
+    scans = len(result.splits["test"]) + (len(list((data / "imagesTs").glob("*_0000.nii*"))) if (data / "imagesTs").is_dir() else 0)
+    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=t - t_demo, infer_scans=scans, say=say, warn=warn)
     # Both tasks share one queue, so a classifier fold fills a core a segmentation fold leaves idle.
     code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
                        run_config={"store": str(store.resolve()), "preset": cfg.preset})
@@ -241,9 +242,9 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
 
 
 def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launch: Any, *, elapsed_s: float,
-               say: Callable[[str], Any], warn: Callable[[str], Any]) -> tuple[Any, dict[str, Any] | None]:
+               infer_scans: int, say: Callable[[str], Any], warn: Callable[[str], Any]) -> tuple[Any, dict[str, Any] | None]:
     """The preset with its epochs cut to `cfg.budget_min` on this machine (`petctl.engine.budget`), and
-    the plan (None: no budget, or a GPU). The plan is kept in OUT/budget.json, so a resumed demo trains
+    the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment. The plan is kept in OUT/budget.json, so a resumed demo trains
     what the interrupted one started."""
     from petctl.engine.budget import describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
@@ -270,7 +271,8 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         step_s = probe_seg_step(seg_cfg)
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=-(-per_rank * train_cfg.patches_per_scan // train_cfg.batch_size),
-                         num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)))
+                         num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)),
+                         infer_scans=infer_scans)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle}
