@@ -20,15 +20,20 @@ from petctl.errors import PetctlError
 
 @dataclass(frozen=True)
 class DemoCost:
-    """The demo's stages in units of one probed training step (`probe_seg_step`), measured on cpu-small
-    demos on 2 cores (AMD EPYC; probes of 0.78-0.79 s a step): seed 4747 at the preset's epochs (1884 s)
-    and seed 5050 at half (1213 s). A segmentation step in the fold cost 1.02 and 1.13 probe steps
-    (patch reads, augmentation, the loop, and the other fold on the second core; 1.10 taken, so a slow
-    probe does not plan past the budget); each validation case 3.4; a classifier fold 13.8 probe steps
-    per epoch, two folds at a time. Calibrate and predict segment each test-split and imagesTs scan the
-    gate lets through, 5.4 probe steps a scan on 5050 (41 of 46 let through); all are counted, so a
-    gate that stops more leaves time over (4747: 156 s against 207 planned)."""
+    """The demo's stages in units of one probed training step (`probe_seg_step`) at `batch_size`
+    patches; a stage whose work does not grow with the batch (validation, classifiers, calibrate and
+    predict) is counted in steps at that batch and scaled by the probed time per patch. Measured on
+    cpu-small demos on 2 cores (AMD EPYC; probes of 0.78-0.79 s a step at batch 8): seed 4747 at the
+    preset's epochs (1884 s) and seed 5050 at half (1213 s). A segmentation step in the fold cost 1.02
+    and 1.13 probe steps (patch reads, augmentation, the loop, and the other fold on the second core;
+    1.10 taken, so a slow probe does not plan past the budget; at batch 4, 5050's took 1.02); each
+    validation case 3.4; a classifier fold 13.8 probe steps per epoch, two folds at a time. Calibrate
+    and predict segment each test-split and imagesTs scan the gate lets through, 5.4 probe steps a scan
+    on 5050 (41 of 46 let through); all are counted, so a gate that stops more leaves time over
+    (4747: 156 s against 207 planned)."""
 
+    batch_size: int = 8
+    """The batch the per-stage costs below were measured at."""
     seg_step: float = 1.10
     seg_val_case: float = 3.4
     cls_epoch: float = 13.8
@@ -53,20 +58,24 @@ class EpochPlan:
 
 def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: int, cls_epochs: int,
                seg_steps_per_epoch: int, num_val_cases: int, seg_rounds: int, cls_rounds: int, infer_scans: int,
-               min_share: float = 0.5, cost: DemoCost = DemoCost()) -> EpochPlan:
+               batch_size: int = 8, min_share: float = 0.4, cost: DemoCost = DemoCost()) -> EpochPlan:
     """The most epochs, a common share of the preset's `seg_epochs` and `cls_epochs` (never below
-    `min_share` of them), whose estimated demo ends within `budget_s`. `seg_rounds` and `cls_rounds`
+    `min_share` of them: 5 of the cpu-small preset's 12), whose estimated demo ends within `budget_s`.
+    `seg_rounds` and `cls_rounds`
     are how many times the folds of a task run one after another (folds / concurrent folds);
-    `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs)."""
-    if budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or not 0 < min_share <= 1:
+    `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs); `step_s`
+    was probed at `batch_size` patches."""
+    if budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or batch_size < 1 or not 0 < min_share <= 1:
         raise PetctlError(f"budget {budget_s} s, step {step_s} s, epochs {seg_epochs}/{cls_epochs}, share {min_share}: "
                           "all must be positive (share at most 1)")
 
+    unit = step_s * cost.batch_size / batch_size  # a step at the costs' batch, at the probed time per patch
+
     def estimate(seg: int, cls: int) -> float:
-        seg_fold = (seg * seg_steps_per_epoch * cost.seg_step + num_val_cases * cost.seg_val_case) * step_s
-        cls_fold = cls * cost.cls_epoch * step_s
+        seg_fold = seg * seg_steps_per_epoch * cost.seg_step * step_s + num_val_cases * cost.seg_val_case * unit
+        cls_fold = cls * cost.cls_epoch * unit
         return (elapsed_s + seg_rounds * (seg_fold + cost.launch_s) + cls_rounds * (cls_fold + cost.launch_s)
-                + infer_scans * cost.infer_scan * step_s + cost.report_s)
+                + infer_scans * cost.infer_scan * unit + cost.report_s)
 
     floor = max(1, math.ceil(seg_epochs * min_share))
     for seg in range(seg_epochs, floor - 1, -1):
@@ -85,7 +94,7 @@ def describe_plan(plan: dict) -> str:
     else:
         what = (f"so {plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation and {plan['cls_epochs']} of "
                 f"{plan['preset_cls_epochs']} classifier epochs (--budget 0 trains them all)")
-    past = "" if plan["fits"] else ", past the budget even at half the epochs"
+    past = "" if plan["fits"] else ", past the budget even at the fewest epochs it cuts to"
     return (f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, {what}; "
             f"estimate {plan['estimate_s'] / 60:.1f} min{past}")
 

@@ -87,7 +87,7 @@ class DemoConfig:
     budget_min: float | None = 20.0
     """Minutes the whole demo may take on a CPU machine. After prepare a few training steps are timed
     (`petctl.engine.budget`); when the preset's epochs would run past the budget, the segmentation and
-    classifier epochs are cut by a common share, to no less than half the preset's. CPU machines
+    classifier epochs are cut by a common share, to no fewer than 2/5 of the preset's. CPU machines
     differ ~2× per step (16½ against 31 minutes for the same demo). None or 0: the preset's epochs
     whatever the time; ignored on GPUs."""
     processes: int = 1
@@ -272,7 +272,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=-(-per_rank * train_cfg.patches_per_scan // train_cfg.batch_size),
                          num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)),
-                         infer_scans=infer_scans)
+                         infer_scans=infer_scans, batch_size=train_cfg.batch_size)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle}
