@@ -3,7 +3,7 @@
 The CPU presets keep activations channels-last (`TrainConfig.channels_last`): oneDNN's 3-D
 convolution backward is much faster on NDHWC than on NCDHW. This times, in the same run and
 single-threaded (as each demo fold runs), a full NAdam + BCE step of the cpu-small BasicUNet
-(8,8,16,32,64,8) on a batch of 8 random 32³ two-channel patches, and of the resnet10t MIP
+(8,8,16,32,64,8) on a batch of the preset's size (4; 8 before 9a643f6) of random 32³ patches, and of the resnet10t MIP
 classifier on 8 MIPs of 160×96, in both layouts, best of a few repetitions, after checking that
 both layouts give the same output. Last line:
 `RESULT channels_last seg_step_ratio=R cls_step_ratio=C` (default-layout time / channels-last time).

@@ -20,24 +20,22 @@ from petctl.errors import PetctlError
 
 @dataclass(frozen=True)
 class DemoCost:
-    """The demo's stages in units of one probed training step (`probe_seg_step`) at `batch_size`
-    patches; a stage whose work does not grow with the batch (validation, classifiers, calibrate and
-    predict) is counted in steps at that batch and scaled by the probed time per patch. Measured on
-    cpu-small demos on 2 cores (AMD EPYC; probes of 0.78-0.79 s a step at batch 8): seed 4747 at the
-    preset's epochs (1884 s) and seed 5050 at half (1213 s). A segmentation step in the fold cost 1.02
-    and 1.13 probe steps (patch reads, augmentation, the loop, and the other fold on the second core;
-    1.10 taken, so a slow probe does not plan past the budget; at batch 4, 5050's took 1.02); each
-    validation case 3.4; a classifier fold 13.8 probe steps per epoch, two folds at a time. Calibrate
-    and predict segment each test-split and imagesTs scan the gate lets through, 5.4 probe steps a scan
-    on 5050 (41 of 46 let through); all are counted, so a gate that stops more leaves time over
-    (4747: 156 s against 207 planned)."""
+    """The demo's stages in units of one probed training step (`probe_seg_step`, as many nets side by
+    side as folds train at once) at `batch_size` patches; a stage whose work does not grow with the
+    batch (validation, classifiers, calibrate and predict) is counted in steps at that batch and scaled
+    by the probed time per patch. Measured on cpu-small demos on 2 cores (AMD EPYC, 2026-11-30): a
+    fold's step took 0.95 probe steps (5151, batch 4; a lone probe had run 1.24× faster than the folds
+    and planned past the budget); a validation case ~4, a classifier epoch 10-12 (5151, 4747), two
+    folds at a time. Calibrate and predict segment each test-split and imagesTs scan the gate lets
+    through, 4.8 steps a scan on 5050 (41 of 46 let through) and 2.6 on 5151 (a stricter gate); all
+    scans are counted at 4.5, so a gate that stops many leaves time over."""
 
     batch_size: int = 8
-    """The batch the per-stage costs below were measured at."""
-    seg_step: float = 1.10
-    seg_val_case: float = 3.4
-    cls_epoch: float = 13.8
-    infer_scan: float = 5.5
+    """The batch the per-stage costs below are counted at."""
+    seg_step: float = 1.0
+    seg_val_case: float = 4.0
+    cls_epoch: float = 12.0
+    infer_scan: float = 4.5
     """Calibrate + predict, per scan of the test split and imagesTs."""
     report_s: float = 10.0
     """Evaluate and the report (PNGs, tables), whatever the machine."""
@@ -99,32 +97,58 @@ def describe_plan(plan: dict) -> str:
             f"estimate {plan['estimate_s'] / 60:.1f} min{past}")
 
 
-def probe_seg_step(cfg, num_steps: int = 4, warmup: int = 2) -> float:
+def probe_seg_step(cfg, num_steps: int = 6, warmup: int = 2, concurrent: int = 1) -> float:
     """Seconds per training step (forward, backward, NAdam) of `cfg`'s segmentation net on a batch of
-    random patches, one thread, the median of `num_steps` after `warmup`. The caller's thread count is
-    restored."""
+    random patches, one thread each, `concurrent` nets stepping side by side (as the demo's folds do:
+    they share the memory bandwidth and caches, which a lone probe ran up to 1.25× faster than a fold
+    on 2026-11-30's machines); the median over all of `num_steps` after `warmup`. The caller's thread
+    count is restored."""
+    import threading
+
     import torch
 
     from petctl.engine.models import as_channels_last, build_seg_model, channels_last
 
+    if concurrent < 1:
+        raise PetctlError(f"probe: concurrent must be at least 1 (got {concurrent})")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # each op runs in its calling thread: `concurrent` threads, one core each
     try:
-        model = channels_last(build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size,
-                                              features=cfg.features, patch_size=cfg.patch_size), cfg.channels_last)
-        optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
         generator = torch.Generator().manual_seed(0)
         x = as_channels_last(torch.randn(cfg.batch_size, cfg.in_channels, *cfg.patch_size, generator=generator), cfg.channels_last)
         y = (torch.rand(cfg.batch_size, 1, *cfg.patch_size, generator=generator) > 0.9).float()
-        times = []
-        for i in range(warmup + num_steps):
-            t = time.perf_counter()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
+        nets = []
+        for _ in range(concurrent):
+            model = channels_last(build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size,
+                                                  features=cfg.features, patch_size=cfg.patch_size), cfg.channels_last)
+            nets.append((model, torch.optim.NAdam(model.parameters(), lr=cfg.lr)))
+        times: list[float] = []
+        errors: list[BaseException] = []
+        start = threading.Barrier(concurrent)
+
+        def steps(model, optimizer) -> None:
+            try:
+                start.wait()
+                for i in range(warmup + num_steps):
+                    t = time.perf_counter()
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t)
+            except BaseException as exc:  # raised in the caller below
+                errors.append(exc)
+                start.abort()
+
+        workers = [threading.Thread(target=steps, args=net) for net in nets[1:]]
+        for w in workers:
+            w.start()
+        steps(*nets[0])
+        for w in workers:
+            w.join()
+        if errors:  # the cause, not a thread's broken start
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         return float(sorted(times)[len(times) // 2])
     finally:
         torch.set_num_threads(threads)

@@ -268,7 +268,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         def rounds(runs: int) -> int:  # fold runs one after another, each training
             return trainings * -(-runs // max(1, launch.concurrent))
 
-        step_s = probe_seg_step(seg_cfg)
+        step_s = probe_seg_step(seg_cfg, concurrent=min(launch.concurrent, len(folds)) * max(1, cfg.processes))  # as the folds run
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=-(-per_rank * train_cfg.patches_per_scan // train_cfg.batch_size),
                          num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)),
