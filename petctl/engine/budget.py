@@ -2,7 +2,8 @@
 
 The CPU machines the demo runs on differ by about 2× in speed per training step (the same demo took
 16½ minutes on one and 31 on another). Before training, `probe_seg_step` times a few real training
-steps of the preset's segmentation net (one thread, as each fold runs); `fit_epochs` then scales the
+steps of the preset's segmentation net (one thread each, as many side by side as folds train at
+once, since they share the memory bandwidth); `fit_epochs` then scales the
 segmentation and classifier epochs down, by the same share, until the demo's estimated end lies
 within the budget. The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
 cost is expressed in probe steps, measured on finished demos. A machine fast enough for the preset
