@@ -60,8 +60,8 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
                batch_size: int = 8, min_share: float = 0.4, cost: DemoCost = DemoCost()) -> EpochPlan:
     """The most epochs, a common share of the preset's `seg_epochs` and `cls_epochs` (never below
     `min_share` of them: 5 of the cpu-small preset's 12), whose estimated demo ends within `budget_s`.
-    `seg_rounds` and `cls_rounds`
-    are how many times the folds of a task run one after another (folds / concurrent folds);
+    `seg_rounds` and `cls_rounds` are how many times the folds of a task run one after another
+    (folds / concurrent folds);
     `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs); `step_s`
     was probed at `batch_size` patches."""
     if budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or batch_size < 1 or not 0 < min_share <= 1:

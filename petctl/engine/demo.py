@@ -127,7 +127,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     from petctl.engine.config import preset as get_preset, with_overrides
     from petctl.engine.evaluate import evaluate_folders, write_csv
     from petctl.engine.folds import FoldLaunch, train_folds
-    from petctl.engine.predict import PredictOptions, predict, write_summary
+    from petctl.engine.predict import PredictOptions, input_cases, predict, write_summary
     from petctl.engine.prepare import PrepareConfig, run as prepare
     from petctl.engine.registry import Registry, step_context
     from petctl.engine.report import write_report
@@ -173,7 +173,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
     folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
     t = stage("train segmentation and classifier folds")  # the budget's probe counts as training time
-    scans = len(result.splits["test"]) + (len(list((data / "imagesTs").glob("*_0000.nii*"))) if (data / "imagesTs").is_dir() else 0)
+    scans = len(result.splits["test"]) + (len(input_cases(data)) if (data / "imagesTs").is_dir() else 0)  # predict's own list
     train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=t - t_demo, infer_scans=scans, say=say, warn=warn)
     # Both tasks share one queue, so a classifier fold fills a core a segmentation fold leaves idle.
     code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
@@ -244,8 +244,8 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
 def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launch: Any, *, elapsed_s: float,
                infer_scans: int, say: Callable[[str], Any], warn: Callable[[str], Any]) -> tuple[Any, dict[str, Any] | None]:
     """The preset with its epochs cut to `cfg.budget_min` on this machine (`petctl.engine.budget`), and
-    the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment. The plan is kept in OUT/budget.json, so a resumed demo trains
-    what the interrupted one started."""
+    the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment.
+    The plan is kept in OUT/budget.json, so a resumed demo trains what the interrupted one started."""
     from petctl.engine.budget import describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
