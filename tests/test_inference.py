@@ -153,17 +153,17 @@ def test_gate_over_detected_positives_ignores_a_positive_the_segmentation_misses
         last["case"], last["stored"] = case, stored
         return stored
 
-    def seg_probs(self, image, *, models=None, tta=False, stitch_on_cpu=False):
+    def fold_probs(self, image, *, models=None, tta=False, stitch_on_cpu=False):
         case = last["case"]
         if case in positives and case != missed:
-            return last["stored"].label.read_all().astype(np.float32)
+            return [last["stored"].label.read_all().astype(np.float32)] * len(models or self.seg)
         probs = np.zeros(tuple(image.shape[1:]), np.float32)
         if case in negatives[:2]:  # a bright false positive in the two negatives the gates disagree on
             probs[tuple(slice(n // 2 - 2, n // 2 + 2) for n in probs.shape)] = 1.0
-        return probs
+        return [probs] * len(models or self.seg)
 
     monkeypatch.setattr(CaseStore, "load", load)
-    monkeypatch.setattr(RunModels, "seg_probs", seg_probs)
+    monkeypatch.setattr(RunModels, "fold_probs", fold_probs)
     monkeypatch.setattr(RunModels, "cls_score", lambda self, pet: score[last["case"]])
     paper = cal.calibrate(run_dir, gate_margin=0.5)["classifier"]
     assert paper["threshold"] == pytest.approx(0.05) and paper["gate_positives"] == "all"

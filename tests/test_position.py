@@ -129,3 +129,31 @@ def test_training_appends_positions_after_augmentation():
     assert torch.equal(spy.seen[:, :2], image.flip(2, 3, 4))  # the image was augmented...
     # ...and the positions were appended afterwards, unflipped: each patch says where it was read
     assert torch.equal(spy.seen[:, 2:], batch_positions(batch["shape"], batch["start"], (6, 5, 4)))
+
+
+def test_folds_run_side_by_side_on_the_cpu_with_each_folds_own_result(tmp_path: Path):
+    """Three small BasicUNet folds on two threads: two at a time, one thread each; each fold's output
+    is the one it gives alone, the ensemble is their mean, and the caller's thread count comes back."""
+    from petctl.engine.models import build_seg_model
+
+    cfg = cpu_tiny().with_image_channels(2)  # 32³ windows
+    seg = []
+    for fold in range(3):
+        torch.manual_seed(fold)
+        net = build_seg_model(cfg.arch, in_channels=cfg.in_channels, features=cfg.features, patch_size=cfg.patch_size).eval()
+        seg.append(LoadedModel(f"fold{fold}", fold, cfg, net))
+    models = RunModels(run_dir=tmp_path, seg=seg)
+    image = torch.randn(2, 40, 36, 34, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = models.fold_probs(image)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # one fold at a time
+        alone = [models.fold_probs(image, models=[m])[0] for m in seg]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(together) == 3 and len({float(p.mean()) for p in together}) == 3  # three different nets
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(models.seg_probs(image), np.mean(together, axis=0), atol=1e-6)

@@ -156,7 +156,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         if case in segmented:
             stored = store.load(case)
             image = torch.from_numpy(stored.image.read_all()).float()
-            fold_probs = [models.seg_probs(image, models=[m], tta=tta) for m in models.seg]
+            fold_probs = models.fold_probs(image, tta=tta)
             ensemble = np.mean(fold_probs, axis=0)
             if row["positive"]:
                 label = stored.label.read_all()

@@ -83,7 +83,20 @@ class RunModels:
     def seg_probs(self, image_cxyz: torch.Tensor, *, models: list[LoadedModel] | None = None, tta: bool = False,
                   stitch_on_cpu: bool = False) -> np.ndarray:
         """Mean sigmoid probability (X, Y, Z) float32 over the given (default: all) folds."""
-        from monai.inferers import sliding_window_inference
+        probs = self.fold_probs(image_cxyz, models=models, tta=tta, stitch_on_cpu=stitch_on_cpu)
+        total = probs[0].copy()
+        for p in probs[1:]:
+            total += p
+        return total / len(probs)
+
+    def fold_probs(self, image_cxyz: torch.Tensor, *, models: list[LoadedModel] | None = None, tta: bool = False,
+                   stitch_on_cpu: bool = False) -> list[np.ndarray]:
+        """Each fold's sigmoid probability (X, Y, Z) float32 (its mean over the flips with `tta`).
+
+        On the CPU the folds run side by side, one thread each, as many at a time as torch has
+        threads: two folds of cpu-small segmented a scan ~1.2× faster than one after another on
+        two threads each (2026-11-30). Each fold's result is the same either way."""
+        from concurrent.futures import ThreadPoolExecutor
 
         from petctl.engine.config import POSITION_CHANNELS
         from petctl.engine.position import position_grid
@@ -96,10 +109,13 @@ class RunModels:
                                   f"{image_cxyz.shape[0]}; the store was prepared with another plan (--pet-wide) than it was trained on")
         x = image_cxyz[None].to(self.device)
         positions = position_grid(image_cxyz.shape[1:])[None].to(self.device) if any(m.cfg.position_channels for m in models) else None
-        total: torch.Tensor | None = None
         flips = [()] + ([(2,), (3,), (4,)] if tta else [])
-        with torch.no_grad():
-            for m in models:
+
+        def one_fold(m: LoadedModel) -> np.ndarray:
+            from monai.inferers import sliding_window_inference
+
+            total: torch.Tensor | None = None
+            with torch.no_grad():
                 for flip in flips:
                     inp = torch.flip(x, flip) if flip else x
                     if m.cfg.position_channels:  # unflipped, as training appends them after augmentation
@@ -112,8 +128,19 @@ class RunModels:
                     probs = torch.sigmoid(logits.float())
                     probs = torch.flip(probs, flip) if flip else probs
                     total = probs if total is None else total + probs
-        assert total is not None
-        return (total / (len(models) * len(flips)))[0, 0].cpu().numpy()
+            assert total is not None
+            return (total / len(flips))[0, 0].cpu().numpy()
+
+        threads = torch.get_num_threads()
+        side_by_side = min(len(models), threads) if self.device.type == "cpu" else 1
+        if side_by_side < 2:
+            return [one_fold(m) for m in models]
+        torch.set_num_threads(1)  # each fold's ops run in its own thread, one core each
+        try:
+            with ThreadPoolExecutor(side_by_side) as pool:
+                return list(pool.map(one_fold, models))
+        finally:
+            torch.set_num_threads(threads)
 
     def cls_score(self, pet_xyz: torch.Tensor) -> float:
         """Mean classifier probability over folds × projections for one PET volume (stored grid)."""
