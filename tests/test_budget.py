@@ -152,6 +152,9 @@ def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Pat
     assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 13) and "the preset's epochs fit" in said[0]
     train_cfg, plan, _, warned = _fit(tmp_path / "slow", monkeypatch, 1.5)
     assert train_cfg.epochs_per_cycle == 5 and not plan["fits"] and "past the budget even at the fewest epochs" in warned[0]
+    train_cfg, plan, _, warned = _fit(tmp_path / "almost", monkeypatch, 0.48)  # 2026-11-30's machine on a slow day (5353)
+    assert train_cfg.epochs_per_cycle == 5 and not plan["fits"] and 19 * 60 < plan["estimate_s"] <= 20 * 60
+    assert "within the budget but not the 5% of it a plan keeps free" in warned[0]
 
 
 def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):

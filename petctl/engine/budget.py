@@ -100,7 +100,12 @@ def describe_plan(plan: dict) -> str:
     else:
         what = (f"so {plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation and {plan['cls_epochs']} of "
                 f"{plan['preset_cls_epochs']} classifier epochs (--budget 0 trains them all)")
-    past = "" if plan["fits"] else ", past the budget even at the fewest epochs it cuts to"
+    if plan["fits"]:
+        past = ""
+    elif plan["estimate_s"] <= plan["budget_min"] * 60:
+        past = f", within the budget but not the {HEADROOM:.0%} of it a plan keeps free, even at the fewest epochs it cuts to"
+    else:
+        past = ", past the budget even at the fewest epochs it cuts to"
     return (f"time budget {plan['budget_min']:g} min: {plan['step_s']:.2f} s per training step here, {what}; "
             f"estimate {plan['estimate_s'] / 60:.1f} min{past}")
 
