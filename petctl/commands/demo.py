@@ -35,7 +35,7 @@ def demo(
     gate_positives: Annotated[str, typer.Option("--gate-positives", help="calibrate's gate keeps the test positives the segmentation finds ('detected') or all of them ('all': the paper's).")] = "detected",
     urine_veto: Annotated[bool, typer.Option("--urine-veto/--no-urine-veto", help="calibrate's urine veto: drop predicted components lying mostly in water-density CT regions (the bladder), in calibration and prediction (--no-urine-veto: the paper's).")] = True,
     hard_lesion_gain: Annotated[Optional[float], typer.Option("--hard-lesion-gain", help="Segmentation training's hard-example mining: a lesion's weight in lesion-centred draws is 1 + GAIN × the share of it the nets missed so far (0: off; default: the preset's).")] = None,
-    budget: Annotated[float, typer.Option("--budget", min=0, help="Minutes the demo may take on a CPU machine: a few timed training steps size the epochs to fit (never below 2/5 of the preset's; 0: the preset's epochs whatever the time).")] = 20.0,
+    budget: Annotated[float, typer.Option("--budget", min=0, help="Minutes the demo may take on a CPU machine: a few timed training steps size the epochs to end 5% inside it (never below 2/5 of the preset's; 0: the preset's epochs whatever the time).")] = 20.0,
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,

@@ -86,10 +86,10 @@ class DemoConfig:
     939 s against ~718 s), past the 20-minute budget on a loaded machine (README)."""
     budget_min: float | None = 20.0
     """Minutes the whole demo may take on a CPU machine. After prepare a few training steps are timed
-    (`petctl.engine.budget`); when the preset's epochs would run past the budget, the segmentation and
-    classifier epochs are cut by a common share, to no fewer than 2/5 of the preset's. CPU machines
-    differ ~2× per step (16½ against 31 minutes for the same demo). None or 0: the preset's epochs
-    whatever the time; ignored on GPUs."""
+    (`petctl.engine.budget`); when the preset's epochs would end past 95 % of the budget (its headroom),
+    the segmentation and classifier epochs are cut by a common share, to no fewer than 2/5 of the
+    preset's. CPU machines differ ~2× per step (16½ against 31 minutes for the same demo). None or 0:
+    the preset's epochs whatever the time; ignored on GPUs."""
     processes: int = 1
     concurrent: int | None = None
     """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
