@@ -83,19 +83,15 @@ class RunModels:
     def seg_probs(self, image_cxyz: torch.Tensor, *, models: list[LoadedModel] | None = None, tta: bool = False,
                   stitch_on_cpu: bool = False) -> np.ndarray:
         """Mean sigmoid probability (X, Y, Z) float32 over the given (default: all) folds."""
-        probs = self.fold_probs(image_cxyz, models=models, tta=tta, stitch_on_cpu=stitch_on_cpu)
-        total = probs[0].copy()
-        for p in probs[1:]:
-            total += p
-        return total / len(probs)
+        return np.mean(self.fold_probs(image_cxyz, models=models, tta=tta, stitch_on_cpu=stitch_on_cpu), axis=0, dtype=np.float32)
 
     def fold_probs(self, image_cxyz: torch.Tensor, *, models: list[LoadedModel] | None = None, tta: bool = False,
                    stitch_on_cpu: bool = False) -> list[np.ndarray]:
         """Each fold's sigmoid probability (X, Y, Z) float32 (its mean over the flips with `tta`).
 
-        On the CPU the folds run side by side, one thread each, as many at a time as torch has
-        threads: two folds of cpu-small segmented a scan ~1.2× faster than one after another on
-        two threads each (2026-11-30). Each fold's result is the same either way."""
+        On the CPU the folds run side by side, as many at a time as torch has threads, which they
+        share out: two folds of cpu-small on two cores, one thread each, segmented a scan ~1.2× faster
+        than one after another on two threads (2026-11-30). Each fold's result is the same either way."""
         from concurrent.futures import ThreadPoolExecutor
 
         from petctl.engine.config import POSITION_CHANNELS
@@ -135,7 +131,7 @@ class RunModels:
         side_by_side = min(len(models), threads) if self.device.type == "cpu" else 1
         if side_by_side < 2:
             return [one_fold(m) for m in models]
-        torch.set_num_threads(1)  # each fold's ops run in its own thread, one core each
+        torch.set_num_threads(max(1, threads // side_by_side))  # each fold's ops run in its own thread, on its share
         try:
             with ThreadPoolExecutor(side_by_side) as pool:
                 return list(pool.map(one_fold, models))
