@@ -26,8 +26,8 @@ class DemoCost:
     batch (validation, classifiers, calibrate and predict) is counted in steps at that batch and scaled
     by the probed time per patch. Measured on cpu-small demos on 2 cores (AMD EPYC, 2026-11-30): a
     fold's step took 0.95 and 1.05 probe steps (5151, 5252, batch 4; a lone probe had run 1.24× faster
-    than the folds and planned past the budget; 5252 still ran 5 % past its estimate); a validation case ~4, a classifier epoch 10-12 (5151, 4747), two
-    folds at a time. Calibrate and predict segment each test-split and imagesTs scan the gate lets
+    than the folds and planned past the budget; 5252 still ran 5 % past its estimate, hence
+    `HEADROOM`); a validation case ~4, a classifier epoch 10-12 (5151, 4747), two folds at a time. Calibrate and predict segment each test-split and imagesTs scan the gate lets
     through, 4.8 steps a scan on 5050 (41 of 46 let through) and 2.6 on 5151 (a stricter gate); all
     scans are counted at 4.5, so a gate that stops many leaves time over."""
 
