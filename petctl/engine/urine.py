@@ -3,7 +3,8 @@
 FDG is excreted in the urine, so the bladder (and at times the renal pelvis) is as bright on the PET
 as the hottest lesions; the clipped PET saturates both. The CT tells them apart: urine is water
 (0–20 HU), lesions are soft tissue (30–60 HU) or bone. The veto finds urine on the CT of the input
-grid — voxels whose CT, smoothed over `SMOOTH_MM`, lies in `WATER_HU`; opened with a ball of
+grid — voxels whose CT, median-filtered over `MEDIAN_VOXELS`³ voxels and smoothed over `SMOOTH_MM`,
+lies in `WATER_HU`; opened with a ball of
 `OPEN_MM` so the thin partial-volume shells between fat and soft tissue (which pass through water
 density) fall away; connected regions of at least `MIN_ML` kept — and drops every connected
 component of the predicted mask of which at least `FRACTION` lies in that region. Whole components,
@@ -17,6 +18,16 @@ and FPV on the negatives 2.68 → 1.34 mL, on the 26 older demos 0.626 → 0.649
 FNV unchanged and no positive's Dice lower on any. Smoothing over 3 mm instead of 1.5 dropped
 three small lesions in fat (2–3 mL, whose partial volume reads as water on the PET grid) on two of
 the older demos (README, the demo section).
+
+The median filter is for the CT's noise on the PET grid (3–4.5 mm voxels, where 1.5 mm is under
+half a voxel): on fresh seed 5353 a healthy scan's 65 mL bladder kept only 23 % of itself in the
+region (its CT noise pushed urine out of the water range) and stayed. A median removes noise and
+keeps edges, where a wider Gaussian blurs small lesions in fat into water. Measured on the CTs of 104
+synthesized studies (seeds 9101 and 9202, `tools/veto_on_synth.py`; the bladder and the lesions from
+the phantom, each lesion as drawn and grown a voxel): bladders with under half their volume in the
+region 10 → 0 (mean share 0.72 → 0.81), lesions with half or more 0 → 0 of 186 (the largest share
+0.30 → 0.25); a 3 mm Gaussian instead also caught every bladder but put 55 % of a 0.9 mL lesion in
+water. A thresholds.json calibrated before the median keeps its veto as it was (`median_voxels` 0).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from petctl.errors import PetctlError
 
 WATER_HU = (-30.0, 20.0)
 SMOOTH_MM = 1.5
+MEDIAN_VOXELS = 3
 OPEN_MM = 4.0
 MIN_ML = 5.0
 FRACTION = 0.5
@@ -45,13 +57,15 @@ class UrineVeto:
     open_mm: float = OPEN_MM
     min_ml: float = MIN_ML
     fraction: float = FRACTION
+    median_voxels: int = MEDIAN_VOXELS
+    """Edge of the median filter's cube, in voxels (0 or 1: none)."""
 
     def __post_init__(self) -> None:
         lo, hi = self.water_hu
         if not lo < hi:
             raise PetctlError(f"urine veto: the water range must run low to high (got {self.water_hu})")
-        if self.smooth_mm < 0 or self.open_mm < 0 or self.min_ml < 0:
-            raise PetctlError("urine veto: smoothing, opening and minimum volume must be ≥ 0")
+        if self.smooth_mm < 0 or self.open_mm < 0 or self.min_ml < 0 or self.median_voxels < 0:
+            raise PetctlError("urine veto: median, smoothing, opening and minimum volume must be ≥ 0")
         if not 0.0 < self.fraction <= 1.0:
             raise PetctlError(f"urine veto: fraction must be within (0, 1] (got {self.fraction})")
 
@@ -63,7 +77,8 @@ class UrineVeto:
         if not d:
             return None
         return cls(water_hu=(float(d["water_hu"][0]), float(d["water_hu"][1])), smooth_mm=float(d["smooth_mm"]),
-                   open_mm=float(d["open_mm"]), min_ml=float(d["min_ml"]), fraction=float(d["fraction"]))
+                   open_mm=float(d["open_mm"]), min_ml=float(d["min_ml"]), fraction=float(d["fraction"]),
+                   median_voxels=int(d.get("median_voxels", 0)))  # recorded before the median: none
 
 
 def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -77,6 +92,8 @@ def water_region(ct_hu: np.ndarray, spacing: Sequence[float], veto: UrineVeto = 
     """Boolean mask of the large connected water-density regions of a CT (HU) on a grid of `spacing` mm."""
     spacing = [float(s) for s in spacing]
     ct = np.asarray(ct_hu, np.float32)
+    if veto.median_voxels > 1:
+        ct = ndimage.median_filter(ct, size=veto.median_voxels)
     if veto.smooth_mm > 0:
         ct = ndimage.gaussian_filter(ct, [veto.smooth_mm / s for s in spacing])
     region = (ct >= veto.water_hu[0]) & (ct <= veto.water_hu[1])
