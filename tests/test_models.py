@@ -23,6 +23,7 @@ from petctl.engine.models import (
     dynunet_plan,
     load_pretrained_classifier,
     load_pretrained_swin_unetr,
+    torch_threads,
 )
 from petctl.errors import PetctlError
 
@@ -47,6 +48,18 @@ def test_seg_model_forward_shape(arch: str, patch: tuple[int, int, int], kwargs:
         out = model(torch.randn(1, 2, *patch))
     assert out.shape == (1, 1, *patch)
     assert torch.isfinite(out).all()
+
+
+def test_torch_threads_sets_the_count_and_gives_it_back_however_the_block_ends() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(0):  # a share rounded down to nothing is still one thread
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(3):
+            assert torch.get_num_threads() == 3
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
 
 
 def test_channels_last_keeps_the_output_and_the_weights() -> None:

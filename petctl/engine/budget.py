@@ -120,13 +120,11 @@ def probe_seg_step(cfg, num_steps: int = 6, warmup: int = 2, concurrent: int = 1
 
     import torch
 
-    from petctl.engine.models import as_channels_last, build_seg_model, channels_last
+    from petctl.engine.models import as_channels_last, build_seg_model, channels_last, torch_threads
 
     if concurrent < 1:
         raise PetctlError(f"probe: concurrent must be at least 1 (got {concurrent})")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each op runs in its calling thread: `concurrent` threads, one core each
-    try:
+    with torch_threads(1):  # each op runs in its calling thread: `concurrent` threads, one core each
         generator = torch.Generator().manual_seed(0)
         x = as_channels_last(torch.randn(cfg.batch_size, cfg.in_channels, *cfg.patch_size, generator=generator), cfg.channels_last)
         y = (torch.rand(cfg.batch_size, 1, *cfg.patch_size, generator=generator) > 0.9).float()
@@ -163,5 +161,3 @@ def probe_seg_step(cfg, num_steps: int = 6, warmup: int = 2, concurrent: int = 1
         if errors:  # the cause, not a thread's broken start
             raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         return float(sorted(times)[len(times) // 2])
-    finally:
-        torch.set_num_threads(threads)

@@ -95,6 +95,7 @@ class RunModels:
         from concurrent.futures import ThreadPoolExecutor
 
         from petctl.engine.config import POSITION_CHANNELS
+        from petctl.engine.models import torch_threads
         from petctl.engine.position import position_grid
 
         models = models or self.seg
@@ -131,12 +132,8 @@ class RunModels:
         side_by_side = min(len(models), threads) if self.device.type == "cpu" else 1
         if side_by_side < 2:
             return [one_fold(m) for m in models]
-        torch.set_num_threads(max(1, threads // side_by_side))  # each fold's ops run in its own thread, on its share
-        try:
-            with ThreadPoolExecutor(side_by_side) as pool:
-                return list(pool.map(one_fold, models))
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(threads // side_by_side), ThreadPoolExecutor(side_by_side) as pool:  # each fold on its share
+            return list(pool.map(one_fold, models))
 
     def cls_score(self, pet_xyz: torch.Tensor) -> float:
         """Mean classifier probability over folds × projections for one PET volume (stored grid)."""

@@ -14,7 +14,8 @@ import math
 
 import pickle
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +401,19 @@ def _load_matching(
     model.load_state_dict(update, strict=False)
     missing = [k for k in own if k not in source]
     return {"loaded": len(update), "adapted": adapted, "skipped": skipped, "missing": missing}
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `num_threads` (at least 1) inside the block and the caller's
+    count back after it, however the block ends: nets stepping side by side on the CPU, each in its own
+    Python thread on its share of the cores (`budget.probe_seg_step`, `RunModels.fold_probs`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(num_threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def channels_last(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
