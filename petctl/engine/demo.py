@@ -249,6 +249,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     from petctl.engine.budget import describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
+    from petctl.engine.sampling import batches_per_epoch
     from petctl.engine.trainer import read_fold
 
     if not cfg.budget_min or gpu_count():
@@ -262,7 +263,6 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     if plan is None:
         seg_cfg = train_cfg.with_image_channels(3 if cfg.pet_wide else 2)
         train, val = read_fold(store, folds[0])
-        per_rank = -(-len(train) // max(1, cfg.processes))
         trainings = 2 if cfg.retrain_merged else 1
 
         def rounds(runs: int) -> int:  # fold runs one after another, each training
@@ -270,7 +270,8 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
 
         step_s = probe_seg_step(seg_cfg, concurrent=min(launch.concurrent, len(folds)) * max(1, cfg.processes))  # as the folds run
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
-                         cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=-(-per_rank * train_cfg.patches_per_scan // train_cfg.batch_size),
+                         cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=batches_per_epoch(
+                             len(train), max(1, cfg.processes), train_cfg.patches_per_scan, train_cfg.batch_size, train_cfg.num_workers),
                          num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)),
                          infer_scans=infer_scans, batch_size=train_cfg.batch_size)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,

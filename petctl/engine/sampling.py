@@ -94,6 +94,14 @@ def patch_start(
     return tuple(int(s) for s in start)  # type: ignore[return-value]
 
 
+def batches_per_epoch(num_cases: int, world_size: int, patches_per_scan: int, batch_size: int, num_workers: int) -> int:
+    """Batches a `make_loader` loader yields per epoch on each of `world_size` ranks sharing `num_cases`
+    scans: each worker ends with its own partial batch (also the demo's budget, before any loader exists)."""
+    per_rank = math.ceil(num_cases / world_size)
+    shares = [len(range(w, per_rank, num_workers)) for w in range(num_workers)] if num_workers > 0 else [per_rank]
+    return sum(math.ceil(n * patches_per_scan / batch_size) for n in shares)
+
+
 def epoch_cases(cases: Sequence[str], epoch: int, seed: int, world_size: int) -> list[str]:
     """The epoch's case order, identical on every rank, padded (cyclically) to a multiple of world_size."""
     order = np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).permutation(len(cases))
@@ -190,10 +198,8 @@ class SegPatchDataset(IterableDataset):
         return math.ceil(len(self.cases) / self.world_size) * self.patches_per_scan
 
     def batches_per_epoch_per_rank(self, batch_size: int, num_workers: int) -> int:
-        """Batches a `make_loader` loader yields per epoch: each worker ends with its own partial batch."""
-        num_cases = math.ceil(len(self.cases) / self.world_size)
-        shares = [len(range(w, num_cases, num_workers)) for w in range(num_workers)] if num_workers > 0 else [num_cases]
-        return sum(math.ceil(n * self.patches_per_scan / batch_size) for n in shares)
+        """Batches a `make_loader` loader yields per epoch (`batches_per_epoch`)."""
+        return batches_per_epoch(len(self.cases), self.world_size, self.patches_per_scan, batch_size, num_workers)
 
     def rank_cases(self, epoch: int | None = None) -> list[tuple[int, str]]:
         """(position in the epoch, case) pairs this rank reads in `epoch` (default: the current one)."""
