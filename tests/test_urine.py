@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from petctl.engine.urine import UrineVeto, drop_urine_components, veto_mask, water_region
+from petctl.engine.urine import UrineVeto, drop_urine_components, median3, veto_mask, water_region
 from petctl.errors import PetctlError
 
 SPACING = (4.0, 4.0, 6.0)
@@ -43,8 +43,23 @@ def test_water_region_is_the_bladder_not_the_cyst_or_partial_volume(body):
     assert not region[body["lesion"]].any() and not region[body["fat_lesion"]].any()
     assert (region & ~bladder).sum() < 0.1 * bladder.sum()  # no shells between fat and soft tissue
     # the minimum kept the cyst out, and the median, which erases anything under ~2 voxels across, does too
-    assert water_region(body["ct"], SPACING, UrineVeto(min_ml=0.1, median_voxels=0))[body["cyst"]].any()
+    assert water_region(body["ct"], SPACING, UrineVeto(min_ml=0.1, median=False))[body["cyst"]].any()
     assert not water_region(body["ct"], SPACING, UrineVeto(min_ml=0.1))[body["cyst"]].any()
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 9), (3, 1, 4), (2, 6, 3)])
+def test_median3_is_scipys_median_along_each_axis_in_turn(shape):
+    from scipy import ndimage
+
+    volume = np.random.default_rng(1).integers(-200, 200, shape).astype(np.float32)
+    expected = volume
+    for axis in range(3):
+        expected = ndimage.median_filter(expected, size=tuple(3 if a == axis else 1 for a in range(3)))
+    before = volume.copy()
+    assert np.array_equal(median3(volume), expected)
+    assert np.array_equal(median3(np.asfortranarray(volume)), expected)
+    assert np.array_equal(volume, before)  # the input is left alone
+    assert median3(volume).dtype == np.float32
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -62,11 +77,11 @@ def test_the_median_finds_a_bladder_in_the_noise_of_a_coarse_grid(seed):
     fat_lesion = _ball(shape, (2, 20, 16), 8.0, spacing) & (ct < 0)
     ct[bladder], ct[fat_lesion] = 12.0, 42.0
     ct = ndimage.gaussian_filter(ct, 0.5) + np.random.default_rng(seed).normal(0, 16, shape).astype(np.float32)
-    plain = water_region(ct, spacing, UrineVeto(median_voxels=0))
+    plain = water_region(ct, spacing, UrineVeto(median=False))
     region = water_region(ct, spacing)
-    assert plain[bladder].mean() < 0.45 and region[bladder].mean() > 0.6
+    assert plain[bladder].mean() < 0.45 and region[bladder].mean() > 0.55
     mask = bladder | fat_lesion  # the nets' bladder false positive and a true lesion
-    assert np.array_equal(veto_mask(mask, ct, spacing, UrineVeto(median_voxels=0)), mask)  # the bladder stayed
+    assert np.array_equal(veto_mask(mask, ct, spacing, UrineVeto(median=False)), mask)  # the bladder stayed
     assert np.array_equal(veto_mask(mask, ct, spacing, UrineVeto()), fat_lesion)
 
 
@@ -105,9 +120,9 @@ def test_calibration_scores_the_masks_after_the_veto(body):
 def test_settings_round_trip_and_refusals():
     veto = UrineVeto()
     assert UrineVeto.from_json(veto.to_json()) == veto and UrineVeto.from_json(None) is None
-    legacy = {k: v for k, v in veto.to_json().items() if k != "median_voxels"}  # a thresholds.json from before the median
-    assert UrineVeto.from_json(legacy) == UrineVeto(median_voxels=0)
-    for bad in ({"water_hu": (20.0, -30.0)}, {"fraction": 0.0}, {"min_ml": -1.0}, {"median_voxels": -1}):
+    legacy = {k: v for k, v in veto.to_json().items() if k != "median"}  # a thresholds.json from before the median
+    assert UrineVeto.from_json(legacy) == UrineVeto(median=False)
+    for bad in ({"water_hu": (20.0, -30.0)}, {"fraction": 0.0}, {"min_ml": -1.0}):
         with pytest.raises(PetctlError, match="urine veto"):
             UrineVeto(**bad)
     with pytest.raises(ValueError, match="differ in shape"):

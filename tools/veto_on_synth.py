@@ -22,9 +22,9 @@ from petctl.engine.nifti import resample_onto
 from petctl.engine.urine import UrineVeto, water_region
 
 VARIANTS = {
-    "1.5 mm Gaussian (before the median)": UrineVeto(median_voxels=0),
-    "3 mm Gaussian": UrineVeto(median_voxels=0, smooth_mm=3.0),
-    "median 3³ + 1.5 mm Gaussian (the default)": UrineVeto(),
+    "1.5 mm Gaussian (before the median)": UrineVeto(median=False),
+    "3 mm Gaussian": UrineVeto(median=False, smooth_mm=3.0),
+    "3-voxel medians + 1.5 mm Gaussian (the default)": UrineVeto(),
 }
 
 

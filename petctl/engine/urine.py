@@ -3,8 +3,8 @@
 FDG is excreted in the urine, so the bladder (and at times the renal pelvis) is as bright on the PET
 as the hottest lesions; the clipped PET saturates both. The CT tells them apart: urine is water
 (0–20 HU), lesions are soft tissue (30–60 HU) or bone. The veto finds urine on the CT of the input
-grid — voxels whose CT, median-filtered over `MEDIAN_VOXELS`³ voxels and smoothed over `SMOOTH_MM`,
-lies in `WATER_HU`; opened with a ball of
+grid — voxels whose CT, median-filtered (3 voxels along each axis in turn) and smoothed over
+`SMOOTH_MM`, lies in `WATER_HU`; opened with a ball of
 `OPEN_MM` so the thin partial-volume shells between fat and soft tissue (which pass through water
 density) fall away; connected regions of at least `MIN_ML` kept — and drops every connected
 component of the predicted mask of which at least `FRACTION` lies in that region. Whole components,
@@ -27,7 +27,11 @@ synthesized studies (seeds 9101 and 9202, `tools/veto_on_synth.py`; the bladder 
 the phantom, each lesion as drawn and grown a voxel): bladders with under half their volume in the
 region 10 → 0 (mean share 0.72 → 0.81), lesions with half or more 0 → 0 of 186 (the largest share
 0.30 → 0.25); a 3 mm Gaussian instead also caught every bladder but put 55 % of a 0.9 mL lesion in
-water. A thresholds.json calibrated before the median keeps its veto as it was (`median_voxels` 0).
+water. The median runs along each axis in turn (three 3-voxel medians, each the max-min formula on
+array slices): ~0.03 s a scan where scipy's 3×3×3 median took ~1 s and put ~20 s on the demo's
+calibrate (fresh seed 5656: 128 s against 97–113 before); the 104 studies gave the same counts
+(bladders under half 0, lesions half or more 0, the largest lesion share 0.28). A thresholds.json
+calibrated before the median keeps its veto as it was (`median` false).
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from petctl.errors import PetctlError
 
 WATER_HU = (-30.0, 20.0)
 SMOOTH_MM = 1.5
-MEDIAN_VOXELS = 3
 OPEN_MM = 4.0
 MIN_ML = 5.0
 FRACTION = 0.5
@@ -57,15 +60,15 @@ class UrineVeto:
     open_mm: float = OPEN_MM
     min_ml: float = MIN_ML
     fraction: float = FRACTION
-    median_voxels: int = MEDIAN_VOXELS
-    """Edge of the median filter's cube, in voxels (0 or 1: none)."""
+    median: bool = True
+    """A 3-voxel median along each axis in turn before the smoothing (`median3`)."""
 
     def __post_init__(self) -> None:
         lo, hi = self.water_hu
         if not lo < hi:
             raise PetctlError(f"urine veto: the water range must run low to high (got {self.water_hu})")
-        if self.smooth_mm < 0 or self.open_mm < 0 or self.min_ml < 0 or self.median_voxels < 0:
-            raise PetctlError("urine veto: median, smoothing, opening and minimum volume must be ≥ 0")
+        if self.smooth_mm < 0 or self.open_mm < 0 or self.min_ml < 0:
+            raise PetctlError("urine veto: smoothing, opening and minimum volume must be ≥ 0")
         if not 0.0 < self.fraction <= 1.0:
             raise PetctlError(f"urine veto: fraction must be within (0, 1] (got {self.fraction})")
 
@@ -78,7 +81,7 @@ class UrineVeto:
             return None
         return cls(water_hu=(float(d["water_hu"][0]), float(d["water_hu"][1])), smooth_mm=float(d["smooth_mm"]),
                    open_mm=float(d["open_mm"]), min_ml=float(d["min_ml"]), fraction=float(d["fraction"]),
-                   median_voxels=int(d.get("median_voxels", 0)))  # recorded before the median: none
+                   median=bool(d.get("median", False)))  # recorded before the median: none
 
 
 def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -88,12 +91,23 @@ def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     return sum(a**2 for a in axes) <= 1.0
 
 
+def median3(volume: np.ndarray) -> np.ndarray:
+    """A 3-voxel median along each axis in turn (the edge voxels keep their value, as scipy's
+    `median_filter` with its reflecting border gives): median(a, b, c) = max(min(a, b), min(max(a, b), c))."""
+    out = np.array(volume, copy=True)
+    for axis in range(out.ndim):
+        v = np.moveaxis(out, axis, 0)
+        lo, mid, hi = v[:-2], v[1:-1], v[2:]  # the right side is evaluated whole before it is stored
+        v[1:-1] = np.maximum(np.minimum(lo, mid), np.minimum(np.maximum(lo, mid), hi))
+    return out
+
+
 def water_region(ct_hu: np.ndarray, spacing: Sequence[float], veto: UrineVeto = UrineVeto()) -> np.ndarray:
     """Boolean mask of the large connected water-density regions of a CT (HU) on a grid of `spacing` mm."""
     spacing = [float(s) for s in spacing]
     ct = np.asarray(ct_hu, np.float32)
-    if veto.median_voxels > 1:
-        ct = ndimage.median_filter(ct, size=veto.median_voxels)
+    if veto.median:
+        ct = median3(ct)
     if veto.smooth_mm > 0:
         ct = ndimage.gaussian_filter(ct, [veto.smooth_mm / s for s in spacing])
     region = (ct >= veto.water_hu[0]) & (ct <= veto.water_hu[1])
