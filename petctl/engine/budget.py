@@ -110,12 +110,14 @@ def describe_plan(plan: dict) -> str:
             f"estimate {plan['estimate_s'] / 60:.1f} min{past}")
 
 
-def probe_seg_step(cfg, num_steps: int = 6, warmup: int = 2, concurrent: int = 1) -> float:
+def probe_seg_step(cfg, num_steps: int = 16, warmup: int = 3, concurrent: int = 1) -> float:
     """Seconds per training step (forward, backward, NAdam) of `cfg`'s segmentation net on a batch of
     random patches, one thread each, `concurrent` nets stepping side by side (as the demo's folds do:
     they share the memory bandwidth and caches, which a lone probe ran up to 1.25× faster than a fold
     on 2026-11-30's machines); the median over all of `num_steps` after `warmup`. The caller's thread
-    count is restored."""
+    count is restored. Sixteen steps (~9 s for cpu-small on 2 cores): six, back to back on one idle
+    machine, gave 0.353–0.470 s where sixteen gave 0.420–0.471 s and the folds ran 0.44–0.46 s; fresh
+    seed 5757 probed 0.376 s with six, planned 6 epochs for 17.8 min and took 21 min."""
     import threading
 
     import torch
