@@ -19,19 +19,17 @@ FNV unchanged and no positive's Dice lower on any. Smoothing over 3 mm instead o
 three small lesions in fat (2–3 mL, whose partial volume reads as water on the PET grid) on two of
 the older demos (README, the demo section).
 
-The median filter is for the CT's noise on the PET grid (3–4.5 mm voxels, where 1.5 mm is under
-half a voxel): on fresh seed 5353 a healthy scan's 65 mL bladder kept only 23 % of itself in the
-region (its CT noise pushed urine out of the water range) and stayed. A median removes noise and
-keeps edges, where a wider Gaussian blurs small lesions in fat into water. Measured on the CTs of 104
-synthesized studies (seeds 9101 and 9202, `tools/veto_on_synth.py`; the bladder and the lesions from
-the phantom, each lesion as drawn and grown a voxel): bladders with under half their volume in the
-region 10 → 0 (mean share 0.72 → 0.81), lesions with half or more 0 → 0 of 186 (the largest share
-0.30 → 0.25); a 3 mm Gaussian instead also caught every bladder but put 55 % of a 0.9 mL lesion in
-water. The median runs along each axis in turn (three 3-voxel medians, each the max-min formula on
-array slices): ~0.03 s a scan where scipy's 3×3×3 median took ~1 s and put ~20 s on the demo's
-calibrate (fresh seed 5656: 128 s against 97–113 before); the 104 studies gave the same counts
-(bladders under half 0, lesions half or more 0, the largest lesion share 0.28). A thresholds.json
-calibrated before the median keeps its veto as it was (`median` false).
+The median is for the CT's noise on the PET grid (3–4.5 mm voxels, where 1.5 mm is under half a
+voxel): on fresh seed 5353 a healthy scan's 65 mL bladder kept only 23 % of itself in the region
+(the noise pushed urine out of the water range) and stayed. A median removes noise and keeps edges,
+where a wider Gaussian blurs small lesions in fat into water. On the CTs of 104 synthesized studies
+(seeds 9101 and 9202, `tools/veto_on_synth.py`; the bladder and the lesions from the phantom, each
+lesion as drawn and grown a voxel) the bladders with under half their volume in the region went
+10 → 0 (mean share 0.72 → 0.81), the lesions with half or more 0 → 0 of 186 (the largest share
+0.30 → 0.28); a 3 mm Gaussian instead also caught every bladder but put 55 % of a 0.9 mL lesion in
+water. Three 3-voxel medians along the axes (`median3`, ~0.04 s a scan) give the counts of scipy's
+3×3×3 cube, which took ~1 s a scan (20 s more on 5656's calibrate). A thresholds.json calibrated
+before the median keeps its veto as it was (`median` false).
 """
 
 from __future__ import annotations
