@@ -129,13 +129,20 @@ def drop_urine_components(mask: np.ndarray, region: np.ndarray, fraction: float 
         raise ValueError(f"mask {mask.shape} and urine region {region.shape} differ in shape")
     if not mask.any() or not region.any():
         return mask
-    components = cc3d.connected_components(mask.view(np.uint8), connectivity=26)
+    # every component lies inside the mask's bounding box: label that box, not the whole volume
+    # (calibrate runs this per threshold on each input-grid scan)
+    box = tuple(slice(int(np.flatnonzero(a)[0]), int(np.flatnonzero(a)[-1]) + 1)
+                for a in (mask.any(axis=tuple(j for j in range(mask.ndim) if j != i)) for i in range(mask.ndim)))
+    sub = mask[box]
+    components = cc3d.connected_components(np.ascontiguousarray(sub).view(np.uint8), connectivity=26)
     n = int(components.max())
     size = np.bincount(components.ravel(), minlength=n + 1)
-    in_urine = np.bincount(components.ravel(), weights=region.ravel(), minlength=n + 1)
+    in_urine = np.bincount(components.ravel(), weights=np.asarray(region[box], float).ravel(), minlength=n + 1)
     drop = in_urine >= fraction * np.maximum(size, 1)
     drop[0] = False
-    return mask & ~drop[components]
+    out = mask.copy()
+    out[box] = sub & ~drop[components]
+    return out
 
 
 def veto_mask(mask: np.ndarray, ct_hu: np.ndarray, spacing: Sequence[float], veto: UrineVeto) -> np.ndarray:
