@@ -186,6 +186,27 @@ def test_gate_over_detected_positives_ignores_a_positive_the_segmentation_misses
     with pytest.raises(PetctlError, match="--gate-positives"):
         cal.calibrate(run_dir, gate_positives="some")
 
+    # without the test negatives (the demo's): none is segmented, and every choice stays as it was
+    segmented: list[str] = []
+    counted = fold_probs
+
+    def fold_probs_noted(self, image, **kw):
+        segmented.append(last["case"])
+        return counted(self, image, **kw)
+
+    monkeypatch.setattr(RunModels, "fold_probs", fold_probs_noted)
+    lean = cal.calibrate(run_dir, gate_margin=0.5, gate_positives="detected", negatives=False)
+    assert sorted(segmented) == positives
+    assert lean["segmentation"]["threshold"] == t["segmentation"]["threshold"] and lean["classifier"] == t["classifier"]
+    lean_ext = lean["segmentation"]["extent"]
+    assert lean_ext["mean_fpv_ml_negatives"] is None and lean_ext["mean_fpv_ml_negatives_curve"] is None
+    assert lean_ext["negatives_segmented"] is False and ext["negatives_segmented"] is True
+    assert lean_ext["mean_dice_curve"] == ext["mean_dice_curve"] and lean_ext["budget_met"] is True
+    assert all("fpv_ml_at_threshold" not in lean["cases"][c] for c in negatives)
+    assert (run_dir / "calibration_dice.png").stat().st_size > 1000
+    with pytest.raises(PetctlError, match="volume budget"):
+        cal.calibrate(run_dir, negatives=False, volume_budget_ml=5.0)
+
 
 def test_detected_gate_threshold_counts_only_found_positives():
     from petctl.engine.calibrate import detected_gate_threshold

@@ -24,6 +24,7 @@ def calibrate(
     gate_margin: Annotated[float, typer.Option("--gate-margin", help="The classifier gate's threshold is this fraction of the lowest test positive's score (1: the paper's sensitivity-1.0 threshold; `petctl demo` takes 0.5).")] = 1.0,
     gate_positives: Annotated[str, typer.Option("--gate-positives", help="The test positives the gate keeps: 'all' (the paper's sensitivity 1.0) or 'detected' (only those the ensemble's mask at the chosen threshold touches; a positive the segmentation misses keeps an empty mask either way; `petctl demo` takes it).")] = "all",
     urine_veto: Annotated[bool, typer.Option("--urine-veto/--no-urine-veto", help="With the PET extent: drop each predicted component that lies mostly (≥ 50%) in urine — large connected water-density (-30..20 HU) regions of the CT, such as the bladder — before scoring; recorded, so predict drops them too (`petctl demo` takes it).")] = False,
+    negatives: Annotated[bool, typer.Option("--negatives/--no-negatives", help="With the PET extent: also segment the test negatives the gate lets through, for their mean false-positive volume per threshold (the curve in calibration_dice.png; --volume-budget-ml needs it). --no-negatives: positives only, about half the time (`petctl demo` takes it).")] = True,
     tta: Annotated[bool, typer.Option("--tta", help="Average each fold over flips too (3 extra passes per fold, ~4× the segmentation time); recorded, so predict flips as well.")] = False,
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
@@ -46,12 +47,12 @@ def calibrate(
     run_dir = home_path / "runs" / run
     with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
                                                                                                 "component_seed": component_seed, "tta": tta, "gate_margin": gate_margin,
-                                                                                                "gate_positives": gate_positives, "urine_veto": urine_veto}):
+                                                                                                "gate_positives": gate_positives, "urine_veto": urine_veto, "negatives": negatives}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
                                threshold_prior=prior, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
-                               urine_veto=urine_veto)
+                               urine_veto=urine_veto, negatives=negatives)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):
@@ -75,7 +76,8 @@ def calibrate(
         table.add_row("ensemble, PET extent: best Dice", "", "", f"{e['best_threshold']:.2f}",
                       f"{e['best_dice']:.4f} ± {e['dice_standard_error']:.4f}")
         rule = "best" if e["threshold_prior"] is None else f"nearest {e['threshold_prior']:.2f} within 1 SE"
-        seeded = (f", PET extent, {rule} (FPV {e['mean_fpv_ml_negatives']:.2f} / FNV {e['mean_fnv_ml']:.2f} mL"
+        fpv = "not measured" if e["mean_fpv_ml_negatives"] is None else f"{e['mean_fpv_ml_negatives']:.2f}"
+        seeded = (f", PET extent, {rule} (FPV {fpv} / FNV {e['mean_fnv_ml']:.2f} mL"
                   f"{'' if e['budget_met'] else ', over the budget at every threshold'})")
     elif seg["seed_threshold"] > 0:  # the plain choice beside the seeded one
         plain = seg["without_seed"]

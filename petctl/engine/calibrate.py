@@ -13,6 +13,9 @@ Dice differs by less than its standard error, so among those within one standard
 the one nearest the prior is taken (without a prior: the best). An optional budget first keeps
 only thresholds whose mean false-positive volume over the test negatives (the gate's first: a
 gated negative costs 0) and mean false-negative volume over the test positives stay within it.
+Without a budget that FPV curve over the test negatives is drawn for the reader only; `negatives=False`
+(the demo's) skips segmenting them, half of calibrate's time (`petctl demo` measures the FPV on its
+held-out imagesTs negatives instead).
 The paper's plain threshold, on the input grid, is recorded beside it.
 Each fold's own best validation threshold (the paper's Table 1) is recorded with the ensemble's
 Dice at it. Classifier: the ensemble (folds × projections, mean probability) scores the test
@@ -88,7 +91,7 @@ def detected_gate_threshold(per_case: dict[str, dict[str, Any]], margin: float) 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
               threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0,
-              gate_positives: str = "all", urine_veto: bool = False) -> dict[str, Any]:
+              gate_positives: str = "all", urine_veto: bool = False, negatives: bool = True) -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -102,6 +105,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     `gate_positives="detected"` counts only the positives the segmentation finds (module doc). The
     negatives between the two gates are segmented (the segmentation threshold does not depend on
     them unless a volume budget is set, which then sees them) and count as stopped in what is written.
+    `negatives=False` segments no test negative (no FPV curve: its entries are None); a volume budget
+    needs them.
     `urine_veto` (only with `pet_extent`) drops the components that lie mostly in urine on the CT
     (`petctl.engine.urine`) before each case is scored; predict then drops them too.
     """
@@ -111,6 +116,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         raise PetctlError("the component seed and the PET extent are alternatives: turn the PET extent off to seed components")
     if urine_veto and not pet_extent:
         raise PetctlError("the urine veto reads the CT of the input grid, as the PET extent does: keep --pet-extent to use --urine-veto")
+    if not negatives and np.isfinite(volume_budget_ml):
+        raise PetctlError("a volume budget weighs the test negatives' false-positive volume: keep --negatives to use --volume-budget-ml")
     from petctl.engine.ensemble import RunModels
     from petctl.engine.metrics import (
         SEED_THRESHOLDS,
@@ -145,7 +152,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             per_case[case]["cls_score"] = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
         cls_thr = classifier_threshold(np.array([per_case[c]["positive"] for c in test], bool),
                                        np.array([per_case[c]["cls_score"] for c in test], float), gate_margin)
-    segmented = [c for c in test if per_case[c]["positive"] or (pet_extent and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
+    segmented = [c for c in test if per_case[c]["positive"]
+                 or (pet_extent and negatives and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
     sources = _sources(models.store, segmented) if pet_extent else {}
     extent_tables, input_curves = [], []  # extent_tables: (case, positive, table) per segmented case
 
@@ -191,11 +199,12 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     extent: dict[str, Any] | None = None
     if pet_extent:
         pos = np.array([t for _, p, t in extent_tables if p])
-        negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
-        fpv_neg = _negatives_fpv_curve(extent_tables, set(), negatives)
+        num_negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
+        fpv_neg = _negatives_fpv_curve(extent_tables, set(), num_negatives) if negatives else np.full(len(REFINE_THRESHOLDS), np.nan)
         dice_curve, fnv_curve = np.nanmean(pos[:, :, 0], axis=0), pos[:, :, 2].mean(axis=0)
         prior = models.seg[0].cfg.extent_threshold_prior if threshold_prior == "preset" else threshold_prior
-        choice = choose_extent_threshold(REFINE_THRESHOLDS, pos[:, :, 0], fpv_neg, fnv_curve, volume_budget_ml,
+        # not measured: no budget either (checked above), so FPV does not enter the choice
+        choice = choose_extent_threshold(REFINE_THRESHOLDS, pos[:, :, 0], np.nan_to_num(fpv_neg), fnv_curve, volume_budget_ml,
                                          None if prior is None else float(prior))
         ext_thr, ext_dice, budget_met = choice["threshold"], choice["mean_dice"], choice["budget_met"]
         in_thr, in_dice = best_threshold(np.nanmean(np.array(input_curves), axis=0), THRESHOLDS)
@@ -203,9 +212,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         extent = {
             "method": "pet_a50", "fraction": FRACTION, "grow_voxels": GROW_VOXELS, "shell_voxels": list(SHELL),
             "thresholds": REFINE_THRESHOLDS.tolist(), "mean_dice_curve": _listed(dice_curve),
-            "mean_fpv_ml_negatives_curve": _listed(fpv_neg), "mean_fnv_ml_curve": _listed(fnv_curve),
+            "negatives_segmented": negatives,
+            "mean_fpv_ml_negatives_curve": _listed(fpv_neg) if negatives else None, "mean_fnv_ml_curve": _listed(fnv_curve),
             "volume_budget_ml": float(volume_budget_ml) if np.isfinite(volume_budget_ml) else None, "budget_met": budget_met,
-            "mean_fpv_ml_negatives": float(fpv_neg[i]), "mean_fnv_ml": float(fnv_curve[i]),
+            "mean_fpv_ml_negatives": float(fpv_neg[i]) if negatives else None, "mean_fnv_ml": float(fnv_curve[i]),
             "best_dice_unconstrained": float(np.nanmax(dice_curve)),
             "rule": "best_mean_dice" if choice["threshold_prior"] is None else "one_standard_error_toward_prior", "threshold_prior": choice["threshold_prior"],
             "best_threshold": choice["best_threshold"], "best_dice": choice["best_dice"],
@@ -229,9 +239,9 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                 if not row["positive"] and row["cls_score"] < cls_thr and "fpv_ml_at_threshold" in row:
                     row["fpv_ml_without_gate"] = row["fpv_ml_at_threshold"]
                     row["fpv_ml_at_threshold"] = 0.0
-            if extent is not None:
+            if extent is not None and negatives:
                 stopped = {c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr}
-                fpv_neg = _negatives_fpv_curve(extent_tables, stopped, negatives)
+                fpv_neg = _negatives_fpv_curve(extent_tables, stopped, num_negatives)
                 extent["mean_fpv_ml_negatives_curve"] = _listed(fpv_neg)
                 extent["mean_fpv_ml_negatives"] = float(fpv_neg[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
 
@@ -260,7 +270,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if cls_thr is not None:
         labels = np.array([per_case[c]["positive"] for c in test], bool)
         scores = np.array([per_case[c]["cls_score"] for c in test], float)
-        negatives = int((~labels).sum())
+        num_negatives = int((~labels).sum())
         gated = int(((scores < cls_thr) & ~labels).sum())
         payload["classifier"] = {
             "threshold": float(cls_thr), "margin": float(gate_margin), "lowest_positive_score": float(scores[labels].min()),
@@ -269,8 +279,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             "positives_left_out": int(detected[2]) if detected else 0,
             "positives_below_threshold": int(((scores < cls_thr) & labels).sum()),
             "auroc": float(auroc(labels, scores)),
-            "specificity": float(specificity_at(labels, scores, cls_thr)) if negatives else float("nan"),
-            "negatives": negatives, "negatives_skipping_segmentation": gated, "positives": int(labels.sum()),
+            "specificity": float(specificity_at(labels, scores, cls_thr)) if num_negatives else float("nan"),
+            "negatives": num_negatives, "negatives_skipping_segmentation": gated, "positives": int(labels.sum()),
             "models": [m.name for m in models.cls],
         }
     payload["seconds"] = round(time.perf_counter() - t0, 2)
@@ -409,14 +419,17 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
     ax.legend(fontsize=7, loc="lower center")
     if ext:
         ax = axes[0, 1]
-        ax.plot(ext["thresholds"], values(ext["mean_fpv_ml_negatives_curve"]), "m-", lw=2, label="FPV, test negatives (gated: 0)")
+        fpv_curve = ext.get("mean_fpv_ml_negatives_curve")
+        if fpv_curve is not None:
+            ax.plot(ext["thresholds"], values(fpv_curve), "m-", lw=2, label="FPV, test negatives (gated: 0)")
         ax.plot(ext["thresholds"], values(ext["mean_fnv_ml_curve"]), "c-", lw=2, label="FNV, test positives")
         budget = ext["volume_budget_ml"]
         if budget is not None:
             ax.axhline(budget, color="k", ls=":", lw=1, label=f"budget {budget:g} mL")
         ax.axvline(seg["threshold"], color="r", lw=1, label=f"chosen {seg['threshold']:.3g}")
-        top = max([v for v in ext["mean_fpv_ml_negatives_curve"] + ext["mean_fnv_ml_curve"] if v is not None] + [1.0])
-        ax.set(xlabel="threshold", ylabel="mean volume (mL)", title="PET extent: error volumes",
+        top = max([v for v in (fpv_curve or []) + ext["mean_fnv_ml_curve"] if v is not None] + [1.0])
+        ax.set(xlabel="threshold", ylabel="mean volume (mL)",
+               title="PET extent: error volumes" + ("" if fpv_curve is not None else " (test negatives not segmented)"),
                ylim=(0, min(top * 1.05, 4 * budget) if budget else top * 1.05))
         ax.legend(fontsize=7, loc="upper center")
     fig.tight_layout()

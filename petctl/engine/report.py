@@ -107,12 +107,12 @@ def _folds_text(cfg: Any) -> str:
 
 
 def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
-    from petctl.engine.budget import describe_plan
+    from petctl.engine.budget import describe_plan, describe_replan
 
     if not budget:
         return []
-    line = describe_plan(budget)
-    return [line[0].upper() + line[1:] + ".", ""]
+    lines = [describe_plan(budget)] + ([describe_replan(budget)] if budget.get("cls_replan") else [])
+    return [" ".join(line[0].upper() + line[1:] + "." for line in lines), ""]
 
 
 def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path, cfg: Any, thresholds: dict[str, Any],
@@ -138,8 +138,8 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         ext = s_thr["extent"]
         plain = ext["plain_on_input_grid"]
         lines[-1] = (f"{seg_row}ensemble detects at it; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
-                     f"{s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid); mean FPV "
-                     f"{ext['mean_fpv_ml_negatives']:.2f} mL on negatives, FNV {ext['mean_fnv_ml']:.2f} mL"
+                     f"{s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid); "
+                     f"{_test_fpv_text(ext)}, FNV {ext['mean_fnv_ml']:.2f} mL"
                      f"{'' if ext['budget_met'] else ' (no threshold within the budget)'}{_rule_text(ext)} |")
         lines.append(f"| the paper's plain threshold, for comparison | {plain['threshold']:.2f} | Dice {plain['mean_dice']:.3f} (input grid) |")
         if s_thr.get("urine_veto"):
@@ -199,6 +199,13 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
               "![classifier ROC](calibration_roc.png)", "", "![test cases](test_cases.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary
+
+
+def _test_fpv_text(ext: dict[str, Any]) -> str:
+    """The test split's mean FPV over negatives, or why there is none (calibrate's `negatives=False`)."""
+    if ext.get("mean_fpv_ml_negatives") is None:
+        return "FPV on negatives not measured (calibrate segmented no test negative)"
+    return f"mean FPV {ext['mean_fpv_ml_negatives']:.2f} mL on negatives"
 
 
 def _rule_text(ext: dict[str, Any]) -> str:
