@@ -23,6 +23,11 @@ def error_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def warning_line(message: str) -> None:
+    """Print one warning line on stderr: the work goes on (a demo's plan past its time budget, a case skipped)."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def warn_line(message: str) -> None:
     err_console.print(f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True)
 

@@ -34,6 +34,7 @@ def demo(
     gate_margin: Annotated[float, typer.Option("--gate-margin", help="calibrate's gate margin: the classifier gate's threshold is this fraction of the lowest test-split positive's score (1: the paper's).")] = 0.5,
     gate_positives: Annotated[str, typer.Option("--gate-positives", help="calibrate's gate keeps the test positives the segmentation finds ('detected') or all of them ('all': the paper's).")] = "detected",
     urine_veto: Annotated[bool, typer.Option("--urine-veto/--no-urine-veto", help="calibrate's urine veto: drop predicted components lying mostly in water-density CT regions (the bladder), in calibration and prediction (--no-urine-veto: the paper's).")] = True,
+    calibrate_negatives: Annotated[bool, typer.Option("--calibrate-negatives/--no-calibrate-negatives", help="calibrate also segments the test split's negatives, for the FPV curve over them (off: the threshold does not depend on them, and the held-out imagesTs negatives measure the FPV).")] = False,
     hard_lesion_gain: Annotated[Optional[float], typer.Option("--hard-lesion-gain", help="Segmentation training's hard-example mining: a lesion's weight in lesion-centred draws is 1 + GAIN × the share of it the nets missed so far (0: off; default: the preset's).")] = None,
     budget: Annotated[float, typer.Option("--budget", min=0, help="Minutes the demo may take on a CPU machine: a few timed training steps size the epochs to end 5% inside it (never below 2/5 of the preset's; 0: the preset's epochs whatever the time).")] = 20.0,
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
@@ -43,7 +44,7 @@ def demo(
 ) -> None:
     from rich.table import Table
 
-    from petctl.console import console, error_line
+    from petctl.console import console, warning_line
     from petctl.commands.prepare import percentile_pair
     from petctl.engine.demo import DemoConfig, run_demo
     from petctl.home import resolve_home
@@ -52,8 +53,8 @@ def demo(
                      seed=seed, folds=folds, train_folds=None if all_folds else train_folds, test_fraction=test_fraction, concurrent=concurrent, workers=workers,
                      clip=percentile_pair(clip), pet_clip=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
                      hot_background=hot_background, pet_wide=pet_wide, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
-                     urine_veto=urine_veto, hard_lesion_gain=hard_lesion_gain, budget_min=budget, retrain_merged=retrain_merged, fresh=fresh)
-    summary = run_demo(cfg, resolve_home(home), say=console.print, warn=error_line)
+                     urine_veto=urine_veto, calibrate_negatives=calibrate_negatives, hard_lesion_gain=hard_lesion_gain, budget_min=budget, retrain_merged=retrain_merged, fresh=fresh)
+    summary = run_demo(cfg, resolve_home(home), say=console.print, warn=warning_line)
     table = Table(title="petctl demo")
     table.add_column("what")
     table.add_column("value", justify="right")
