@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from petctl.engine.budget import HEADROOM, fit_epochs, probe_seg_step
+from petctl.engine.budget import HEADROOM, describe_plan, describe_replan, fit_epochs, probe_seg_step, replan_cls_epochs
 from petctl.errors import PetctlError
 
 # The cpu-small demo of seed 4747 as measured (2 cores, batch 8, a fold's step 0.79 s): 115 s before
@@ -34,20 +34,24 @@ def test_the_cost_model_reproduces_the_measured_demos(demo, step_s, measured_s):
 
 @pytest.mark.parametrize("step_s, seg, cls, fits", [
     (0.40, 12, 13, True),   # the machines of earlier sessions: the preset fits (16½ min measured)
-    (0.60, 8, 9, True),
-    (0.78, 6, 6, True),
-    (0.87, 5, 5, True),     # the 2026-11-30 machines: 5 of 12 (6 ran past 20 min: 5050, 1213 s)
-    (3.00, 5, 5, False),    # far too slow: the floor, flagged
+    (0.60, 8, 12, True),    # the classifier takes what the whole segmentation epochs leave (9 at their share)
+    (0.78, 6, 7, True),
+    (0.87, 5, 7, True),     # the 2026-11-30 machines: 5 of 12 (6 ran past 20 min: 5050, 1213 s)
+    (3.00, 5, 5, False),    # far too slow: the floor, flagged, at the common share
 ])
 def test_epochs_shrink_with_the_machine_and_stop_at_the_floor(step_s, seg, cls, fits):
     plan = fit_epochs(budget_s=1200, step_s=step_s, **DEMO)
     target = 1200 * (1 - HEADROOM)  # the plan leaves 5 % of the budget free
     assert (plan.seg_epochs, plan.cls_epochs, plan.fits) == (seg, cls, fits)
     assert (plan.estimate_s <= target) == fits
-    if seg < 12:  # one more epoch would not have fitted
+    if seg < 12:  # one more segmentation epoch would not have fitted, even with the classifier at the common share
         more = fit_epochs(budget_s=1200, step_s=step_s, **{**DEMO, "seg_epochs": seg + 1, "cls_epochs": round(13 * (seg + 1) / 12)},
                           min_share=1.0)
         assert more.estimate_s > target
+    if fits and cls < 13:  # nor one more classifier epoch
+        assert fit_epochs(budget_s=1200, step_s=step_s, **{**DEMO, "seg_epochs": seg, "cls_epochs": cls + 1}, min_share=1.0).estimate_s > target
+    if fits:
+        assert cls >= round(13 * seg / 12)  # never below the segmentation's share
     assert fit_epochs(budget_s=1200, step_s=step_s, **DEMO, headroom=0.0).seg_epochs >= seg  # no headroom: never fewer
 
 
@@ -65,6 +69,47 @@ def test_more_rounds_or_less_budget_never_buy_more_epochs():
     assert fit_epochs(budget_s=1500, step_s=0.6, **{**DEMO, "seg_rounds": 2}).seg_epochs <= base.seg_epochs
     assert fit_epochs(budget_s=1000, step_s=0.6, **DEMO).seg_epochs <= base.seg_epochs
     assert fit_epochs(budget_s=1500, step_s=0.6, **DEMO, min_share=1.0).seg_epochs == 12  # no cut allowed
+
+
+def test_the_classifier_is_replanned_at_the_pace_the_segmentation_folds_ran():
+    """The plan at 0.87 s a step trains 5 / 7 epochs; once the segmentation folds are done, the
+    classifier keeps its 7 at the estimate's pace, loses epochs (never below the common share) when the
+    folds ran slower, and gains them (never above the preset's) when they ran faster."""
+    plan = fit_epochs(budget_s=1200, step_s=0.87, **DEMO)
+    assert (plan.seg_epochs, plan.cls_epochs) == (5, 7) and plan.seg_stage_s > 0
+    unit = 0.87  # batch 8: a probe step is the costs' unit
+    args = dict(budget_s=1200, seg_stage_estimate_s=plan.seg_stage_s, unit_s=unit, low=5, high=13, cls_rounds=2, infer_scans=46)
+    at = {pace: replan_cls_epochs(elapsed_s=115.0 + pace * plan.seg_stage_s, seg_stage_s=pace * plan.seg_stage_s, **args)
+          for pace in (1.0, 1.03, 1.3, 0.97, 0.5)}
+    assert at[1.0] == (7, pytest.approx(1.0))  # as planned
+    assert at[1.03][0] < 7 and at[1.3][0] == 5  # slower: fewer, down to the common share and no further
+    assert 7 < at[0.97][0] < 13 and at[0.5][0] == 13  # faster: more, up to the preset's
+    assert at[1.3][1] == pytest.approx(1.3)
+    with pytest.raises(PetctlError, match="low ≤ high"):
+        replan_cls_epochs(elapsed_s=100.0, seg_stage_s=100.0, **{**args, "low": 9, "high": 8})
+    with pytest.raises(PetctlError, match="must be positive"):
+        replan_cls_epochs(elapsed_s=100.0, seg_stage_s=0.0, **args)
+
+
+def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
+    from petctl.engine.config import preset
+    from petctl.engine.demo import DemoConfig, replan_classifier
+
+    train_cfg, plan, _, _ = _fit(tmp_path, monkeypatch, 0.44)  # 2026-11-30's machine at batch 4
+    assert plan["cls_rounds"] == 2 and plan["infer_scans"] == 46 and plan["unit_s"] == pytest.approx(0.88)
+    said: list[str] = []
+    cfg = DemoConfig(out=str(tmp_path))
+    slow, replanned = replan_classifier(cfg, train_cfg, plan, seg_stage_s=1.15 * plan["seg_stage_estimate_s"],
+                                        elapsed_s=115.0 + 1.15 * plan["seg_stage_estimate_s"], say=said.append)
+    assert replanned["cls_replan"]["planned_cls_epochs"] == plan["cls_epochs"] and replanned["cls_replan"]["pace"] == pytest.approx(1.15)
+    assert slow.cls_epochs_per_cycle == replanned["cls_epochs"] == 5 < plan["cls_epochs"]  # the common share of 5 / 12
+    assert slow.epochs_per_cycle == train_cfg.epochs_per_cycle == 5
+    assert json.loads((tmp_path / "budget.json").read_text()) == replanned
+    assert said == [describe_replan(replanned)] and f"cut from {plan['cls_epochs']}" in said[0] and "1.15×" in said[0]
+    assert f"{plan['cls_epochs']} of 13 classifier epochs" in describe_plan(replanned)  # the plan as it was made
+    # a resumed demo keeps the replan it made
+    again, kept = replan_classifier(cfg, preset("cpu-small"), replanned, seg_stage_s=1.0, elapsed_s=1.0, say=said.append)
+    assert kept == replanned and again.cls_epochs_per_cycle == 5
 
 
 @pytest.mark.parametrize("bad", [dict(budget_s=0), dict(step_s=0.0), dict(seg_epochs=0), dict(batch_size=0), dict(min_share=0.0),

@@ -26,6 +26,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert summary["thresholds"]["urine_veto"] is True and "urine veto (a component ≥ 50% in CT water" in (out / "report.md").read_text()
     assert summary["thresholds"]["segmentation_prior"] == 0.75  # cpu-tiny inherits cpu-small's prior
     assert "nearest the prior 0.75 within 1 SE" in (out / "report.md").read_text()
+    # calibrate segmented the test positives only (the demo's default): no FPV curve, said so
+    thresholds = json.loads((tmp_path / "home" / "runs" / "demo" / "thresholds.json").read_text())
+    assert thresholds["segmentation"]["extent"]["negatives_segmented"] is False
+    assert thresholds["segmentation"]["extent"]["mean_fpv_ml_negatives"] is None
+    assert "FPV on negatives not measured (calibrate segmented no test negative)" in (out / "report.md").read_text()
     test = summary["test"]
     assert test["num_positive"] + test["num_negative"] == 3 and not test["problems"]
     report = (out / "report.md").read_text()
@@ -48,6 +53,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     budget = summary["budget"]
     assert budget["budget_min"] == 20 and budget["step_s"] > 0 and (budget["seg_epochs"], budget["cls_epochs"]) == (1, 1)
     assert json.loads((out / "budget.json").read_text()) == budget and "Time budget 20 min: " in report and "the preset's epochs fit" in report
+    # the segmentation folds ran first, then the classifier was replanned at their pace (1 of 1 epoch: kept)
+    assert budget["cls_replan"]["planned_cls_epochs"] == 1 and budget["cls_replan"]["pace"] > 0
+    assert "Classifier replanned after the segmentation folds" in report and "1 of 1 epochs (kept)" in report
     # --tta: calibrated on flip-averaged probabilities, recorded, and predict followed it
     home_run = tmp_path / "home" / "runs" / "demo"
     assert json.loads((home_run / "thresholds.json").read_text())["tta"] is True

@@ -5,7 +5,7 @@ The CPU machines the demo runs on differ by about 2× in speed per training step
 steps of the preset's segmentation net (one thread each, as many side by side as folds train at
 once, since they share the memory bandwidth); `fit_epochs` then scales the
 segmentation and classifier epochs down, by the same share, until the demo's estimated end lies
-within the budget. The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
+within the budget, and gives the classifier the time the whole segmentation epochs leave. The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
 cost is expressed in probe steps, measured on finished demos. A machine fast enough for the preset
 trains the preset as it is.
 """
@@ -53,6 +53,9 @@ class EpochPlan:
     step_s: float
     fits: bool
     """False when even the floor runs past the budget less its headroom (the plan is then the floor)."""
+    seg_stage_s: float = 0.0
+    """The estimate's segmentation stage (all its rounds, launches and validation included): what
+    `replan_cls_epochs` compares the folds' real time with."""
 
 
 HEADROOM = 0.05
@@ -62,10 +65,16 @@ against 19.9 min) as the machine's load and the gate's stops vary."""
 
 def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: int, cls_epochs: int,
                seg_steps_per_epoch: int, num_val_cases: int, seg_rounds: int, cls_rounds: int, infer_scans: int,
-               batch_size: int = 8, min_share: float = 0.4, headroom: float = HEADROOM, cost: DemoCost = DemoCost()) -> EpochPlan:
-    """The most epochs, a common share of the preset's `seg_epochs` and `cls_epochs` (never below
-    `min_share` of them: 5 of the cpu-small preset's 12), whose estimated demo ends within `budget_s`
-    less `headroom` of it.
+               batch_size: int = 8, min_share: float = 0.4, headroom: float = HEADROOM,
+               cost: DemoCost = DemoCost()) -> EpochPlan:
+    """The most segmentation epochs, a share of the preset's `seg_epochs` (never below `min_share` of
+    them: 5 of the cpu-small preset's 12), whose estimated demo ends within `budget_s` less `headroom`
+    of it with the classifier at the same share of its `cls_epochs`; then the classifier takes the
+    time the whole segmentation epochs leave, epoch by epoch up to the preset's. A classifier epoch
+    costs about a fifth of a segmentation epoch, and cut to 5 or 6 of 13 by the common share on
+    2026-11-30's slow machine the classifiers missed the AUROC target on 4 of 9 fresh seeds
+    (0.78-0.94; the preset's 13 gave 0.987 on average over 18 seeds). Where even the floor does not
+    fit, the plan is the floor, flagged.
     `seg_rounds` and `cls_rounds` are how many times the folds of a task run one after another
     (folds / concurrent folds);
     `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs); `step_s`
@@ -76,29 +85,69 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
                           f"headroom {headroom}: all must be positive (share at most 1, headroom below 1)")
 
     unit = step_s * cost.batch_size / batch_size  # a step at the costs' batch, at the probed time per patch
+    limit = budget_s * (1 - headroom)
+
+    def seg_stage(seg: int) -> float:
+        return seg_rounds * (seg * seg_steps_per_epoch * cost.seg_step * step_s + num_val_cases * cost.seg_val_case * unit + cost.launch_s)
 
     def estimate(seg: int, cls: int) -> float:
-        seg_fold = seg * seg_steps_per_epoch * cost.seg_step * step_s + num_val_cases * cost.seg_val_case * unit
-        cls_fold = cls * cost.cls_epoch * unit
-        return (elapsed_s + seg_rounds * (seg_fold + cost.launch_s) + cls_rounds * (cls_fold + cost.launch_s)
-                + infer_scans * cost.infer_scan * unit + cost.report_s)
+        return elapsed_s + seg_stage(seg) + after_segmentation(cls, cls_rounds=cls_rounds, infer_scans=infer_scans, unit_s=unit, cost=cost)
+
+    def shared(seg: int) -> int:  # the classifier's epochs at the segmentation's share
+        return max(1, round(cls_epochs * seg / seg_epochs))
 
     floor = max(1, math.ceil(seg_epochs * min_share))
     for seg in range(seg_epochs, floor - 1, -1):
-        cls = max(1, round(cls_epochs * seg / seg_epochs))
-        total = estimate(seg, cls)
-        if total <= budget_s * (1 - headroom):
-            return EpochPlan(seg, cls, total, step_s, True)
-    cls = max(1, round(cls_epochs * floor / seg_epochs))
-    return EpochPlan(floor, cls, estimate(floor, cls), step_s, False)
+        cls = shared(seg)
+        if estimate(seg, cls) <= limit:
+            while cls < cls_epochs and estimate(seg, cls + 1) <= limit:  # the time left over goes to the classifier
+                cls += 1
+            return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg))
+    return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor))
+
+
+def after_segmentation(cls: int, *, cls_rounds: int, infer_scans: int, unit_s: float, cost: DemoCost = DemoCost()) -> float:
+    """The estimated seconds from the segmentation folds' end to the report: the classifier rounds at
+    `cls` epochs, calibrate and predict, the report; `unit_s` is a step at the costs' batch."""
+    return cls_rounds * (cls * cost.cls_epoch * unit_s + cost.launch_s) + infer_scans * cost.infer_scan * unit_s + cost.report_s
+
+
+def replan_cls_epochs(*, budget_s: float, elapsed_s: float, seg_stage_s: float, seg_stage_estimate_s: float, unit_s: float,
+                      low: int, high: int, cls_rounds: int, infer_scans: int, headroom: float = HEADROOM,
+                      cost: DemoCost = DemoCost()) -> tuple[int, float]:
+    """(classifier epochs, the machine's pace) once the segmentation folds are done: the pace is their
+    real time over the plan's estimate of it (the probe is a few seconds; the folds ran 0.95-1.12×
+    its pace on 2026-11-30's machine as its load moved, and 6060's demo ran 12 % past its estimate),
+    and the epochs are the most in [`low`, `high`] whose remaining estimate, at the probe's `unit_s`
+    times that pace, ends within `budget_s` less `headroom` from `elapsed_s` on; `low` when none does."""
+    if seg_stage_estimate_s <= 0 or seg_stage_s <= 0 or not 1 <= low <= high:
+        raise PetctlError(f"replan: stage {seg_stage_s} s of an estimated {seg_stage_estimate_s} s, epochs {low}..{high}: "
+                          "all must be positive, low ≤ high")
+    pace = seg_stage_s / seg_stage_estimate_s
+    limit = budget_s * (1 - headroom)
+    cls = low
+    while cls < high and elapsed_s + after_segmentation(cls + 1, cls_rounds=cls_rounds, infer_scans=infer_scans,
+                                                         unit_s=unit_s * pace, cost=cost) <= limit:
+        cls += 1
+    return cls, pace
+
+
+def describe_replan(plan: dict) -> str:
+    """One line for the classifier's replan (`plan["cls_replan"]`, written by the demo)."""
+    r = plan["cls_replan"]
+    moved = ("kept" if plan["cls_epochs"] == r["planned_cls_epochs"]
+             else f"{'raised' if plan['cls_epochs'] > r['planned_cls_epochs'] else 'cut'} from {r['planned_cls_epochs']}")
+    return (f"classifier replanned after the segmentation folds ({r['seg_stage_s']:.0f} s, {r['pace']:.2f}× the plan's estimate): "
+            f"{plan['cls_epochs']} of {plan['preset_cls_epochs']} epochs ({moved})")
 
 
 def describe_plan(plan: dict) -> str:
     """One line for a demo plan (`OUT/budget.json`): the demo's message and the report's sentence."""
-    if (plan["seg_epochs"], plan["cls_epochs"]) == (plan["preset_seg_epochs"], plan["preset_cls_epochs"]):
+    cls = plan.get("cls_replan", {}).get("planned_cls_epochs", plan["cls_epochs"])  # as planned, before any replan
+    if (plan["seg_epochs"], cls) == (plan["preset_seg_epochs"], plan["preset_cls_epochs"]):
         what = "the preset's epochs fit"
     else:
-        what = (f"so {plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation and {plan['cls_epochs']} of "
+        what = (f"so {plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation and {cls} of "
                 f"{plan['preset_cls_epochs']} classifier epochs (--budget 0 trains them all)")
     if plan["fits"]:
         past = ""

@@ -80,6 +80,11 @@ class DemoConfig:
     hard_lesion_gain: float | None = None
     """Segmentation training's hard-example mining per lesion (`TrainConfig.hard_lesion_gain`);
     None: the preset's."""
+    calibrate_negatives: bool = False
+    """calibrate also segments the test split's negatives, for the FPV curve over them (`calibrate
+    --negatives`). Off: without a volume budget that curve does not move the threshold, the held-out
+    imagesTs negatives measure the FPV anyway, and on 2026-11-30's slow machine the test negatives
+    were half of calibrate's ~100 s (README)."""
     tta: bool = False
     """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
     seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
@@ -124,6 +129,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
              progress_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run every stage; returns the summary written to OUT/summary.json."""
     from petctl.engine.calibrate import calibrate
+    from petctl.engine.classifier import case_labels
     from petctl.engine.config import preset as get_preset, with_overrides
     from petctl.engine.evaluate import evaluate_folders, write_csv
     from petctl.engine.folds import FoldLaunch, train_folds
@@ -173,21 +179,32 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
     folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
     t = stage("train segmentation and classifier folds")  # the budget's probe counts as training time
-    scans = len(result.splits["test"]) + (len(input_cases(data)) if (data / "imagesTs").is_dir() else 0)  # predict's own list
+    positive = case_labels(store)
+    calibrated = [c for c in result.splits["test"] if cfg.calibrate_negatives or positive.get(c, True)]
+    scans = len(calibrated) + (len(input_cases(data)) if (data / "imagesTs").is_dir() else 0)  # predict's own list
     train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=t - t_demo, infer_scans=scans, say=say, warn=warn)
-    # Both tasks share one queue, so a classifier fold fills a core a segmentation fold leaves idle.
-    code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
-                       run_config={"store": str(store.resolve()), "preset": cfg.preset})
-    if code:
-        raise PetctlError(f"training folds failed with status {code} (re-run `petctl demo` to resume)")
+    run_config = {"store": str(store.resolve()), "preset": cfg.preset}
+    # A budgeted demo replans the classifier once the segmentation folds have shown the machine's
+    # pace (unless they were resumed, or retrain-merged follows); otherwise both tasks share one
+    # queue, so a classifier fold fills a core a segmentation fold leaves idle.
+    replan = budget is not None and not cfg.retrain_merged and not _seg_started(Path(home) / "runs" / cfg.run)
+    for tasks in ((("seg",), ("cls",)) if replan else (("seg", "cls"),)):
+        if tasks == ("cls",):
+            train_cfg, budget = replan_classifier(cfg, train_cfg, budget, seg_stage_s=time.perf_counter() - t_seg,
+                                                  elapsed_s=time.perf_counter() - t_demo, say=say)
+        t_seg = time.perf_counter()
+        code = train_folds(train_cfg, store, tasks, folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn, run_config=run_config)
+        if code:
+            raise PetctlError(f"training folds failed with status {code} (re-run `petctl demo` to resume)")
     timings["train"] = time.perf_counter() - t
 
     t = stage("calibrate")
     run_dir = Path(home) / "runs" / cfg.run
     with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={"tta": cfg.tta, "gate_margin": cfg.gate_margin,
-                                                                            "gate_positives": cfg.gate_positives, "urine_veto": cfg.urine_veto}):
+                                                                            "gate_positives": cfg.gate_positives, "urine_veto": cfg.urine_veto,
+                                                                            "negatives": cfg.calibrate_negatives}):
         thresholds = calibrate(run_dir, tta=cfg.tta, gate_margin=cfg.gate_margin, gate_positives=cfg.gate_positives,
-                               urine_veto=cfg.urine_veto)
+                               urine_veto=cfg.urine_veto, negatives=cfg.calibrate_negatives)
         seg, cls = thresholds["segmentation"], thresholds["classifier"]
         ext = seg.get("extent") or {}
         registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"],
@@ -246,7 +263,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     """The preset with its epochs cut to `cfg.budget_min` on this machine (`petctl.engine.budget`), and
     the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment.
     The plan is kept in OUT/budget.json, so a resumed demo trains what the interrupted one started."""
-    from petctl.engine.budget import describe_plan, fit_epochs, probe_seg_step
+    from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
     from petctl.engine.sampling import batches_per_epoch
@@ -276,9 +293,38 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
                          infer_scans=infer_scans, batch_size=train_cfg.batch_size)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
-                "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle}
+                "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
+                # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
+                "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size,
+                "cls_rounds": rounds(len(train_cfg.cls_projections) * len(folds)), "infer_scans": infer_scans}
         path.write_text(json.dumps(plan, indent=2))
     seg, cls = plan["seg_epochs"], plan["cls_epochs"]
     (say if plan["fits"] else warn)(describe_plan(plan))
     train_cfg = with_overrides(with_overrides(train_cfg, epochs=seg), task="cls", epochs=cls)
     return train_cfg, plan
+
+
+def _seg_started(run_dir: Path) -> bool:
+    """Whether a segmentation fold of this run has a checkpoint already (a resumed demo)."""
+    return any((run_dir / "seg").glob("*/checkpoints/last"))
+
+
+def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, seg_stage_s: float, elapsed_s: float,
+                      say: Callable[[str], Any]) -> tuple[Any, dict[str, Any]]:
+    """The preset with the classifier epochs replanned now that the segmentation folds took
+    `seg_stage_s` (`budget.replan_cls_epochs`: between the common share of the plan's segmentation
+    epochs and the preset's), and the plan with the replan recorded (OUT/budget.json; a resumed
+    demo keeps it)."""
+    from petctl.engine.budget import describe_replan, replan_cls_epochs
+    from petctl.engine.config import with_overrides
+
+    if "cls_replan" not in plan:
+        low = max(1, round(plan["preset_cls_epochs"] * plan["seg_epochs"] / plan["preset_seg_epochs"]))
+        cls, pace = replan_cls_epochs(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, seg_stage_s=seg_stage_s,
+                                      seg_stage_estimate_s=plan["seg_stage_estimate_s"], unit_s=plan["unit_s"], low=low,
+                                      high=plan["preset_cls_epochs"], cls_rounds=plan["cls_rounds"], infer_scans=plan["infer_scans"])
+        plan = {**plan, "cls_epochs": cls, "cls_replan": {"planned_cls_epochs": plan["cls_epochs"], "seg_stage_s": round(seg_stage_s, 1),
+                                                          "pace": round(pace, 3), "elapsed_s": round(elapsed_s, 1)}}
+        (Path(cfg.out) / "budget.json").write_text(json.dumps(plan, indent=2))
+    say(describe_replan(plan))
+    return with_overrides(train_cfg, task="cls", epochs=plan["cls_epochs"]), plan
