@@ -132,3 +132,47 @@ def test_make_scheduler_validates_at_construction() -> None:
         make_scheduler(make_optimizer(), 10, 0)
     with pytest.raises(ValueError, match="warmup_steps"):
         make_scheduler(make_optimizer(), 10, 2, warmup_steps=10)
+
+
+@pytest.mark.parametrize("num_cycles, lr_min", [(1, 0.02), (3, 0.0)])
+def test_a_cut_last_cycle_keeps_the_rate_and_still_reaches_the_minimum(num_cycles, lr_min):
+    from petctl.engine.schedule import CyclicCosineFactor
+
+    spc = 100
+    f = CyclicCosineFactor(spc, num_cycles, lr_min)
+    start = (num_cycles - 1) * spc
+    plain = [f(s) for s in range(start, start + spc)]
+    step, end = start + 30, start + 70
+    f.shorten(step, end)
+    assert f.total_steps == end and f(step) == pytest.approx(plain[30])  # no jump where the cut starts
+    assert [f(s) for s in range(start, step)] == pytest.approx(plain[:30])  # nothing before it moves
+    cut = [f(s) for s in range(step, end)]
+    assert all(a > b for a, b in zip(cut, cut[1:]))  # still falling, faster
+    assert cut[-1] < plain[69] and f(end) == lr_min and f(end + 5) == lr_min
+    assert cut[-1] == pytest.approx(lr_min, abs=0.01)  # one step short of the minimum, as an uncut cycle ends
+    f.shorten(step + 20, end - 10)  # a second cut continues from where the first had got to
+    assert f(step + 20) == pytest.approx(cut[20]) and f.total_steps == end - 10
+    with pytest.raises(ValueError):
+        f.shorten(end - 5, end + 5)  # never longer
+    if num_cycles > 1:
+        with pytest.raises(ValueError):
+            CyclicCosineFactor(spc, num_cycles, lr_min).shorten(start - 10, start + 50)  # the last cycle only
+
+
+def test_the_cut_resumes_from_the_state_dict_and_old_state_dicts_load():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = make_scheduler(opt, 100, 1, lr_min_ratio=0.02)
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    sched.lr_lambdas[0].shorten(40, 60)
+    state = sched.state_dict()
+    fresh_opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    fresh = make_scheduler(fresh_opt, 100, 1, lr_min_ratio=0.02)
+    fresh.load_state_dict(state)
+    assert fresh.lr_lambdas[0].total_steps == 60 and fresh.lr_lambdas[0](50) == pytest.approx(sched.lr_lambdas[0](50))
+    old = {**state, "lr_lambdas": [None]}  # written when the factor was a closure: no cut to restore
+    before = make_scheduler(torch.optim.SGD(model.parameters(), lr=1.0), 100, 1, lr_min_ratio=0.02)
+    before.load_state_dict(old)
+    assert before.lr_lambdas[0].cut is None and before.lr_lambdas[0].total_steps == 100

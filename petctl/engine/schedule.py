@@ -50,6 +50,54 @@ def cyclic_cosine_lr(step: int, steps_per_cycle: int, lr_max: float, lr_min: flo
     return lr_min + (lr_max - lr_min) * 0.5 * (1.0 + math.cos(math.pi * position / length))
 
 
+class CyclicCosineFactor:
+    """The per-step factor of `make_scheduler` as a callable object — LambdaLR keeps an object's
+    fields in its state dict, so a last cycle cut short (`shorten`) resumes as cut.
+
+    `shorten(step, end)` lets the last cycle end at `end` instead: from `step` on, the part of the
+    cosine not yet run is spread over the steps left, so the rate keeps its value at `step` and still
+    falls to the minimum at the new end (a deadline cut no run short of the time it was planned for)."""
+
+    def __init__(self, steps_per_cycle: int, num_cycles: int, lr_min_ratio: float = 0.0, warmup_steps: int = 0) -> None:
+        if num_cycles < 1:
+            raise ValueError(f"num_cycles must be >= 1, got {num_cycles}")
+        cyclic_cosine_lr(0, steps_per_cycle, 1.0, lr_min_ratio, warmup_steps)  # validate now, not at the first step()
+        self.steps_per_cycle, self.num_cycles = steps_per_cycle, num_cycles
+        self.lr_min_ratio, self.warmup_steps = lr_min_ratio, warmup_steps
+        self.cut: list[float] | None = None  # [from_step, cosine progress there, end_step] once shortened
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.cut[2]) if self.cut else self.steps_per_cycle * self.num_cycles
+
+    def progress(self, step: int) -> float:
+        """How far along its cosine (0..1) the last cycle is at `step`."""
+        if self.cut and step >= self.cut[0]:
+            from_step, p0, end = self.cut
+            return min(1.0, p0 + (1.0 - p0) * (step - from_step) / (end - from_step))
+        start = (self.num_cycles - 1) * self.steps_per_cycle
+        position, length = step - start, self.steps_per_cycle
+        if self.num_cycles == 1 and self.warmup_steps:
+            position, length = position - self.warmup_steps, length - self.warmup_steps
+        return min(1.0, max(0.0, position / length))
+
+    def shorten(self, step: int, end_step: int) -> None:
+        """End the last cycle at `end_step` (step < end_step < total_steps), from `step` on."""
+        start = (self.num_cycles - 1) * self.steps_per_cycle
+        if not start <= step < end_step < self.total_steps:
+            raise ValueError(f"shorten: need {start} <= step {step} < end {end_step} < {self.total_steps} (the last cycle only)")
+        if self.num_cycles == 1 and step < self.warmup_steps:
+            raise ValueError(f"shorten: step {step} is still in the warmup ({self.warmup_steps} steps)")
+        self.cut = [int(step), self.progress(step), int(end_step)]
+
+    def __call__(self, step: int) -> float:
+        if step >= self.total_steps:
+            return self.lr_min_ratio
+        if self.cut and step >= self.cut[0]:
+            return self.lr_min_ratio + (1.0 - self.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+        return cyclic_cosine_lr(step, self.steps_per_cycle, 1.0, self.lr_min_ratio, self.warmup_steps)
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer,
     steps_per_cycle: int,
@@ -61,21 +109,11 @@ def make_scheduler(
 
     Call `scheduler.step()` after every optimizer step. Past the last cycle
     (step >= steps_per_cycle · num_cycles) the factor stays at `lr_min_ratio` rather than
-    starting a cycle that was not asked for. The factor function is a plain closure, so the
-    state dict holds only the step count and base lrs: resume by rebuilding the scheduler with
-    the same arguments and calling `load_state_dict`.
+    starting a cycle that was not asked for. The factor is a `CyclicCosineFactor`
+    (`scheduler.lr_lambdas[0]`), whose fields — a deadline's cut among them — the state dict keeps
+    beside the step count and base lrs: resume by rebuilding the scheduler with the same arguments
+    and calling `load_state_dict` (a state dict written before the factor was an object restores no cut).
     """
     from torch.optim.lr_scheduler import LambdaLR
 
-    if num_cycles < 1:
-        raise ValueError(f"num_cycles must be >= 1, got {num_cycles}")
-    total_steps = steps_per_cycle * num_cycles
-    # Validate the arguments now rather than at the first step().
-    cyclic_cosine_lr(0, steps_per_cycle, 1.0, lr_min_ratio, warmup_steps)
-
-    def factor(step: int) -> float:
-        if step >= total_steps:
-            return lr_min_ratio
-        return cyclic_cosine_lr(step, steps_per_cycle, 1.0, lr_min_ratio, warmup_steps)
-
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, CyclicCosineFactor(steps_per_cycle, num_cycles, lr_min_ratio, warmup_steps))
