@@ -67,6 +67,33 @@ def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
     assert "Table 1" in result.stdout
 
 
+def test_a_deadline_past_cuts_the_last_cycle_to_its_floor_and_the_cosine_still_ends(store: Path, tmp_path: Path):
+    """PETCTL_TRAIN_DEADLINE already past: at its first check the fold cuts its cycle to 80 % of the
+    planned steps (`LoopConfig.deadline_min_share`), the rate still falls to its minimum there, and the
+    metrics record the cut and the time a step."""
+    from petctl.engine.folds import DEADLINE_ENV
+    from petctl.engine.loop import DEADLINE_CHECK
+
+    cmd = [sys.executable, "-m", "petctl", "train", "--store", str(store), "--fold", "0", "--preset", "cpu-tiny",
+           "--cycles", "1", "--epochs", "12", "--run", "d"]
+    result = subprocess.run(cmd, env={**_env(tmp_path), DEADLINE_ENV: repr(time.time() - 1.0)}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "home/runs/d/seg/fold0/metrics.json").read_text())
+    cycle = metrics["cycles"][-1]
+    planned = cycle["deadline_cut"]["planned_steps"]
+    assert planned > DEADLINE_CHECK * 1.25  # the cut (to 80 %) can fall after the first check
+    assert cycle["deadline_cut"]["steps"] == cycle["global_step"] == math.ceil(0.8 * planned)
+    assert sum(e["steps"] for e in metrics["epochs"]) == cycle["global_step"] and len(metrics["epochs"]) < 12
+    cfg = cpu_tiny()
+    assert cycle["lr_end"] == pytest.approx(cfg.lr * cfg.lr_min_ratio)  # the cosine ran on to its minimum
+    assert cycle["step_seconds"] > 0 and "past the deadline at this pace" in result.stdout
+    step = json.loads((tmp_path / "home/runs/d/steps/train-seg-fold0.json").read_text())
+    assert step["status"] == "done"
+    # a bad deadline is one clear line
+    bad = subprocess.run(cmd[:-1] + ["e"], env={**_env(tmp_path), DEADLINE_ENV: "soon"}, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and f"{DEADLINE_ENV}='soon'" in bad.stdout + bad.stderr
+
+
 @pytest.mark.ddp
 def test_hard_lesion_mining_under_two_process_ddp(store: Path, tmp_path: Path):
     # every rank folds all ranks' lesion-patch recalls in the same order: the miss rates the

@@ -61,10 +61,19 @@ def has_cuda() -> bool:
     return gpu_count() > 0
 
 
+DEADLINE_ENV = "PETCTL_TRAIN_DEADLINE"
+"""The environment variable a fold reads its training deadline from (`train_folds(deadline=...)`)."""
+
+
 def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds: list[int], *, run: str, home: Path,
                 merged: bool = False, launch: FoldLaunch = FoldLaunch(), say: Callable[[str], Any] = print,
-                warn: Callable[[str], Any] = print, run_config: dict[str, Any] | None = None, parent: str | None = None) -> int:
+                warn: Callable[[str], Any] = print, run_config: dict[str, Any] | None = None, parent: str | None = None,
+                deadline: float | None = None) -> int:
     """Train the folds of one task (or of several: `("seg", "cls")`), `launch.concurrent` at a time.
+
+    `deadline` (wall-clock `time.time()`) reaches each segmentation fold's loop (`LoopConfig.deadline`)
+    through the environment's PETCTL_TRAIN_DEADLINE, which a caller may also set itself: the demo's
+    time budget.
 
     Returns the worst exit status (75 = stopped by a signal). Jobs are started in order (the
     segmentation folds, the longest, first); after a signal no further job is started.
@@ -83,6 +92,8 @@ def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds:
     run_dir = Path(home) / "runs" / run
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not has_cuda()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if deadline is not None:
+        env[DEADLINE_ENV] = repr(float(deadline))
     if cpu and (launch.processes > 1 or launch.nodes > 1):
         env["ACCELERATE_USE_CPU"] = "true"
     slot_env = _slot_environments(launch.concurrent, cpu, env)

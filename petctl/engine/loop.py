@@ -58,6 +58,13 @@ class LoopConfig:
     max_steps: int | None = None
     batch_size: int = 1
     selection_name: str = "top_k_auroc"
+    deadline: float | None = None
+    """Wall-clock time (`time.time()`) by which the last cycle's training steps should be done (the
+    demo's time budget). Every `DEADLINE_CHECK` steps the loop projects its end at the pace it has
+    run so far; when that lies past the deadline it cuts the last cycle short (`CyclicCosineFactor.
+    shorten`: the cosine runs on to its minimum over the steps left), every rank to the same step,
+    never below `deadline_min_share` of the cycle's planned steps. None: the planned steps."""
+    deadline_min_share: float = 0.8
 
 
 @dataclass
@@ -231,21 +238,30 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                                    "sampler_state": task.sampler_state() if hasattr(task, "sampler_state") else None})
         accelerator.wait_for_everyone()
 
-    total_steps = cfg.num_cycles * cfg.epochs_per_cycle * task.steps_per_epoch
+    factor = scheduler.lr_lambdas[0]  # a CyclicCosineFactor: where the (possibly cut) schedule ends
+
+    def stop_at() -> float:  # the loop step a deadline's cut ends training at (grad_accum 1: loop steps = optimizer steps)
+        return factor.total_steps if factor.cut is not None else math.inf
+
+    planned_steps = cfg.num_cycles * cfg.epochs_per_cycle * task.steps_per_epoch
+    if cfg.deadline is not None and cfg.grad_accum != 1:
+        raise PetctlError("a training deadline needs one batch per optimizer step (grad_accum 1)")
     model.train()
     t_start = time.perf_counter()
+    t_steps = 0.0  # seconds spent in training steps in this run (validation and checkpoints left out)
     steps_this_run = 0
     while position.cycle < cfg.num_cycles:
         losses: list[float] = []
         t_cycle = time.perf_counter()
-        while position.epoch < cfg.epochs_per_cycle:
+        while position.epoch < cfg.epochs_per_cycle and position.global_step < stop_at():
             epoch_index = position.cycle * cfg.epochs_per_cycle + position.epoch
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + accelerator.process_index * 104729 + epoch_index)
             batches = task.batches(epoch_index)
             for _ in range(position.step_in_epoch):  # mid-epoch resume: same data order, skip what was done
                 next(batches)
             epoch_start = len(losses)  # a resumed epoch's record covers the steps run since the resume
-            while position.step_in_epoch < task.steps_per_epoch:
+            while position.step_in_epoch < task.steps_per_epoch and position.global_step < stop_at():
+                t_step = time.perf_counter()
                 batch = next(batches)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -259,12 +275,13 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                 position.step_in_epoch += 1
                 position.global_step += 1
                 steps_this_run += 1
+                t_steps += time.perf_counter() - t_step
                 if accelerator.log_with:
                     accelerator.log({"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0]}, step=position.global_step)
                 if position.global_step % 10 == 0:
                     rate = steps_this_run * cfg.batch_size * accelerator.num_processes / max(time.perf_counter() - t_start, 1e-9)
                     accelerator.print(f"{label} cycle {position.cycle + 1}/{cfg.num_cycles} epoch {position.epoch + 1}/{cfg.epochs_per_cycle} "
-                                      f"step {position.global_step}/{total_steps} loss {np.mean(losses[-10:]):.4f} "
+                                      f"step {position.global_step}/{factor.total_steps} loss {np.mean(losses[-10:]):.4f} "
                                       f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
                 if dist.any_rank(accelerator, stop.signal is not None):
                     checkpoint("last", None)
@@ -277,6 +294,15 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                     checkpoint("last", None)
                     _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
                     return 0
+                if (cfg.deadline is not None and position.cycle == cfg.num_cycles - 1 and steps_this_run >= DEADLINE_CHECK
+                        and position.global_step % DEADLINE_CHECK == 0):
+                    end = deadline_end(cfg, factor, position.global_step, t_steps / steps_this_run, planned_steps)
+                    end = min(dist.gather_objects(accelerator, [end]))  # every rank cuts at the same step
+                    if end < factor.total_steps:
+                        if factor.cut is None:
+                            accelerator.print(f"{label}: past the deadline at this pace; the last cycle ends at step {end} "
+                                              f"of {factor.total_steps}")
+                        factor.shorten(position.global_step, end)
             epoch_losses = losses[epoch_start:]
             sampler_summary = task.end_epoch(accelerator) if hasattr(task, "end_epoch") else {}
             epochs.append({"epoch": epoch_index + 1, "cycle": position.cycle + 1, "global_step": position.global_step,
@@ -289,7 +315,10 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         selection = float(val.get("selection", float("nan")))
         record = {"cycle": position.cycle + 1, "epoch": (position.cycle + 1) * cfg.epochs_per_cycle,
                   "global_step": position.global_step, "train_loss": train_loss,
-                  "lr_end": float(scheduler.get_last_lr()[0]), "seconds": round(time.perf_counter() - t_cycle, 2), **val}
+                  "lr_end": float(scheduler.get_last_lr()[0]), "seconds": round(time.perf_counter() - t_cycle, 2),
+                  "step_seconds": round(t_steps / steps_this_run, 4) if steps_this_run else None, **val}
+        if factor.cut is not None and position.cycle == cfg.num_cycles - 1:
+            record["deadline_cut"] = {"planned_steps": planned_steps, "steps": factor.total_steps}
         history.append(record)
         improved = not math.isnan(selection) and selection > best_metric
         if improved:
@@ -311,6 +340,22 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                     f"best_{cfg.selection_name}": best_metric, **{k: v for k, v in val.items() if isinstance(v, (int, float)) and k != "selection"}})
     _record_done(report, history, cfg, position)
     return 0
+
+
+DEADLINE_CHECK = 20
+"""Steps between a deadline's checks (each gathers one number from every rank)."""
+
+
+def deadline_end(cfg: LoopConfig, factor: Any, step: int, step_s: float, planned_steps: int) -> int:
+    """The step the last cycle should end at to meet `cfg.deadline` at `step_s` a step from `step`
+    on: its current end when that fits, else the steps that fit, never below `deadline_min_share` of
+    `planned_steps`, never before `step + 1`."""
+    assert cfg.deadline is not None
+    end, left = factor.total_steps, cfg.deadline - time.time()
+    if step_s <= 0 or (end - step) * step_s <= left:
+        return end
+    fit = step + int(max(0.0, left) / step_s)
+    return min(end, max(fit, math.ceil(cfg.deadline_min_share * planned_steps), step + 1))
 
 
 def _record_done(report: StepRef, history: list[dict[str, Any]], cfg: LoopConfig, position: Position, **more: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -173,6 +174,19 @@ def store_channels(store_root: Path) -> int:
     return len(channel_names(read_json(Path(store_root) / "fingerprint.json")))
 
 
+def train_deadline() -> float | None:
+    """The training deadline `train_folds` passed down (PETCTL_TRAIN_DEADLINE), or None."""
+    from petctl.engine.folds import DEADLINE_ENV
+
+    text = os.environ.get(DEADLINE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise PetctlError(f"{DEADLINE_ENV}={text!r}: expected a time in seconds since the epoch") from None
+
+
 def _loss_fn(name: str):
     if name == "bce":
         return torch.nn.BCEWithLogitsLoss()
@@ -188,7 +202,7 @@ def fit(cfg: TrainConfig, store_root: Path, fold: int, out_dir: Path, *, run: st
     cfg = cfg.with_image_channels(store_channels(store_root))
     loop = LoopConfig(num_cycles=cfg.num_cycles, epochs_per_cycle=cfg.epochs_per_cycle, lr=cfg.lr, lr_min_ratio=cfg.lr_min_ratio,
                       weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum, seed=cfg.seed, max_steps=max_steps,
-                      batch_size=cfg.batch_size, selection_name="top_k_auroc")
+                      batch_size=cfg.batch_size, selection_name="top_k_auroc", deadline=train_deadline())
     config_json = {**cfg.to_json(), "task": "seg", "fold": fold, "merged": merged, "store": str(store_root), "train": train_cases, "val": val_cases}
     return fit_task(lambda acc: SegTask(cfg, store_root, train_cases, val_cases, acc), loop, out_dir,
                     mixed_precision=cfg.mixed_precision, timeout_s=cfg.collective_timeout_s, run=run, home=home,
