@@ -73,22 +73,35 @@ def test_more_rounds_or_less_budget_never_buy_more_epochs():
 
 def test_the_classifier_is_replanned_at_the_pace_the_segmentation_folds_ran():
     """The plan at 0.87 s a step trains 5 / 7 epochs; once the segmentation folds are done, the
-    classifier keeps its 7 at the estimate's pace, loses epochs (never below the common share) when the
+    classifier keeps its 7 at the probe's pace, loses epochs (never below the common share) when the
     folds ran slower, and gains them (never above the preset's) when they ran faster."""
     plan = fit_epochs(budget_s=1200, step_s=0.87, **DEMO)
-    assert (plan.seg_epochs, plan.cls_epochs) == (5, 7) and plan.seg_stage_s > 0
-    unit = 0.87  # batch 8: a probe step is the costs' unit
-    args = dict(budget_s=1200, seg_stage_estimate_s=plan.seg_stage_s, unit_s=unit, low=5, high=13, cls_rounds=2, infer_scans=46)
-    at = {pace: replan_cls_epochs(elapsed_s=115.0 + pace * plan.seg_stage_s, seg_stage_s=pace * plan.seg_stage_s, **args)
-          for pace in (1.0, 1.03, 1.3, 0.97, 0.5)}
-    assert at[1.0] == (7, pytest.approx(1.0))  # as planned
-    assert at[1.03][0] < 7 and at[1.3][0] == 5  # slower: fewer, down to the common share and no further
-    assert 7 < at[0.97][0] < 13 and at[0.5][0] == 13  # faster: more, up to the preset's
-    assert at[1.3][1] == pytest.approx(1.3)
+    assert (plan.seg_epochs, plan.cls_epochs) == (5, 7) and 0 < plan.seg_steps_s < plan.seg_stage_s
+    args = dict(budget_s=1200, unit_s=0.87, low=5, high=13, cls_rounds=2, infer_scans=46)  # batch 8: a probe step is the unit
+    at = {pace: replan_cls_epochs(elapsed_s=115.0 + pace * plan.seg_stage_s, pace=pace, **args) for pace in (1.0, 1.03, 1.3, 0.97, 0.5)}
+    assert at[1.0] == 7  # as planned
+    assert at[1.03] < 7 and at[1.3] == 5  # slower: fewer, down to the common share and no further
+    assert 7 < at[0.97] < 13 and at[0.5] == 13  # faster: more, up to the preset's
     with pytest.raises(PetctlError, match="low ≤ high"):
-        replan_cls_epochs(elapsed_s=100.0, seg_stage_s=100.0, **{**args, "low": 9, "high": 8})
+        replan_cls_epochs(elapsed_s=100.0, pace=1.0, **{**args, "low": 9, "high": 8})
     with pytest.raises(PetctlError, match="must be positive"):
-        replan_cls_epochs(elapsed_s=100.0, seg_stage_s=0.0, **args)
+        replan_cls_epochs(elapsed_s=100.0, pace=0.0, **args)
+
+
+def test_the_segmentation_deadline_is_the_plan_or_what_the_budget_leaves():
+    from petctl.engine.budget import seg_deadline_s
+
+    plan = fit_epochs(budget_s=1200, step_s=0.87, **DEMO)
+    args = dict(budget_s=1200, seg_steps_s=plan.seg_steps_s, seg_stage_s=plan.seg_stage_s, unit_s=0.87, low=5, cls_rounds=2, infer_scans=46)
+    assert seg_deadline_s(elapsed_s=115.0, **args) == pytest.approx(plan.seg_steps_s)  # a plan that fits: its own estimate
+    slow = fit_epochs(budget_s=1200, step_s=1.5, **DEMO)  # flagged: even 5 epochs end past the budget
+    assert not slow.fits
+    args.update(seg_steps_s=slow.seg_steps_s, seg_stage_s=slow.seg_stage_s, unit_s=1.5)
+    tight = seg_deadline_s(elapsed_s=115.0, **args)
+    assert tight < slow.seg_steps_s
+    # the rest of the demo, at the classifier's common share, then ends 5 % inside the budget
+    rest = fit_epochs(budget_s=10_000, step_s=1.5, **{**DEMO, "seg_epochs": 5, "cls_epochs": 5}).estimate_s - 115.0 - slow.seg_steps_s
+    assert 115.0 + tight + rest == pytest.approx(1200 * (1 - HEADROOM))
 
 
 def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
@@ -96,7 +109,8 @@ def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
     from petctl.engine.demo import DemoConfig, replan_classifier
 
     train_cfg, plan, _, _ = _fit(tmp_path, monkeypatch, 0.44)  # 2026-11-30's machine at batch 4
-    assert plan["cls_rounds"] == 2 and plan["infer_scans"] == 46 and plan["unit_s"] == pytest.approx(0.88)
+    assert plan["cls_rounds"] == 2 and plan["seg_rounds"] == 1 and plan["infer_scans"] == 46 and plan["unit_s"] == pytest.approx(0.88)
+    assert 0 < plan["seg_steps_estimate_s"] < plan["seg_stage_estimate_s"]
     said: list[str] = []
     cfg = DemoConfig(out=str(tmp_path))
     slow, replanned = replan_classifier(cfg, train_cfg, plan, seg_stage_s=1.15 * plan["seg_stage_estimate_s"],
@@ -105,7 +119,7 @@ def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
     assert slow.cls_epochs_per_cycle == replanned["cls_epochs"] == 5 < plan["cls_epochs"]  # the common share of 5 / 12
     assert slow.epochs_per_cycle == train_cfg.epochs_per_cycle == 5
     assert json.loads((tmp_path / "budget.json").read_text()) == replanned
-    assert said == [describe_replan(replanned)] and f"cut from {plan['cls_epochs']}" in said[0] and "1.15×" in said[0]
+    assert said == [describe_replan(replanned)] and f"cut from {plan['cls_epochs']}" in said[0] and "1.15× the probe's" in said[0]
     assert f"{plan['cls_epochs']} of 13 classifier epochs" in describe_plan(replanned)  # the plan as it was made
     # a resumed demo keeps the replan it made
     again, kept = replan_classifier(cfg, preset("cpu-small"), replanned, seg_stage_s=1.0, elapsed_s=1.0, say=said.append)

@@ -5,7 +5,10 @@ The CPU machines the demo runs on differ by about 2× in speed per training step
 steps of the preset's segmentation net (one thread each, as many side by side as folds train at
 once, since they share the memory bandwidth); `fit_epochs` then scales the
 segmentation and classifier epochs down, by the same share, until the demo's estimated end lies
-within the budget, and gives the classifier the time the whole segmentation epochs leave. The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
+within the budget, and gives the classifier the time the whole segmentation epochs leave. The
+probe is one moment of the machine's pace: the demo gives the segmentation folds' steps a deadline
+(`seg_deadline_s`; the loop cuts its cosine short when it projects its end past it) and replans the
+classifier at the pace the folds ran (`replan_cls_epochs`). The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
 cost is expressed in probe steps, measured on finished demos. A machine fast enough for the preset
 trains the preset as it is.
 """
@@ -54,8 +57,9 @@ class EpochPlan:
     fits: bool
     """False when even the floor runs past the budget less its headroom (the plan is then the floor)."""
     seg_stage_s: float = 0.0
-    """The estimate's segmentation stage (all its rounds, launches and validation included): what
-    `replan_cls_epochs` compares the folds' real time with."""
+    """The estimate's segmentation stage (all its rounds, launches and validation included)."""
+    seg_steps_s: float = 0.0
+    """Of it, one round's launch and training steps: the demo's deadline for the folds' steps."""
 
 
 HEADROOM = 0.05
@@ -87,8 +91,11 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     unit = step_s * cost.batch_size / batch_size  # a step at the costs' batch, at the probed time per patch
     limit = budget_s * (1 - headroom)
 
+    def seg_steps(seg: int) -> float:
+        return seg * seg_steps_per_epoch * cost.seg_step * step_s + cost.launch_s
+
     def seg_stage(seg: int) -> float:
-        return seg_rounds * (seg * seg_steps_per_epoch * cost.seg_step * step_s + num_val_cases * cost.seg_val_case * unit + cost.launch_s)
+        return seg_rounds * (seg_steps(seg) + num_val_cases * cost.seg_val_case * unit)
 
     def estimate(seg: int, cls: int) -> float:
         return elapsed_s + seg_stage(seg) + after_segmentation(cls, cls_rounds=cls_rounds, infer_scans=infer_scans, unit_s=unit, cost=cost)
@@ -102,8 +109,8 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
         if estimate(seg, cls) <= limit:
             while cls < cls_epochs and estimate(seg, cls + 1) <= limit:  # the time left over goes to the classifier
                 cls += 1
-            return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg))
-    return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor))
+            return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg), seg_steps(seg))
+    return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor), seg_steps(floor))
 
 
 def after_segmentation(cls: int, *, cls_rounds: int, infer_scans: int, unit_s: float, cost: DemoCost = DemoCost()) -> float:
@@ -112,24 +119,32 @@ def after_segmentation(cls: int, *, cls_rounds: int, infer_scans: int, unit_s: f
     return cls_rounds * (cls * cost.cls_epoch * unit_s + cost.launch_s) + infer_scans * cost.infer_scan * unit_s + cost.report_s
 
 
-def replan_cls_epochs(*, budget_s: float, elapsed_s: float, seg_stage_s: float, seg_stage_estimate_s: float, unit_s: float,
+def replan_cls_epochs(*, budget_s: float, elapsed_s: float, pace: float, unit_s: float,
                       low: int, high: int, cls_rounds: int, infer_scans: int, headroom: float = HEADROOM,
-                      cost: DemoCost = DemoCost()) -> tuple[int, float]:
-    """(classifier epochs, the machine's pace) once the segmentation folds are done: the pace is their
-    real time over the plan's estimate of it (the probe is a few seconds; the folds ran 0.95-1.12×
-    its pace on 2026-11-30's machine as its load moved, and 6060's demo ran 12 % past its estimate),
-    and the epochs are the most in [`low`, `high`] whose remaining estimate, at the probe's `unit_s`
-    times that pace, ends within `budget_s` less `headroom` from `elapsed_s` on; `low` when none does."""
-    if seg_stage_estimate_s <= 0 or seg_stage_s <= 0 or not 1 <= low <= high:
-        raise PetctlError(f"replan: stage {seg_stage_s} s of an estimated {seg_stage_estimate_s} s, epochs {low}..{high}: "
-                          "all must be positive, low ≤ high")
-    pace = seg_stage_s / seg_stage_estimate_s
+                      cost: DemoCost = DemoCost()) -> int:
+    """The classifier's epochs once the segmentation folds are done and have shown the machine's
+    `pace` (their seconds a step over the probe's; the probe is a few seconds, and the folds ran
+    0.95-1.2× its pace on 2026-11-30's machine as its load moved: 6060's demo ran 12 % past its
+    estimate): the most in [`low`, `high`] whose remaining estimate, at the probe's `unit_s` times
+    `pace`, ends within `budget_s` less `headroom` from `elapsed_s` on; `low` when none does."""
+    if pace <= 0 or not 1 <= low <= high:
+        raise PetctlError(f"replan: pace {pace}, epochs {low}..{high}: all must be positive, low ≤ high")
     limit = budget_s * (1 - headroom)
     cls = low
     while cls < high and elapsed_s + after_segmentation(cls + 1, cls_rounds=cls_rounds, infer_scans=infer_scans,
                                                          unit_s=unit_s * pace, cost=cost) <= limit:
         cls += 1
-    return cls, pace
+    return cls
+
+
+def seg_deadline_s(*, budget_s: float, elapsed_s: float, seg_steps_s: float, seg_stage_s: float, unit_s: float, low: int,
+                   cls_rounds: int, infer_scans: int, headroom: float = HEADROOM, cost: DemoCost = DemoCost()) -> float:
+    """Seconds from now by which the segmentation folds' steps should be done: the plan's estimate of
+    them (`seg_steps_s`), or sooner when the rest of the demo — validation, the classifier at `low`
+    epochs, calibrate, predict, the report, at the probe's pace — would otherwise end past `budget_s`
+    less `headroom` (a plan flagged as past the budget)."""
+    rest = (seg_stage_s - seg_steps_s) + after_segmentation(low, cls_rounds=cls_rounds, infer_scans=infer_scans, unit_s=unit_s, cost=cost)
+    return min(seg_steps_s, budget_s * (1 - headroom) - elapsed_s - rest)
 
 
 def describe_replan(plan: dict) -> str:
@@ -137,7 +152,8 @@ def describe_replan(plan: dict) -> str:
     r = plan["cls_replan"]
     moved = ("kept" if plan["cls_epochs"] == r["planned_cls_epochs"]
              else f"{'raised' if plan['cls_epochs'] > r['planned_cls_epochs'] else 'cut'} from {r['planned_cls_epochs']}")
-    return (f"classifier replanned after the segmentation folds ({r['seg_stage_s']:.0f} s, {r['pace']:.2f}× the plan's estimate): "
+    cut = f", cut to {r['seg_steps_run']} of {r['seg_steps_planned']} steps by their deadline" if r.get("seg_steps_run") else ""
+    return (f"classifier replanned after the segmentation folds ({r['seg_stage_s']:.0f} s, {r['pace']:.2f}× the probe's time a step{cut}): "
             f"{plan['cls_epochs']} of {plan['preset_cls_epochs']} epochs ({moved})")
 
 

@@ -93,8 +93,11 @@ class DemoConfig:
     """Minutes the whole demo may take on a CPU machine. After prepare a few training steps are timed
     (`petctl.engine.budget`); when the preset's epochs would end past 95 % of the budget (its headroom),
     the segmentation and classifier epochs are cut by a common share, to no fewer than 2/5 of the
-    preset's. CPU machines differ ~2× per step (16½ against 31 minutes for the same demo). None or 0:
-    the preset's epochs whatever the time; ignored on GPUs."""
+    preset's, and the time whole segmentation epochs leave goes to the classifier. The segmentation
+    folds' steps then get a deadline (cut short at the pace they run, to no fewer than 80 % of the
+    planned steps) and the classifier is replanned at that pace. CPU machines differ ~2× per step
+    (16½ against 31 minutes for the same demo). None or 0: the preset's epochs whatever the time;
+    ignored on GPUs."""
     processes: int = 1
     concurrent: int | None = None
     """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
@@ -187,13 +190,19 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     # A budgeted demo replans the classifier once the segmentation folds have shown the machine's
     # pace (unless they were resumed, or retrain-merged follows); otherwise both tasks share one
     # queue, so a classifier fold fills a core a segmentation fold leaves idle.
-    replan = budget is not None and not cfg.retrain_merged and not _seg_started(Path(home) / "runs" / cfg.run)
+    # With one round of segmentation folds their steps also get a deadline (`LoopConfig.deadline`).
+    replan = (budget is not None and not cfg.retrain_merged and "seg_steps_estimate_s" in budget
+              and not _seg_started(Path(home) / "runs" / cfg.run))
     for tasks in ((("seg",), ("cls",)) if replan else (("seg", "cls"),)):
+        deadline = None
         if tasks == ("cls",):
             train_cfg, budget = replan_classifier(cfg, train_cfg, budget, seg_stage_s=time.perf_counter() - t_seg,
-                                                  elapsed_s=time.perf_counter() - t_demo, say=say)
+                                                  elapsed_s=time.perf_counter() - t_demo, say=say, home=Path(home))
+        elif replan and budget["seg_rounds"] == 1:
+            deadline = time.time() + seg_deadline(budget, elapsed_s=time.perf_counter() - t_demo)
         t_seg = time.perf_counter()
-        code = train_folds(train_cfg, store, tasks, folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn, run_config=run_config)
+        code = train_folds(train_cfg, store, tasks, folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
+                           run_config=run_config, deadline=deadline)
         if code:
             raise PetctlError(f"training folds failed with status {code} (re-run `petctl demo` to resume)")
     timings["train"] = time.perf_counter() - t
@@ -295,7 +304,8 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
                 # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
-                "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size,
+                "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
+                "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": rounds(len(folds)),
                 "cls_rounds": rounds(len(train_cfg.cls_projections) * len(folds)), "infer_scans": infer_scans}
         path.write_text(json.dumps(plan, indent=2))
     seg, cls = plan["seg_epochs"], plan["cls_epochs"]
@@ -309,22 +319,59 @@ def _seg_started(run_dir: Path) -> bool:
     return any((run_dir / "seg").glob("*/checkpoints/last"))
 
 
+def _low_cls(plan: dict[str, Any]) -> int:
+    """The classifier's epochs at the common share of the plan's segmentation epochs."""
+    return max(1, round(plan["preset_cls_epochs"] * plan["seg_epochs"] / plan["preset_seg_epochs"]))
+
+
+def seg_deadline(plan: dict[str, Any], *, elapsed_s: float) -> float:
+    """Seconds from now by which the segmentation folds' steps should end (`budget.seg_deadline_s`)."""
+    from petctl.engine.budget import seg_deadline_s
+
+    return seg_deadline_s(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, seg_steps_s=plan["seg_steps_estimate_s"],
+                          seg_stage_s=plan["seg_stage_estimate_s"], unit_s=plan["unit_s"], low=_low_cls(plan),
+                          cls_rounds=plan["cls_rounds"], infer_scans=plan["infer_scans"])
+
+
+def _fold_steps(run_dir: Path) -> tuple[float | None, int, int]:
+    """(mean seconds a step, steps run, steps planned) over the run's segmentation folds' last cycles
+    (`metrics.json`); (None, 0, 0) when none recorded its time a step."""
+    seconds, run, planned = [], 0, 0
+    for path in sorted((run_dir / "seg").glob("*/metrics.json")):
+        try:
+            cycle = json.loads(path.read_text())["cycles"][-1]
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+        if cycle.get("step_seconds"):
+            seconds.append(float(cycle["step_seconds"]))
+            cut = cycle.get("deadline_cut") or {}
+            run += int(cut.get("steps", cycle.get("global_step", 0)))
+            planned += int(cut.get("planned_steps", cycle.get("global_step", 0)))
+    return (sum(seconds) / len(seconds) if seconds else None), run, planned
+
+
 def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, seg_stage_s: float, elapsed_s: float,
-                      say: Callable[[str], Any]) -> tuple[Any, dict[str, Any]]:
-    """The preset with the classifier epochs replanned now that the segmentation folds took
-    `seg_stage_s` (`budget.replan_cls_epochs`: between the common share of the plan's segmentation
-    epochs and the preset's), and the plan with the replan recorded (OUT/budget.json; a resumed
-    demo keeps it)."""
-    from petctl.engine.budget import describe_replan, replan_cls_epochs
+                      say: Callable[[str], Any], home: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """The preset with the classifier epochs replanned now that the segmentation folds are done
+    (`budget.replan_cls_epochs`: between the common share of the plan's segmentation epochs and the
+    preset's), at the pace their steps ran against the probe's (their `metrics.json`; without it, their
+    `seg_stage_s` against the plan's estimate of it), and the plan with the replan recorded
+    (OUT/budget.json; a resumed demo keeps it)."""
+    from petctl.engine.budget import DemoCost, describe_replan, replan_cls_epochs
     from petctl.engine.config import with_overrides
 
     if "cls_replan" not in plan:
-        low = max(1, round(plan["preset_cls_epochs"] * plan["seg_epochs"] / plan["preset_seg_epochs"]))
-        cls, pace = replan_cls_epochs(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, seg_stage_s=seg_stage_s,
-                                      seg_stage_estimate_s=plan["seg_stage_estimate_s"], unit_s=plan["unit_s"], low=low,
-                                      high=plan["preset_cls_epochs"], cls_rounds=plan["cls_rounds"], infer_scans=plan["infer_scans"])
-        plan = {**plan, "cls_epochs": cls, "cls_replan": {"planned_cls_epochs": plan["cls_epochs"], "seg_stage_s": round(seg_stage_s, 1),
-                                                          "pace": round(pace, 3), "elapsed_s": round(elapsed_s, 1)}}
+        step_s, run, planned = _fold_steps(Path(home) / "runs" / cfg.run) if home is not None else (None, 0, 0)
+        pace = (step_s / (plan["step_s"] * DemoCost().seg_step) if step_s and plan["step_s"] > 0
+                else seg_stage_s / plan["seg_stage_estimate_s"])
+        cls = replan_cls_epochs(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, pace=pace, unit_s=plan["unit_s"],
+                                low=_low_cls(plan), high=plan["preset_cls_epochs"], cls_rounds=plan["cls_rounds"],
+                                infer_scans=plan["infer_scans"])
+        replan = {"planned_cls_epochs": plan["cls_epochs"], "seg_stage_s": round(seg_stage_s, 1), "pace": round(pace, 3),
+                  "elapsed_s": round(elapsed_s, 1)}
+        if run < planned:
+            replan.update(seg_steps_run=run, seg_steps_planned=planned)
+        plan = {**plan, "cls_epochs": cls, "cls_replan": replan}
         (Path(cfg.out) / "budget.json").write_text(json.dumps(plan, indent=2))
     say(describe_replan(plan))
     return with_overrides(train_cfg, task="cls", epochs=plan["cls_epochs"]), plan
