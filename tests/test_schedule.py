@@ -143,20 +143,25 @@ def test_a_cut_last_cycle_keeps_the_rate_and_still_reaches_the_minimum(num_cycle
     start = (num_cycles - 1) * spc
     plain = [f(s) for s in range(start, start + spc)]
     step, end = start + 30, start + 70
-    f.shorten(step, end)
+    f.retime(step, end)
     assert f.total_steps == end and f(step) == pytest.approx(plain[30])  # no jump where the cut starts
     assert [f(s) for s in range(start, step)] == pytest.approx(plain[:30])  # nothing before it moves
     cut = [f(s) for s in range(step, end)]
     assert all(a > b for a, b in zip(cut, cut[1:]))  # still falling, faster
     assert cut[-1] < plain[69] and f(end) == lr_min and f(end + 5) == lr_min
     assert cut[-1] == pytest.approx(lr_min, abs=0.01)  # one step short of the minimum, as an uncut cycle ends
-    f.shorten(step + 20, end - 10)  # a second cut continues from where the first had got to
+    f.retime(step + 20, end - 10)  # a second cut continues from where the first had got to
     assert f(step + 20) == pytest.approx(cut[20]) and f.total_steps == end - 10
+    before = f(step + 25)
+    f.retime(step + 25, start + spc)  # faster again: back to the planned end, still continuous
+    assert f(step + 25) == pytest.approx(before) and f.total_steps == start + spc
     with pytest.raises(ValueError):
-        f.shorten(end - 5, end + 5)  # never longer
+        f.retime(step + 40, start + spc + 5)  # never past the plan
+    with pytest.raises(ValueError):
+        f.retime(start + spc, start + spc)  # nor after the end
     if num_cycles > 1:
         with pytest.raises(ValueError):
-            CyclicCosineFactor(spc, num_cycles, lr_min).shorten(start - 10, start + 50)  # the last cycle only
+            CyclicCosineFactor(spc, num_cycles, lr_min).retime(start - 10, start + 50)  # the last cycle only
 
 
 def test_the_cut_resumes_from_the_state_dict_and_old_state_dicts_load():
@@ -166,7 +171,7 @@ def test_the_cut_resumes_from_the_state_dict_and_old_state_dicts_load():
     for _ in range(40):
         opt.step()
         sched.step()
-    sched.lr_lambdas[0].shorten(40, 60)
+    sched.lr_lambdas[0].retime(40, 60)
     state = sched.state_dict()
     fresh_opt = torch.optim.SGD(model.parameters(), lr=1.0)
     fresh = make_scheduler(fresh_opt, 100, 1, lr_min_ratio=0.02)

@@ -52,11 +52,12 @@ def cyclic_cosine_lr(step: int, steps_per_cycle: int, lr_max: float, lr_min: flo
 
 class CyclicCosineFactor:
     """The per-step factor of `make_scheduler` as a callable object — LambdaLR keeps an object's
-    fields in its state dict, so a last cycle cut short (`shorten`) resumes as cut.
+    fields in its state dict, so a last cycle cut short (`retime`) resumes as cut.
 
-    `shorten(step, end)` lets the last cycle end at `end` instead: from `step` on, the part of the
-    cosine not yet run is spread over the steps left, so the rate keeps its value at `step` and still
-    falls to the minimum at the new end (a deadline cut no run short of the time it was planned for)."""
+    `retime(step, end)` lets the last cycle end at `end` instead (never past its planned end): from
+    `step` on, the part of the cosine not yet run is spread over the steps left, so the rate keeps its
+    value at `step` and still falls to the minimum at the new end (a training deadline's cut, undone
+    in part or whole when the steps speed up again)."""
 
     def __init__(self, steps_per_cycle: int, num_cycles: int, lr_min_ratio: float = 0.0, warmup_steps: int = 0) -> None:
         if num_cycles < 1:
@@ -64,7 +65,7 @@ class CyclicCosineFactor:
         cyclic_cosine_lr(0, steps_per_cycle, 1.0, lr_min_ratio, warmup_steps)  # validate now, not at the first step()
         self.steps_per_cycle, self.num_cycles = steps_per_cycle, num_cycles
         self.lr_min_ratio, self.warmup_steps = lr_min_ratio, warmup_steps
-        self.cut: list[float] | None = None  # [from_step, cosine progress there, end_step] once shortened
+        self.cut: list[float] | None = None  # [from_step, cosine progress there, end_step] once retimed
 
     @property
     def total_steps(self) -> int:
@@ -81,13 +82,14 @@ class CyclicCosineFactor:
             position, length = position - self.warmup_steps, length - self.warmup_steps
         return min(1.0, max(0.0, position / length))
 
-    def shorten(self, step: int, end_step: int) -> None:
-        """End the last cycle at `end_step` (step < end_step < total_steps), from `step` on."""
-        start = (self.num_cycles - 1) * self.steps_per_cycle
-        if not start <= step < end_step < self.total_steps:
-            raise ValueError(f"shorten: need {start} <= step {step} < end {end_step} < {self.total_steps} (the last cycle only)")
+    def retime(self, step: int, end_step: int) -> None:
+        """End the last cycle at `end_step` (step < end_step ≤ its planned end), from `step` on."""
+        start, planned = (self.num_cycles - 1) * self.steps_per_cycle, self.steps_per_cycle * self.num_cycles
+        if not start <= step < min(end_step, self.total_steps) or end_step > planned:
+            raise ValueError(f"retime: need {start} <= step {step} < end {end_step} <= {planned} and step < {self.total_steps} "
+                             "(the last cycle only, never past its plan)")
         if self.num_cycles == 1 and step < self.warmup_steps:
-            raise ValueError(f"shorten: step {step} is still in the warmup ({self.warmup_steps} steps)")
+            raise ValueError(f"retime: step {step} is still in the warmup ({self.warmup_steps} steps)")
         self.cut = [int(step), self.progress(step), int(end_step)]
 
     def __call__(self, step: int) -> float:
