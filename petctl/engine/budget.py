@@ -100,17 +100,21 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     def estimate(seg: int, cls: int) -> float:
         return elapsed_s + seg_stage(seg) + after_segmentation(cls, cls_rounds=cls_rounds, infer_scans=infer_scans, unit_s=unit, cost=cost)
 
-    def shared(seg: int) -> int:  # the classifier's epochs at the segmentation's share
-        return max(1, round(cls_epochs * seg / seg_epochs))
+    def shared(seg: int) -> int:
+        return shared_cls_epochs(cls_epochs, seg, seg_epochs)
 
     floor = max(1, math.ceil(seg_epochs * min_share))
     for seg in range(seg_epochs, floor - 1, -1):
-        cls = shared(seg)
-        if estimate(seg, cls) <= limit:
-            while cls < cls_epochs and estimate(seg, cls + 1) <= limit:  # the time left over goes to the classifier
-                cls += 1
+        if estimate(seg, shared(seg)) <= limit:  # the time left over goes to the classifier, as a replan at the probe's pace would
+            cls = replan_cls_epochs(budget_s=budget_s, elapsed_s=elapsed_s + seg_stage(seg), pace=1.0, unit_s=unit, low=shared(seg),
+                                    high=cls_epochs, cls_rounds=cls_rounds, infer_scans=infer_scans, headroom=headroom, cost=cost)
             return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg), seg_steps(seg))
     return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor), seg_steps(floor))
+
+
+def shared_cls_epochs(cls_epochs: int, seg: int, seg_epochs: int) -> int:
+    """The classifier's epochs at the share `seg` / `seg_epochs` of the segmentation's (at least 1)."""
+    return max(1, round(cls_epochs * seg / seg_epochs))
 
 
 def after_segmentation(cls: int, *, cls_rounds: int, infer_scans: int, unit_s: float, cost: DemoCost = DemoCost()) -> float:

@@ -321,7 +321,9 @@ def _seg_started(run_dir: Path) -> bool:
 
 def _low_cls(plan: dict[str, Any]) -> int:
     """The classifier's epochs at the common share of the plan's segmentation epochs."""
-    return max(1, round(plan["preset_cls_epochs"] * plan["seg_epochs"] / plan["preset_seg_epochs"]))
+    from petctl.engine.budget import shared_cls_epochs
+
+    return shared_cls_epochs(plan["preset_cls_epochs"], plan["seg_epochs"], plan["preset_seg_epochs"])
 
 
 def seg_deadline(plan: dict[str, Any], *, elapsed_s: float) -> float:
