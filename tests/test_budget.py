@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,23 @@ from petctl.errors import PetctlError
 # training, one round of two segmentation folds (65 training cases, 17 validation), two rounds of
 # classifier folds, 30 test-split and 16 imagesTs scans for calibrate and predict. It took 1884 s.
 DEMO = dict(elapsed_s=115.0, seg_epochs=12, cls_epochs=13, seg_steps_per_epoch=130, num_val_cases=17, seg_rounds=1, cls_rounds=2,
-            infer_scans=46)
+            infer_scans=92)
 # Seed 5050 at half the epochs (batch 8, a fold's step 0.87 s, 131 s before training, 61 training and
 # 16 validation cases): 1213 s. Seed 5151 at batch 4, 7 / 8 epochs (two nets side by side probed
 # 0.467 s a step on that machine; 120 s before training): 1307 s.
 HALF = dict(elapsed_s=131.0, seg_epochs=6, cls_epochs=6, seg_steps_per_epoch=122, num_val_cases=16, seg_rounds=1, cls_rounds=2,
-            infer_scans=46)
+            infer_scans=92)
 BATCH4 = dict(elapsed_s=120.0, seg_epochs=7, cls_epochs=8, seg_steps_per_epoch=264, num_val_cases=16, seg_rounds=1, cls_rounds=2,
-              infer_scans=46, batch_size=4)
+              infer_scans=92, batch_size=4)
+
+# Seed 6464 with one fold on both cores (DDP, 2 processes × 2 patches; two nets side by side at 2
+# patches probed 0.277 s), 7 / 13 epochs, 135 s before training, 17 validation cases over 2 ranks,
+# one round of classifiers, 30 scans × 1 fold for calibrate and predict: 1041 s.
+DDP = dict(elapsed_s=135.0, seg_epochs=7, cls_epochs=13, seg_steps_per_epoch=264, num_val_cases=9, seg_rounds=1, cls_rounds=1,
+           infer_scans=30, batch_size=2, seg_processes=2)
 
 
-@pytest.mark.parametrize("demo, step_s, measured_s", [(DEMO, 0.79, 1884), (HALF, 0.87, 1213), (BATCH4, 0.467, 1307)])
+@pytest.mark.parametrize("demo, step_s, measured_s", [(DEMO, 0.79, 1884), (HALF, 0.87, 1213), (BATCH4, 0.467, 1307), (DDP, 0.277, 1041)])
 def test_the_cost_model_reproduces_the_measured_demos(demo, step_s, measured_s):
     plan = fit_epochs(budget_s=10_000, step_s=step_s, **demo)
     assert (plan.seg_epochs, plan.cls_epochs, plan.fits) == (demo["seg_epochs"], demo["cls_epochs"], True)
@@ -77,7 +84,7 @@ def test_the_classifier_is_replanned_at_the_pace_the_segmentation_folds_ran():
     folds ran slower, and gains them (never above the preset's) when they ran faster."""
     plan = fit_epochs(budget_s=1200, step_s=0.87, **DEMO)
     assert (plan.seg_epochs, plan.cls_epochs) == (5, 7) and 0 < plan.seg_steps_s < plan.seg_stage_s
-    args = dict(budget_s=1200, unit_s=0.87, low=5, high=13, cls_rounds=2, infer_scans=46)  # batch 8: a probe step is the unit
+    args = dict(budget_s=1200, unit_s=0.87, low=5, high=13, cls_rounds=2, infer_scans=92)  # batch 8: a probe step is the unit
     at = {pace: replan_cls_epochs(elapsed_s=115.0 + pace * plan.seg_stage_s, pace=pace, **args) for pace in (1.0, 1.03, 1.3, 0.97, 0.5)}
     assert at[1.0] == 7  # as planned
     assert at[1.03] < 7 and at[1.3] == 5  # slower: fewer, down to the common share and no further
@@ -92,7 +99,7 @@ def test_the_segmentation_deadline_is_the_plan_or_what_the_budget_leaves():
     from petctl.engine.budget import seg_deadline_s
 
     plan = fit_epochs(budget_s=1200, step_s=0.87, **DEMO)
-    args = dict(budget_s=1200, seg_steps_s=plan.seg_steps_s, seg_stage_s=plan.seg_stage_s, unit_s=0.87, low=5, cls_rounds=2, infer_scans=46)
+    args = dict(budget_s=1200, seg_steps_s=plan.seg_steps_s, seg_stage_s=plan.seg_stage_s, unit_s=0.87, low=5, cls_rounds=2, infer_scans=92)
     assert seg_deadline_s(elapsed_s=115.0, **args) == pytest.approx(plan.seg_steps_s)  # a plan that fits: its own estimate
     slow = fit_epochs(budget_s=1200, step_s=1.5, **DEMO)  # flagged: even 5 epochs end past the budget
     assert not slow.fits
@@ -109,7 +116,7 @@ def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
     from petctl.engine.demo import DemoConfig, replan_classifier
 
     train_cfg, plan, _, _ = _fit(tmp_path, monkeypatch, 0.44)  # 2026-11-30's machine at batch 4
-    assert plan["cls_rounds"] == 2 and plan["seg_rounds"] == 1 and plan["infer_scans"] == 46 and plan["unit_s"] == pytest.approx(0.88)
+    assert plan["cls_rounds"] == 2 and plan["seg_rounds"] == 1 and plan["infer_scans"] == 92 and plan["unit_s"] == pytest.approx(0.88)
     assert 0 < plan["seg_steps_estimate_s"] < plan["seg_stage_estimate_s"]
     said: list[str] = []
     cfg = DemoConfig(out=str(tmp_path))
@@ -124,6 +131,54 @@ def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
     # a resumed demo keeps the replan it made
     again, kept = replan_classifier(cfg, preset("cpu-small"), replanned, seg_stage_s=1.0, elapsed_s=1.0, say=said.append)
     assert kept == replanned and again.cls_epochs_per_cycle == 5
+
+
+def test_one_fold_on_every_core_plans_ddp_steps_and_one_classifier_round(tmp_path: Path, monkeypatch):
+    from petctl.engine.budget import DemoCost, seg_step_cost
+    from petctl.engine.demo import DemoLaunch
+    from petctl.engine.folds import FoldLaunch
+
+    ddp = DemoLaunch(seg=FoldLaunch(processes=2, concurrent=1), cls=FoldLaunch(processes=1, concurrent=2), seg_batch=2)
+    train_cfg, plan, said, warned = _fit(tmp_path / "ddp", monkeypatch, 0.24, launches=ddp)  # two nets × 2 patches side by side
+    assert train_cfg.batch_size == 2 and plan["seg_processes"] == 2 and (plan["seg_rounds"], plan["cls_rounds"]) == (1, 1)
+    assert plan["unit_s"] == pytest.approx(0.96)  # the probe's time per patch, at the costs' batch of 8
+    assert seg_step_cost(2) == DemoCost().ddp_step > seg_step_cost(1) == 1.0
+    # the same machine's two single-process folds side by side (batch 4: 0.48 s a step) fit fewer epochs of each
+    two = _fit(tmp_path / "two", monkeypatch, 0.48)[1]
+    assert two["seg_processes"] == 1 and two["cls_rounds"] == 2
+    assert plan["seg_epochs"] > two["seg_epochs"] and plan["cls_epochs"] >= two["cls_epochs"]
+    # the replan reads the DDP fold's pace against the probe's step times the DDP cost
+    run = tmp_path / "home" / "runs" / "demo" / "seg" / "fold0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"cycles": [{"step_seconds": 0.24 * DemoCost().ddp_step, "global_step": 100}]}))
+    from petctl.engine.demo import DemoConfig, replan_classifier
+
+    _, replanned = replan_classifier(DemoConfig(out=str(tmp_path / "ddp")), train_cfg, plan, seg_stage_s=600.0, elapsed_s=700.0,
+                                     say=said.append, home=tmp_path / "home")
+    assert replanned["cls_replan"]["pace"] == pytest.approx(1.0)
+
+
+def test_demo_launches_one_fold_on_every_core_and_the_classifier_one_process_per_core(monkeypatch):
+    import os
+
+    from petctl.engine import folds
+    from petctl.engine.demo import DemoConfig, demo_launches
+    from petctl.engine.folds import FoldLaunch
+
+    monkeypatch.setattr(folds, "gpu_count", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    one = demo_launches(DemoConfig(), 1, 4)  # the default: one fold, DDP over the 2 cores, 2 patches each
+    assert (one.seg, one.seg_batch, one.cls) == (FoldLaunch(processes=2, concurrent=1), 2, FoldLaunch(processes=1, concurrent=2))
+    assert not one.shared
+    two = demo_launches(DemoConfig(train_folds=2), 2, 4)  # two single-process folds side by side, one queue with the classifier
+    assert (two.seg, two.seg_batch) == (FoldLaunch(processes=1, concurrent=2), 4) and two.shared
+    assert demo_launches(DemoConfig(processes=1), 1, 4).seg == FoldLaunch(processes=1, concurrent=1)
+    assert demo_launches(DemoConfig(train_folds=2, concurrent=1), 2, 4).seg == FoldLaunch(processes=2, concurrent=1)
+    monkeypatch.setattr(folds, "gpu_count", lambda: 4)  # GPUs: one process a fold, the folds dealt out over them
+    gpus = demo_launches(DemoConfig(train_folds=2), 2, 4)
+    assert (gpus.seg, gpus.seg_batch, gpus.cls) == (FoldLaunch(processes=1, concurrent=2), 4, FoldLaunch(processes=1, concurrent=4))
+    with pytest.raises(PetctlError, match="--processes must be at least 1"):
+        DemoConfig(processes=0)
 
 
 @pytest.mark.parametrize("bad", [dict(budget_s=0), dict(step_s=0.0), dict(seg_epochs=0), dict(batch_size=0), dict(min_share=0.0),
@@ -169,17 +224,21 @@ def test_a_failing_probe_thread_raises_in_the_caller(monkeypatch):
         probe_seg_step(preset("cpu-tiny").with_image_channels(2), num_steps=1, warmup=0, concurrent=2)
 
 
-def _fit(tmp_path: Path, monkeypatch, step_s: float | None, **demo):
+def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, **demo):
     from petctl.engine import budget, trainer
     from petctl.engine.config import preset
-    from petctl.engine.demo import DemoConfig, fit_budget
+    from petctl.engine.demo import DemoConfig, DemoLaunch, fit_budget
     from petctl.engine.folds import FoldLaunch
+
+    two_folds = FoldLaunch(processes=1, concurrent=2)
+    launches = launches or DemoLaunch(seg=two_folds, cls=two_folds, seg_batch=4)
 
     def probe(cfg, concurrent):
         if step_s is None:
             raise AssertionError("the probe ran")
         assert cfg.in_channels == 5  # two image channels and the position channels
-        assert concurrent == 2  # two folds side by side, as they train
+        assert concurrent == 2  # two folds side by side, or one fold's two processes, as they train
+        assert cfg.batch_size == launches.seg_batch
         return step_s
 
     monkeypatch.setattr(budget, "probe_seg_step", probe)
@@ -187,8 +246,10 @@ def _fit(tmp_path: Path, monkeypatch, step_s: float | None, **demo):
     said, warned = [], []
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(out=str(tmp_path), **demo)
-    train_cfg, plan = fit_budget(cfg, preset("cpu-small"), tmp_path / "store", [0, 1], FoldLaunch(processes=1, concurrent=2),
-                                 elapsed_s=115.0, infer_scans=46, say=said.append, warn=warned.append)
+    train_cfg = replace(preset("cpu-small"), batch_size=launches.seg_batch)  # as the demo sets it
+    folds = [0, 1] if launches.seg.processes == 1 else [0]
+    train_cfg, plan = fit_budget(cfg, train_cfg, tmp_path / "store", folds, launches, elapsed_s=115.0, infer_scans=46, say=said.append,
+                                 warn=warned.append)
     return train_cfg, plan, said, warned
 
 

@@ -14,7 +14,7 @@ import pytest
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "3", "--train-folds", "2",
+    cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "3",
            "--test-fraction", "0.2", "--tta", "--hard-lesion-gain", "2",
            "--out", str(out), "--fresh"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
@@ -42,13 +42,18 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert len(test_ids) == 3 and sorted(p.name for p in (out / "predictions").glob("*.nii.gz")) == test_ids
     status = subprocess.run([sys.executable, "-m", "petctl", "status", "--json"], env=env, capture_output=True, text=True)
     steps = {s["step"]: s["status"] for r in json.loads(status.stdout)["runs"] for s in r["steps"]}
-    for step in ("synth", "prepare", "train-seg-fold0", "train-seg-fold1", "train-cls-fold0-x", "train-cls-fold1-y", "calibrate",
+    for step in ("synth", "prepare", "train-seg-fold0", "train-cls-fold0-x", "train-cls-fold0-y", "calibrate",
                  "predict-demo", "evaluate-demo"):
         assert steps.get(step) == "done", (step, steps)
-    # a 3-fold split of which only the first two folds are trained and ensembled
+    # a 3-fold split of which only the first fold is trained (the default), on every core: one DDP
+    # process per core with the preset's batch shared among them
     assert len(json.loads((out / "store" / "splits.json").read_text())["seg_folds"]) == 3
-    assert not any(s.endswith("fold2") or "fold2-" in s for s in steps), steps
-    assert "2 of 3 folds trained" in report
+    assert not any("fold1" in s or "fold2" in s for s in steps), steps
+    assert "1 of 3 folds trained" in report
+    processes = max(1, os.cpu_count() or 1)
+    seg_meta = json.loads((tmp_path / "home" / "runs" / "demo" / "seg" / "fold0" / "checkpoints" / "last" / "meta.json").read_text())
+    assert seg_meta["num_processes"] == processes and seg_meta["config"]["batch_size"] == max(1, round(2 / processes))
+    assert len(seg_meta["rank_weight_digests"]) == processes and len(set(seg_meta["rank_weight_digests"])) == 1
     # the time budget (20 min by default) probed this machine and planned the epochs the folds trained
     budget = summary["budget"]
     assert budget["budget_min"] == 20 and budget["step_s"] > 0 and (budget["seg_epochs"], budget["cls_epochs"]) == (1, 1)
@@ -72,7 +77,7 @@ def test_demo_config_rejects_more_trained_folds_than_the_split_has():
     from petctl.engine.demo import DemoConfig
     from petctl.errors import PetctlError
 
-    assert DemoConfig(folds=5).train_folds == 2
+    assert DemoConfig(folds=5).train_folds == 1
     assert DemoConfig(folds=5, train_folds=None).train_folds is None
     with pytest.raises(PetctlError, match="train-folds"):
         DemoConfig(folds=3, train_folds=4)

@@ -22,10 +22,11 @@ def demo(
     test_cases: Annotated[int, typer.Option("--test-cases", help="Synthetic held-out cases (imagesTs).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic cohort and the splits.")] = 0,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds of the split (the paper's 5).")] = 5,
-    train_folds: Annotated[Optional[int], typer.Option("--train-folds", min=1, help="Train and ensemble only the first N folds (0 < N ≤ --folds; the CPU demo's budget buys 2; --all-folds trains every one).")] = 2,
+    train_folds: Annotated[Optional[int], typer.Option("--train-folds", min=1, help="Train and ensemble only the first N folds (0 < N ≤ --folds; on CPU one fold on every core gets the most steps out of the budget; --all-folds trains every one).")] = 1,
     all_folds: Annotated[bool, typer.Option("--all-folds", help="Train every fold of the split (the paper).")] = False,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Held-out calibration split of the training cases.")] = 0.15,
-    concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Folds trained at the same time (default: one per CPU core, or per GPU).")] = None,
+    concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Folds trained at the same time (default: as many as train, up to one per CPU core or GPU).")] = None,
+    processes: Annotated[Optional[int], typer.Option("--processes", min=1, help="Processes (DDP) per segmentation fold, sharing the preset's batch (default: CPU cores / folds at a time; 1 on GPUs).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
     pet_clip: Annotated[str, typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (0,95: the PET floor at the lesions' lowest uptake; 5,95: the paper's).")] = "0,95",
@@ -50,7 +51,7 @@ def demo(
     from petctl.home import resolve_home
 
     cfg = DemoConfig(out=str(out), data=str(data) if data else None, preset=preset, run=run, cases=cases, test_cases=test_cases,
-                     seed=seed, folds=folds, train_folds=None if all_folds else train_folds, test_fraction=test_fraction, concurrent=concurrent, workers=workers,
+                     seed=seed, folds=folds, train_folds=None if all_folds else train_folds, test_fraction=test_fraction, concurrent=concurrent, processes=processes, workers=workers,
                      clip=percentile_pair(clip), pet_clip=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
                      hot_background=hot_background, pet_wide=pet_wide, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
                      urine_veto=urine_veto, calibrate_negatives=calibrate_negatives, hard_lesion_gain=hard_lesion_gain, budget_min=budget, retrain_merged=retrain_merged, fresh=fresh)

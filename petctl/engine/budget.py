@@ -31,16 +31,22 @@ class DemoCost:
     fold's step took 0.95 and 1.05 probe steps (5151, 5252, batch 4; a lone probe had run 1.24× faster
     than the folds and planned past the budget; 5252 still ran 5 % past its estimate, hence
     `HEADROOM`); a validation case ~4, a classifier epoch 10-12 (5151, 4747), two folds at a time. Calibrate and predict segment each test-split and imagesTs scan the gate lets
-    through, 4.8 steps a scan on 5050 (41 of 46 let through) and 2.6 on 5151 (a stricter gate); all
-    scans are counted at 4.5, so a gate that stops many leaves time over."""
+    through with each fold of the ensemble: 4.8 steps a scan on 5050 (two folds, 41 of 46 let through),
+    2.6 on 5151 (two folds, a stricter gate) and 2.3 on 6464 (one fold, 30 of 30); every scan and fold
+    is counted at 2.25, so a gate that stops many leaves time over."""
 
     batch_size: int = 8
     """The batch the per-stage costs below are counted at."""
     seg_step: float = 1.0
+    ddp_step: float = 1.2
+    """A step of a fold on several processes (DDP over gloo: the ranks wait for each other and
+    exchange gradients), in probe steps at the per-process batch: one fold on 2 processes × 2 patches
+    ran 0.317 s a step on seed 6464's cohort, where two nets side by side probed 0.245 s and, in the
+    demo, 0.277 s (1.29 and 1.14 probe steps)."""
     seg_val_case: float = 4.0
     cls_epoch: float = 12.0
-    infer_scan: float = 4.5
-    """Calibrate + predict, per scan of the test split and imagesTs."""
+    infer_scan: float = 2.25
+    """Calibrate + predict, per scan of the test split and imagesTs and per fold of the ensemble."""
     report_s: float = 10.0
     """Evaluate and the report (PNGs, tables), whatever the machine."""
     launch_s: float = 15.0
@@ -69,7 +75,7 @@ against 19.9 min) as the machine's load and the gate's stops vary."""
 
 def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: int, cls_epochs: int,
                seg_steps_per_epoch: int, num_val_cases: int, seg_rounds: int, cls_rounds: int, infer_scans: int,
-               batch_size: int = 8, min_share: float = 0.4, headroom: float = HEADROOM,
+               batch_size: int = 8, seg_processes: int = 1, min_share: float = 0.4, headroom: float = HEADROOM,
                cost: DemoCost = DemoCost()) -> EpochPlan:
     """The most segmentation epochs, a share of the preset's `seg_epochs` (never below `min_share` of
     them: 5 of the cpu-small preset's 12), whose estimated demo ends within `budget_s` less `headroom`
@@ -81,8 +87,9 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     fit, the plan is the floor, flagged.
     `seg_rounds` and `cls_rounds` are how many times the folds of a task run one after another
     (folds / concurrent folds);
-    `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs); `step_s`
-    was probed at `batch_size` patches."""
+    `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs) times the
+    folds of the ensemble; `step_s`
+    was probed at `batch_size` patches (per process, each fold running `seg_processes`)."""
     if (budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or batch_size < 1
             or not 0 < min_share <= 1 or not 0 <= headroom < 1):
         raise PetctlError(f"budget {budget_s} s, step {step_s} s, epochs {seg_epochs}/{cls_epochs}, share {min_share}, "
@@ -92,7 +99,7 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     limit = budget_s * (1 - headroom)
 
     def seg_steps(seg: int) -> float:
-        return seg * seg_steps_per_epoch * cost.seg_step * step_s + cost.launch_s
+        return seg * seg_steps_per_epoch * seg_step_cost(seg_processes, cost) * step_s + cost.launch_s
 
     def seg_stage(seg: int) -> float:
         return seg_rounds * (seg_steps(seg) + num_val_cases * cost.seg_val_case * unit)
@@ -110,6 +117,11 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
                                     high=cls_epochs, cls_rounds=cls_rounds, infer_scans=infer_scans, headroom=headroom, cost=cost)
             return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg), seg_steps(seg))
     return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor), seg_steps(floor))
+
+
+def seg_step_cost(processes: int, cost: DemoCost = DemoCost()) -> float:
+    """A segmentation fold's step in probe steps, its fold running `processes` processes."""
+    return cost.seg_step * (cost.ddp_step if processes > 1 else 1.0)
 
 
 def shared_cls_epochs(cls_epochs: int, seg: int, seg_epochs: int) -> int:

@@ -35,10 +35,13 @@ class DemoConfig:
     seed: int = 0
     folds: int = 5
     """Cross-validation folds of the split (the paper's 5)."""
-    train_folds: int | None = 2
-    """How many of them (the first ones) are trained and ensembled; None: all. Two 5-fold folds fit
-    the CPU demo's ~20 minutes, and each net learns from 4/5 of the training cases (a 2-fold split
-    would give it half)."""
+    train_folds: int | None = 1
+    """How many of them (the first ones) are trained and ensembled; None: all. The CPU demo trains
+    one, on every core (`processes`): in its ~20 minutes two folds side by side got 5 of the
+    preset's 12 epochs each on 2026-11-30's slow 2-core machine, and one fold on both cores gets
+    ~1.6× the steps of either (DDP over gloo: 12.6 patches/s against 7.4–8.0 per fold), while the
+    classifier's projections then train in one round instead of two (README). Each net still learns
+    from 4/5 of the training cases."""
     test_fraction: float = 0.15
     """prepare's held-out test split (calibration) of the training cases."""
     workers: int = 2
@@ -98,9 +101,14 @@ class DemoConfig:
     planned steps) and the classifier is replanned at that pace. CPU machines differ ~2× per step
     (16½ against 31 minutes for the same demo). None or 0: the preset's epochs whatever the time;
     ignored on GPUs."""
-    processes: int = 1
+    processes: int | None = None
+    """Processes per segmentation fold (DDP); default: on CPU the cores shared among the folds trained
+    at once (one fold on 2 cores: 2, one thread each), on GPUs 1. The preset's batch is split among
+    them, so a step still learns from the preset's patches (cpu-small: 2 × 2 for its 4). Classifier
+    folds run one process each, one per core or GPU at a time."""
     concurrent: int | None = None
-    """Folds trained at the same time; default: one per CPU core (CPU) or per GPU."""
+    """Folds trained at the same time; default: as many as train, up to one per CPU core (CPU) or
+    per GPU."""
     retrain_merged: bool = False
     fresh: bool = False
     """Delete OUT and the run first (otherwise a re-run resumes)."""
@@ -110,6 +118,8 @@ class DemoConfig:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
         if self.budget_min is not None and self.budget_min < 0:
             raise PetctlError(f"--budget must be ≥ 0 minutes (got {self.budget_min})")
+        if self.processes is not None and self.processes < 1:
+            raise PetctlError(f"--processes must be at least 1 (got {self.processes})")
         if self.train_folds is not None and not 1 <= self.train_folds <= self.folds:
             raise PetctlError(f"--train-folds must be within 1..{self.folds} (got {self.train_folds})")
         from petctl.engine.calibrate import check_gate_margin, check_gate_positives
@@ -128,6 +138,34 @@ def default_concurrency(processes: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
+@dataclass(frozen=True)
+class DemoLaunch:
+    """How the demo starts its folds: the segmentation folds (`seg`, possibly several processes each,
+    with `seg_batch` patches per process) and the classifier folds (`cls`, one process each)."""
+
+    seg: Any
+    cls: Any
+    seg_batch: int
+
+    @property
+    def shared(self) -> bool:
+        """Both tasks can share one queue of fold launches."""
+        return self.seg == self.cls
+
+
+def demo_launches(cfg: DemoConfig, num_folds: int, batch_size: int) -> DemoLaunch:
+    """The demo's fold launches (`DemoConfig.processes`, `concurrent`) for `num_folds` trained folds of
+    a preset whose step learns from `batch_size` patches."""
+    from petctl.engine.folds import FoldLaunch, gpu_count
+
+    units = gpu_count() or (os.cpu_count() or 1)  # GPUs, or single-threaded CPU processes
+    concurrent = cfg.concurrent or max(1, min(num_folds, units // max(1, cfg.processes or 1)))
+    processes = cfg.processes or (1 if gpu_count() else max(1, units // concurrent))
+    seg_batch = max(1, round(batch_size / processes))
+    cls = FoldLaunch(processes=1, concurrent=cfg.concurrent or default_concurrency(1))
+    return DemoLaunch(seg=FoldLaunch(processes=processes, concurrent=concurrent), cls=cls, seg_batch=seg_batch)
+
+
 def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Callable[[str], Any],
              progress_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run every stage; returns the summary written to OUT/summary.json."""
@@ -135,7 +173,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     from petctl.engine.classifier import case_labels
     from petctl.engine.config import preset as get_preset, with_overrides
     from petctl.engine.evaluate import evaluate_folders, write_csv
-    from petctl.engine.folds import FoldLaunch, train_folds
+    from petctl.engine.folds import train_folds
     from petctl.engine.predict import PredictOptions, input_cases, predict, write_summary
     from petctl.engine.prepare import PrepareConfig, run as prepare
     from petctl.engine.registry import Registry, step_context
@@ -179,30 +217,32 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     say(f"prepared {len(result.prepared) + len(result.reused)} cases at {train_cfg.spacing} mm; test {len(result.splits['test'])}")
     timings["prepare"] = time.perf_counter() - t
 
-    launch = FoldLaunch(processes=cfg.processes, concurrent=cfg.concurrent or default_concurrency(cfg.processes))
     folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
+    launches = demo_launches(cfg, len(folds), train_cfg.batch_size)
+    if launches.seg_batch != train_cfg.batch_size:  # the preset's patches a step, shared among a fold's processes
+        train_cfg = replace(train_cfg, batch_size=launches.seg_batch)
     t = stage("train segmentation and classifier folds")  # the budget's probe counts as training time
     positive = case_labels(store)
     calibrated = [c for c in result.splits["test"] if cfg.calibrate_negatives or positive.get(c, True)]
     scans = len(calibrated) + (len(input_cases(data)) if (data / "imagesTs").is_dir() else 0)  # predict's own list
-    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launch, elapsed_s=t - t_demo, infer_scans=scans, say=say, warn=warn)
+    train_cfg, budget = fit_budget(cfg, train_cfg, store, folds, launches, elapsed_s=t - t_demo, infer_scans=scans, say=say, warn=warn)
     run_config = {"store": str(store.resolve()), "preset": cfg.preset}
     # A budgeted demo replans the classifier once the segmentation folds have shown the machine's
-    # pace (unless they were resumed, or retrain-merged follows); otherwise both tasks share one
-    # queue, so a classifier fold fills a core a segmentation fold leaves idle.
+    # pace (unless they were resumed, or retrain-merged follows). Otherwise both tasks share one
+    # queue when they launch alike, so a classifier fold fills a core a segmentation fold leaves idle.
     # With one round of segmentation folds their steps also get a deadline (`LoopConfig.deadline`).
     replan = (budget is not None and not cfg.retrain_merged and "seg_steps_estimate_s" in budget
               and not _seg_started(Path(home) / "runs" / cfg.run))
-    for tasks in ((("seg",), ("cls",)) if replan else (("seg", "cls"),)):
+    for tasks in ((("seg", "cls"),) if launches.shared and not replan else (("seg",), ("cls",))):
         deadline = None
-        if tasks == ("cls",):
+        if replan and tasks == ("cls",):
             train_cfg, budget = replan_classifier(cfg, train_cfg, budget, seg_stage_s=time.perf_counter() - t_seg,
                                                   elapsed_s=time.perf_counter() - t_demo, say=say, home=Path(home))
         elif replan and budget["seg_rounds"] == 1:
             deadline = time.time() + seg_deadline(budget, elapsed_s=time.perf_counter() - t_demo)
         t_seg = time.perf_counter()
-        code = train_folds(train_cfg, store, tasks, folds, run=cfg.run, home=home, launch=launch, say=say, warn=warn,
-                           run_config=run_config, deadline=deadline)
+        code = train_folds(train_cfg, store, tasks, folds, run=cfg.run, home=home, launch=launches.cls if tasks == ("cls",) else launches.seg,
+                           say=say, warn=warn, run_config=run_config, deadline=deadline)
         if code:
             raise PetctlError(f"training folds failed with status {code} (re-run `petctl demo` to resume)")
     timings["train"] = time.perf_counter() - t
@@ -227,10 +267,12 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
         t = stage("retrain-merged")
         predict_run = f"{cfg.run}-merged"
         folds = list(range(len(result.splits["merged_seg_folds"])))[: cfg.train_folds]
-        code = train_folds(train_cfg, store, ("seg", "cls"), folds, run=predict_run, home=home, merged=True, launch=launch, say=say,
-                           warn=warn, run_config={"store": str(store.resolve()), "parent": cfg.run}, parent=cfg.run)
-        if code:
-            raise PetctlError(f"retraining merged folds failed with status {code}")
+        for tasks in ((("seg", "cls"),) if launches.shared else (("seg",), ("cls",))):
+            code = train_folds(train_cfg, store, tasks, folds, run=predict_run, home=home, merged=True,
+                               launch=launches.cls if tasks == ("cls",) else launches.seg, say=say, warn=warn,
+                               run_config={"store": str(store.resolve()), "parent": cfg.run}, parent=cfg.run)
+            if code:
+                raise PetctlError(f"retraining merged folds failed with status {code}")
         shutil.copy2(run_dir / "thresholds.json", Path(home) / "runs" / predict_run / "thresholds.json")
         timings["retrain_merged"] = time.perf_counter() - t
 
@@ -267,10 +309,11 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     return summary
 
 
-def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launch: Any, *, elapsed_s: float,
+def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launches: DemoLaunch, *, elapsed_s: float,
                infer_scans: int, say: Callable[[str], Any], warn: Callable[[str], Any]) -> tuple[Any, dict[str, Any] | None]:
     """The preset with its epochs cut to `cfg.budget_min` on this machine (`petctl.engine.budget`), and
-    the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment.
+    the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment
+    (the plan counts each with every fold of the ensemble).
     The plan is kept in OUT/budget.json, so a resumed demo trains what the interrupted one started."""
     from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
@@ -291,22 +334,24 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         train, val = read_fold(store, folds[0])
         trainings = 2 if cfg.retrain_merged else 1
 
-        def rounds(runs: int) -> int:  # fold runs one after another, each training
+        def rounds(runs: int, launch: Any) -> int:  # fold runs one after another, each training
             return trainings * -(-runs // max(1, launch.concurrent))
 
-        step_s = probe_seg_step(seg_cfg, concurrent=min(launch.concurrent, len(folds)) * max(1, cfg.processes))  # as the folds run
+        seg, procs = launches.seg, max(1, launches.seg.processes)
+        seg_rounds, cls_rounds = rounds(len(folds), seg), rounds(len(train_cfg.cls_projections) * len(folds), launches.cls)
+        step_s = probe_seg_step(seg_cfg, concurrent=min(seg.concurrent, len(folds)) * procs)  # as the folds run
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=batches_per_epoch(
-                             len(train), max(1, cfg.processes), train_cfg.patches_per_scan, train_cfg.batch_size, train_cfg.num_workers),
-                         num_val_cases=len(val), seg_rounds=rounds(len(folds)), cls_rounds=rounds(len(train_cfg.cls_projections) * len(folds)),
-                         infer_scans=infer_scans, batch_size=train_cfg.batch_size)
+                             len(train), procs, train_cfg.patches_per_scan, train_cfg.batch_size, train_cfg.num_workers),
+                         num_val_cases=-(-len(val) // procs), seg_rounds=seg_rounds, cls_rounds=cls_rounds,
+                         infer_scans=infer_scans * len(folds), batch_size=train_cfg.batch_size, seg_processes=procs)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
                 # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
                 "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
-                "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": rounds(len(folds)),
-                "cls_rounds": rounds(len(train_cfg.cls_projections) * len(folds)), "infer_scans": infer_scans}
+                "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": seg_rounds,
+                "cls_rounds": cls_rounds, "infer_scans": infer_scans * len(folds), "seg_processes": procs}
         path.write_text(json.dumps(plan, indent=2))
     seg, cls = plan["seg_epochs"], plan["cls_epochs"]
     (say if plan["fits"] else warn)(describe_plan(plan))
@@ -359,12 +404,12 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
     preset's), at the pace their steps ran against the probe's (their `metrics.json`; without it, their
     `seg_stage_s` against the plan's estimate of it), and the plan with the replan recorded
     (OUT/budget.json; a resumed demo keeps it)."""
-    from petctl.engine.budget import DemoCost, describe_replan, replan_cls_epochs
+    from petctl.engine.budget import describe_replan, replan_cls_epochs, seg_step_cost
     from petctl.engine.config import with_overrides
 
     if "cls_replan" not in plan:
         step_s, run, planned = _fold_steps(Path(home) / "runs" / cfg.run) if home is not None else (None, 0, 0)
-        pace = (step_s / (plan["step_s"] * DemoCost().seg_step) if step_s and plan["step_s"] > 0
+        pace = (step_s / (plan["step_s"] * seg_step_cost(plan.get("seg_processes", 1))) if step_s and plan["step_s"] > 0
                 else seg_stage_s / plan["seg_stage_estimate_s"])
         cls = replan_cls_epochs(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, pace=pace, unit_s=plan["unit_s"],
                                 low=_low_cls(plan), high=plan["preset_cls_epochs"], cls_rounds=plan["cls_rounds"],

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -219,6 +220,9 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         if hasattr(task, "load_sampler_state"):
             task.load_sampler_state(meta.get("sampler_state"))
         accelerator.print(f"{label}: resuming at cycle {position.cycle + 1}, epoch {position.epoch + 1}, step {position.global_step}")
+    # channels-last 1×1×1 kernels: their gradients come back contiguous, which DDP's buckets see as a
+    # layout mismatch: it copies those few values each step and warns on every rank
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
