@@ -49,8 +49,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     # process per core with the preset's batch shared among them
     assert len(json.loads((out / "store" / "splits.json").read_text())["seg_folds"]) == 3
     assert not any("fold1" in s or "fold2" in s for s in steps), steps
-    assert "1 of 3 folds trained" in report
     processes = max(1, os.cpu_count() or 1)
+    assert "1 of 3 folds trained" + (f", each segmentation fold on {processes} processes (DDP)" if processes > 1 else ",") in report
     seg_meta = json.loads((tmp_path / "home" / "runs" / "demo" / "seg" / "fold0" / "checkpoints" / "last" / "meta.json").read_text())
     assert seg_meta["num_processes"] == processes and seg_meta["config"]["batch_size"] == max(1, round(2 / processes))
     assert len(seg_meta["rank_weight_digests"]) == processes and len(set(seg_meta["rank_weight_digests"])) == 1

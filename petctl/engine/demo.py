@@ -299,8 +299,8 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
             timings["evaluate"] = time.perf_counter() - t
 
     t = stage("report")
-    summary = write_report(out, run_dir=run_dir, predict_run_dir=Path(home) / "runs" / predict_run, data=data, cfg=cfg,
-                           thresholds=thresholds, evaluation=evaluation, timings=timings, train_cfg=train_cfg, budget=budget)
+    summary = write_report(out, run_dir=run_dir, predict_run_dir=Path(home) / "runs" / predict_run, data=data,
+                           cfg=replace(cfg, processes=launches.seg.processes), thresholds=thresholds, evaluation=evaluation, timings=timings, train_cfg=train_cfg, budget=budget)
     timings["report"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     if budget:

@@ -101,9 +101,9 @@ def plot_test_cases(path: Path, data: Path, predictions: Path, cases: list[str])
 
 def _folds_text(cfg: Any) -> str:
     trained = getattr(cfg, "train_folds", None)
-    if trained is None or trained >= cfg.folds:
-        return f"{cfg.folds} folds"
-    return f"{trained} of {cfg.folds} folds trained"
+    text = f"{cfg.folds} folds" if trained is None or trained >= cfg.folds else f"{trained} of {cfg.folds} folds trained"
+    processes = getattr(cfg, "processes", None)
+    return text + (f", each segmentation fold on {processes} processes (DDP)" if processes and processes > 1 else "")
 
 
 def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
