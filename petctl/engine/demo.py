@@ -300,7 +300,8 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
 
     t = stage("report")
     summary = write_report(out, run_dir=run_dir, predict_run_dir=Path(home) / "runs" / predict_run, data=data,
-                           cfg=replace(cfg, processes=launches.seg.processes), thresholds=thresholds, evaluation=evaluation, timings=timings, train_cfg=train_cfg, budget=budget)
+                           cfg=replace(cfg, processes=launches.seg.processes), thresholds=thresholds,
+                           evaluation=evaluation, timings=timings, train_cfg=train_cfg, budget=budget)
     timings["report"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     if budget:
