@@ -83,6 +83,19 @@ def test_demo_config_rejects_more_trained_folds_than_the_split_has():
         DemoConfig(folds=3, train_folds=4)
 
 
+def test_report_first_line_names_the_trained_folds_and_a_segmentation_folds_processes():
+    from types import SimpleNamespace
+
+    from petctl.engine.demo import DemoConfig
+    from petctl.engine.report import _folds_text
+
+    assert _folds_text(DemoConfig(folds=5, train_folds=None)) == "5 folds"
+    assert _folds_text(DemoConfig(folds=5)) == "1 of 5 folds trained"  # processes not resolved yet: no claim
+    assert _folds_text(DemoConfig(folds=5, processes=1)) == "1 of 5 folds trained"  # one process is no DDP
+    assert _folds_text(DemoConfig(folds=5, train_folds=2, processes=2)) == "2 of 5 folds trained, each segmentation fold on 2 processes (DDP)"
+    assert _folds_text(SimpleNamespace(folds=3)) == "3 folds"  # a config without these fields (read with getattr)
+
+
 def test_demo_config_takes_half_the_detected_positives_gate_and_refuses_bad_gate_settings():
     from petctl.engine.demo import DemoConfig
     from petctl.errors import PetctlError
