@@ -18,6 +18,7 @@ from petctl.engine.sampling import (
     _affine_grid,
     _affine_theta,
     augment_batch,
+    dim_lesions,
     epoch_cases,
     make_loader,
     patch_centre,
@@ -399,6 +400,94 @@ def test_augmentation_is_reproducible_from_the_generator():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
     assert torch.equal(image, _batch()[0])  # inputs untouched
+
+
+def _blurred_lesion_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two samples of CT + PET on 24³: a lesion cube (uptake 4 over tissue 1, blurred past its label
+    like a scanner's) in sample 0 and, in sample 1, no lesion but a bright organ."""
+    from scipy import ndimage
+
+    label = torch.zeros(2, 1, 24, 24, 24)
+    label[0, 0, 9:15, 9:15, 9:15] = 1
+    pet = np.ones((2, 24, 24, 24), np.float32)
+    pet[0, 9:15, 9:15, 9:15] = 4.0
+    pet[1, 2:8, 2:8, 2:8] = 6.0
+    pet = np.stack([ndimage.gaussian_filter(p, 0.7) for p in pet])
+    image = torch.stack([torch.full((2, 24, 24, 24), -0.3), torch.from_numpy(pet)], 1)
+    return image, label
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.8])
+def test_dimmed_lesions_lose_that_share_of_their_uptake_over_the_tissue_around_them(factor):
+    image, label = _blurred_lesion_batch()
+    out = dim_lesions(image, label, [factor, factor], (1,))
+    before, after = image[0, 1] - 1.0, out[0, 1] - 1.0  # uptake over the tissue (1)
+    inside = label[0, 0] > 0
+    assert torch.allclose(after[inside], factor * before[inside], atol=1e-5)
+    # the blur's halo (just outside the label) dims with it, so no bright rim is left behind
+    halo = torch.zeros_like(inside)
+    halo[8, 9:15, 9:15] = True
+    assert before[halo].min() > 0.3 and torch.allclose(after[halo], factor * before[halo], atol=1e-5)
+    far = torch.ones_like(inside)
+    far[5:19, 5:19, 5:19] = False
+    assert torch.equal(out[0, 1][far], image[0, 1][far])  # tissue away from the lesion untouched
+    assert torch.equal(out[1], image[1]) and torch.equal(out[:, 0], image[:, 0])  # no lesion; CT untouched
+    assert torch.equal(image, _blurred_lesion_batch()[0])  # the input is not written
+
+
+def test_dimming_measures_the_tissue_around_each_sample_and_skips_what_it_cannot():
+    image, label = _blurred_lesion_batch()
+    image[0, 1] += 2.0  # the same lesion in brighter tissue (3): its excess is still 3
+    out = dim_lesions(image, label, [0.5, None], (1,))
+    assert abs(float(out[0, 1, 12, 12, 12]) - (3.0 + 0.5 * (float(image[0, 1, 12, 12, 12]) - 3.0))) < 1e-4
+    full = torch.ones(1, 1, 8, 8, 8)  # a lesion that fills the patch: no tissue to measure
+    fixed = torch.rand(1, 2, 8, 8, 8)
+    assert torch.equal(dim_lesions(fixed, full, [0.5], (1,)), fixed)
+    assert dim_lesions(image, label, [None, None], (1,)) is image and dim_lesions(image, label, [1.0, 1.0], (1,)) is image
+
+
+def test_a_dimmed_lesion_keeps_its_contrast_floor_over_bright_tissue_in_suv():
+    mean, std = 6.6, 3.2  # a store's PET normalization: z = (SUV - mean) / std
+    z = lambda suv: (suv - mean) / std  # noqa: E731
+    label = torch.zeros(3, 1, 24, 24, 24)
+    label[:, 0, 9:15, 9:15, 9:15] = 1
+    tissue = torch.tensor([2.2, 0.9, 2.2]).reshape(3, 1, 1, 1)  # liver, soft tissue, liver
+    peak = torch.tensor([4.0, 4.0, 3.0]).reshape(3, 1, 1, 1)
+    pet = torch.where(label[:, 0] > 0, peak, tissue)
+    image = torch.stack([torch.zeros_like(pet), z(pet)], 1)
+    out = dim_lesions(image, label, [0.5, 0.5, 0.5], (1,), contrast=(1.5, (mean, std)))
+    suv = out[:, 1, 12, 12, 12] * std + mean
+    # in the liver the lesion stops at 1.5 × 2.2 = 3.3 (not 3.1); in soft tissue it takes the whole
+    # factor (0.9 + 0.5 × 3.1); a liver lesion already under the floor (3.0) is left as it is
+    assert suv.tolist() == pytest.approx([3.3, 2.45, 3.0], abs=1e-4)
+    assert torch.equal(out[2], image[2])
+    assert torch.allclose(dim_lesions(image, label, [0.5] * 3, (1,))[:, 1, 12, 12, 12] * std + mean,
+                          torch.tensor([3.1, 2.45, 2.6]), atol=1e-4)  # without the floor
+
+
+def test_augmentation_dims_lesions_with_its_probability_and_keeps_the_stream_without_it():
+    image, label = _blurred_lesion_batch()
+    image, label = image.repeat(32, 1, 1, 1, 1), label.repeat(32, 1, 1, 1, 1)
+    still = dict(p_flip=0.0, p_affine=0.0, p_intensity=0.0)
+    out, out_lab = augment_batch(image, label, torch.Generator().manual_seed(3), AugmentConfig(p_lesion_dim=0.5, **still))
+    assert torch.equal(out_lab, label)
+    peak = out[0::2, 1, 12, 12, 12] - 1.0
+    ref = float(image[0, 1, 12, 12, 12]) - 1.0
+    dimmed = peak < ref - 1e-6
+    assert 4 <= int(dimmed.sum()) <= 28  # about half of the 32 lesion samples
+    assert bool((peak[dimmed] >= 0.5 * ref - 1e-5).all())  # by a factor in [0.5, 1)
+    assert torch.equal(out[1::2], image[1::2])  # the samples without a lesion
+    # off (the default), the random stream and so every other augmentation is what it was
+    a = augment_batch(image, label, torch.Generator().manual_seed(4), AugmentConfig())
+    g = torch.Generator().manual_seed(4)
+    b = augment_batch(image, label, g, AugmentConfig(p_lesion_dim=0.0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("change", [{"p_lesion_dim": 1.5}, {"lesion_dim_min": -0.1}, {"lesion_dim_contrast": 0.9}])
+def test_bad_lesion_dimming_is_refused(change):
+    with pytest.raises(PetctlError, match="lesion dimming"):
+        dataclasses.replace(AugmentConfig(), **change)
 
 
 @pytest.mark.parametrize("change", [{"p_flip": 1.2}, {"zoom_range": (1.2, 0.9)}, {"zoom_range": (0.0, 1.0)}, {"intensity_scale": 1.0}, {"max_rotation_deg": -1.0}])

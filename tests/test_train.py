@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from petctl.engine.config import TrainConfig, cpu_tiny, preset
 from petctl.engine.launch import launch_command
 from petctl.engine.loop import Position, find_checkpoint, load_checkpoint, save_checkpoint
+from petctl.errors import PetctlError
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -44,7 +46,7 @@ def test_two_process_gloo_ddp_keeps_weights_identical(store: Path, tmp_path: Pat
 
 
 def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
-    result = _train(store, tmp_path)
+    result = _train(store, tmp_path, "--lesion-dim", "0.5")  # the fold also dims lesions (sampling's tests check how)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     fold = tmp_path / "home/runs/t/seg/fold0"
     metrics = json.loads((fold / "metrics.json").read_text())
@@ -59,6 +61,7 @@ def test_full_fold_records_metrics_and_registry(store: Path, tmp_path: Path):
     assert epochs[-1]["global_step"] == metrics["cycles"][-1]["global_step"] == sum(e["steps"] for e in epochs)
     assert (fold / "progress.png").stat().st_size > 1000
     assert find_checkpoint(fold / "checkpoints" / "best") is not None
+    assert json.loads((fold / "checkpoints" / "last" / "meta.json").read_text())["config"]["lesion_dim"] == 0.5
     # `last` resumes (optimizer + scheduler), `best` is for inference: weights and sidecar only
     assert sorted(p.name for p in (fold / "checkpoints" / "last").iterdir()) == ["meta.json", "model.pt", "training_state.pt"]
     assert sorted(p.name for p in (fold / "checkpoints" / "best").iterdir()) == ["meta.json", "model.pt"]
@@ -278,6 +281,24 @@ def test_overrides_set_the_counts_of_the_task_and_nothing_else():
     cls = with_overrides(base, task="cls", cycles=4)
     assert (cls.cls_num_cycles, cls.num_cycles, cls.cls_epochs_per_cycle) == (4, base.num_cycles, base.cls_epochs_per_cycle)
     assert with_overrides(base) == base
+
+
+def test_lesion_dimming_reaches_the_pet_channels_of_the_folds_augmentation():
+    from petctl.engine.config import preset, with_overrides
+    from petctl.engine.trainer import seg_augment
+
+    base = preset("cpu-small")
+    assert base.lesion_dim == 0.0 and seg_augment(base.with_image_channels(2)).p_lesion_dim == 0.0
+    dim = with_overrides(base, lesion_dim=0.3)
+    assert (dim.lesion_dim, dim.hard_lesion_gain) == (0.3, base.hard_lesion_gain)
+    two, wide = seg_augment(dim.with_image_channels(2)), seg_augment(dim.with_image_channels(3))  # CT, PET (+ the wide PET)
+    assert (two.p_lesion_dim, two.lesion_dim_channels, wide.lesion_dim_channels) == (0.3, (1,), (1, 2))
+    assert seg_augment(replace(dim, position_channels=False, in_channels=3)).lesion_dim_channels == (1, 2)
+    # the contrast floor maps the PET channel back to SUV with the store's normalization
+    fingerprint = {"pet": {"mean": 6.6, "std": 3.2, "clip": [0.9, 13.2]}}
+    assert two.lesion_dim_suv is None and seg_augment(dim.with_image_channels(2), fingerprint).lesion_dim_suv == (6.6, 3.2)
+    with pytest.raises(PetctlError, match="lesion_dim"):
+        replace(base, lesion_dim=1.5)
 
 
 def test_the_deadline_pace_cuts_only_what_does_not_fit_and_gives_steps_back():

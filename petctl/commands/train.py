@@ -48,6 +48,9 @@ def train(
     hard_lesion_gain: Annotated[Optional[float], typer.Option(
         "--hard-lesion-gain", help="Hard-example mining: weight a lesion in lesion-centred draws by 1 + GAIN × the share of it "
                                    "the net missed so far (0: off; default: the preset's).")] = None,
+    lesion_dim: Annotated[Optional[float], typer.Option(
+        "--lesion-dim", help="Lesion dimming: the probability that a patch's lesions are made fainter (their uptake above the "
+                             "tissue around them × U(0.5, 1); 0: off; default: the preset's).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from petctl.console import console, error_line
@@ -63,7 +66,7 @@ def train(
     splits = json.loads(splits_path.read_text())
     folds = _folds(fold, len(splits[f"{'merged_' if merged else ''}{task}_folds"]))
     cfg = with_overrides(get_preset(preset), task=task, cycles=cycles, epochs=epochs, mixed_precision=mixed_precision,
-                         pretrained=str(pretrained) if pretrained else None, hard_lesion_gain=hard_lesion_gain)
+                         pretrained=str(pretrained) if pretrained else None, hard_lesion_gain=hard_lesion_gain, lesion_dim=lesion_dim)
     home_path = resolve_home(home)
     launch = FoldLaunch(processes=processes, nodes=nodes, mixed_precision=mixed_precision, max_steps=max_steps)
     worst = train_folds(cfg, store, task, folds, run=run, home=home_path, merged=merged, launch=launch,

@@ -47,6 +47,10 @@ class TrainConfig:
     """Hard-example mining per lesion: a component's weight in lesion-centred draws is multiplied by
     1 + gain × its running miss rate (the share of its voxels the net scored ≤ 0.5 in the patches
     centred on it, averaged over epochs with momentum 0.5). 0 turns it off."""
+    lesion_dim: float = 0.0
+    """Probability that a training patch's lesions are dimmed (`AugmentConfig.p_lesion_dim`): their
+    uptake above the tissue around them scaled by U(0.5, 1), so faint lesions are not only the rare
+    faint ones of the cohort. 0 turns it off (the paper)."""
     num_cycles: int = 50
     epochs_per_cycle: int = 5
     lr: float = 5e-4
@@ -108,6 +112,8 @@ class TrainConfig:
             raise PetctlError("lesion_prob must be within [0, 1]")
         if self.lesion_size_power < 0:
             raise PetctlError(f"lesion_size_power must be ≥ 0 (got {self.lesion_size_power})")
+        if not 0.0 <= self.lesion_dim <= 1.0:
+            raise PetctlError(f"lesion_dim must be within [0, 1] (got {self.lesion_dim})")
         if self.hard_lesion_gain < 0:
             raise PetctlError(f"hard_lesion_gain must be ≥ 0 (got {self.hard_lesion_gain})")
         for name in ("patches_per_scan", "batch_size", "num_cycles", "epochs_per_cycle", "grad_accum"):
@@ -194,14 +200,15 @@ def cpu_tiny() -> TrainConfig:
 
 def with_overrides(cfg: TrainConfig, *, task: str = "seg", cycles: int | None = None, epochs: int | None = None,
                    mixed_precision: str | None = None, pretrained: str | None = None,
-                   hard_lesion_gain: float | None = None) -> TrainConfig:
+                   hard_lesion_gain: float | None = None, lesion_dim: float | None = None) -> TrainConfig:
     """A preset with the command line's overrides (`petctl train`, `petctl slurm plan`): cycles
     and epochs set the counts of `task` (the classifier's for "cls"); None leaves a field as is."""
     if task not in ("seg", "cls"):
         raise PetctlError(f"task must be seg or cls (got {task!r})")
     cycle_fields = ("num_cycles", "epochs_per_cycle") if task == "seg" else ("cls_num_cycles", "cls_epochs_per_cycle")
     overrides = {k: v for k, v in {cycle_fields[0]: cycles, cycle_fields[1]: epochs, "mixed_precision": mixed_precision,
-                                    "pretrained": pretrained, "hard_lesion_gain": hard_lesion_gain}.items() if v is not None}
+                                    "pretrained": pretrained, "hard_lesion_gain": hard_lesion_gain,
+                                    "lesion_dim": lesion_dim}.items() if v is not None}
     return replace(cfg, **overrides)
 
 

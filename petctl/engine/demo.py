@@ -83,6 +83,8 @@ class DemoConfig:
     hard_lesion_gain: float | None = None
     """Segmentation training's hard-example mining per lesion (`TrainConfig.hard_lesion_gain`);
     None: the preset's."""
+    lesion_dim: float | None = None
+    """Segmentation training's lesion dimming (`TrainConfig.lesion_dim`); None: the preset's."""
     calibrate_negatives: bool = False
     """calibrate also segments the test split's negatives, for the FPV curve over them (`calibrate
     --negatives`). Off: without a volume budget that curve does not move the threshold, the held-out
@@ -188,7 +190,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
         for run in (cfg.run, f"{cfg.run}-merged"):
             shutil.rmtree(Path(home) / "runs" / run, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    train_cfg = with_overrides(get_preset(cfg.preset), hard_lesion_gain=cfg.hard_lesion_gain)
+    train_cfg = with_overrides(get_preset(cfg.preset), hard_lesion_gain=cfg.hard_lesion_gain, lesion_dim=cfg.lesion_dim)
     timings: dict[str, float] = {}
     registry.create_run(cfg.run, kind="demo", config={**asdict(cfg), "store": str((out / "store").resolve())})
 

@@ -361,8 +361,25 @@ class AugmentConfig:
     """Intensities are multiplied by U(1 - s, 1 + s)."""
     intensity_shift: float = 0.1
     """Then shifted by U(-s, s) (z-score units)."""
+    p_lesion_dim: float = 0.0
+    """Probability, per sample with lesion voxels, that its lesions are dimmed (`dim_lesions`): their
+    uptake above the surrounding tissue is multiplied by U(`lesion_dim_min`, 1) in the
+    `lesion_dim_channels`, so the net also sees each lesion as a fainter one. 0: off (the paper)."""
+    lesion_dim_min: float = 0.5
+    lesion_dim_channels: tuple[int, ...] = (1,)
+    """The PET channels a dimming acts on (the clipped PET; the wide PET too when stored)."""
+    lesion_dim_contrast: float = 1.5
+    """A dimmed lesion's peak stays at least this many times the uptake around it, in SUV (the first
+    of `lesion_dim_channels` mapped back by `lesion_dim_suv`): a lesion in soft tissue may become
+    as faint as the cohort's faintest, one in the liver stays clear of the liver's own texture."""
+    lesion_dim_suv: tuple[float, float] | None = None
+    """(mean, std) that map the first dimmed channel's z-scores back to SUV (the store's PET
+    normalization); None: no contrast floor."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.p_lesion_dim <= 1.0 or not 0.0 <= self.lesion_dim_min <= 1.0 or self.lesion_dim_contrast < 1.0:
+            raise PetctlError(f"augmentation lesion dimming: probability and minimum factor must be in [0, 1], the contrast "
+                              f"at least 1 (got {self.p_lesion_dim}, {self.lesion_dim_min}, {self.lesion_dim_contrast})")
         for name in ("p_flip", "p_affine", "p_intensity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise PetctlError(f"augmentation {name} must be in [0, 1], got {getattr(self, name)}")
@@ -395,6 +412,12 @@ def augment_batch(
         return image_bcxyz, label_b1xyz
     batch, channels = image_bcxyz.shape[:2]
     u = torch.rand(batch, 8 + 3 * channels, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    if cfg.p_lesion_dim > 0:  # drawn after the rest, so runs without dimming keep their random stream
+        d = torch.rand(batch, 2, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+        factors = [cfg.lesion_dim_min + float(b) * (1 - cfg.lesion_dim_min) if float(a) < cfg.p_lesion_dim else None
+                   for a, b in d.tolist()]
+        image_bcxyz = dim_lesions(image_bcxyz, label_b1xyz, factors, cfg.lesion_dim_channels,
+                                  contrast=(cfg.lesion_dim_contrast, cfg.lesion_dim_suv) if cfg.lesion_dim_suv else None)
     allowed = torch.tensor([a in cfg.flip_axes for a in range(3)])
     flips = ((u[:, 0:3] < cfg.p_flip) & allowed).tolist()
     affine = u[:, 3] < cfg.p_affine
@@ -425,6 +448,57 @@ def augment_batch(
         offset = torch.where(intensity, shift, torch.zeros_like(shift)).reshape(view).to(image.device, image.dtype)
         image = torch.addcmul(offset, image, gain)
     return image, label
+
+
+DIM_RING = (3, 5)
+"""The surrounding tissue a dimming measures: voxels 4-5 voxels (Chebyshev) from a lesion."""
+
+
+def dim_lesions(image_bcxyz: torch.Tensor, label_b1xyz: torch.Tensor, factors: Sequence[float | None],
+                channels: Sequence[int], contrast: tuple[float, tuple[float, float]] | None = None) -> torch.Tensor:
+    """Each sample's lesions made fainter in `channels`: image − (1 − factor) · w · max(image − bg, 0),
+    where bg is the median of the channel over a ring of tissue around the lesions (`DIM_RING`) and
+    w is 1 over the lesions and one voxel around them, falling to 0 three voxels out (the scanner's
+    blur spreads a lesion's uptake past its label). The label is unchanged: a fainter lesion is
+    still a lesion. A sample without lesion voxels or without a ring (the lesion fills the patch),
+    or with factor None, is left as it is. `contrast` = (c, (mean, std)): the factor is raised so
+    that the lesion's peak stays at least c times the tissue's uptake, both mapped to SUV from the
+    first channel (z · std + mean). Returns a new tensor when any sample is dimmed."""
+    picked = [i for i, f in enumerate(factors) if f is not None and f < 1]
+    if not picked or not channels:
+        return image_bcxyz
+    lesion = (label_b1xyz.index_select(0, torch.tensor(picked, device=label_b1xyz.device)) > 0.5).float()
+    inner = _dilate(lesion, DIM_RING[0])
+    ring = (_dilate(inner, DIM_RING[1] - DIM_RING[0]) > 0) & ~(inner > 0)
+    weight = torch.nn.functional.avg_pool3d(_dilate(lesion, 2), 3, stride=1, padding=1, count_include_pad=False)
+    out = image_bcxyz.clone()
+    for j, i in enumerate(picked):
+        if not bool(ring[j].any()):  # no lesion, or a lesion that fills the patch
+            continue
+        factor = float(factors[i])
+        if contrast is not None:
+            ratio, (mean, std) = contrast
+            pet = out[i, channels[0]]
+            bg_suv = float(pet[ring[j, 0]].median()) * std + mean
+            excess = float(pet[lesion[j, 0] > 0].max()) * std + mean - bg_suv
+            if excess <= 0:
+                continue
+            factor = max(factor, (ratio - 1) * max(bg_suv, 0.0) / excess)
+            if factor >= 1:
+                continue
+        w = weight[j, 0].to(out.dtype)
+        for c in channels:
+            values = out[i, c]
+            bg = values[ring[j, 0]].median()
+            out[i, c] = values - (1 - factor) * w * torch.clamp(values - bg, min=0)
+    return out
+
+
+def _dilate(mask_b1xyz: torch.Tensor, radius: int) -> torch.Tensor:
+    """A float mask dilated by a (2·radius + 1)³ cube, one axis at a time (a cube is separable)."""
+    for kernel in ((2 * radius + 1, 1, 1), (1, 2 * radius + 1, 1), (1, 1, 2 * radius + 1)):
+        mask_b1xyz = torch.nn.functional.max_pool3d(mask_b1xyz, kernel, stride=1, padding=tuple(k // 2 for k in kernel))
+    return mask_b1xyz
 
 
 def _flip_each(image: torch.Tensor, label: torch.Tensor, flips: list[list[bool]]) -> tuple[torch.Tensor, torch.Tensor]:

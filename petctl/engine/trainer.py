@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from petctl.engine.config import TrainConfig
+from petctl.engine.config import POSITION_CHANNELS, TrainConfig
 from petctl.engine.loop import LoopConfig, fit_task
 from petctl.errors import PetctlError
 
@@ -54,12 +54,26 @@ def predict_volume(model: torch.nn.Module, image_cxyz: torch.Tensor, cfg: TrainC
     return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
 
+def seg_augment(cfg: TrainConfig, fingerprint: dict[str, Any] | None = None) -> Any:
+    """A segmentation fold's `AugmentConfig`: lesion dimming (`cfg.lesion_dim`) acts on the PET
+    channels, the clipped PET (channel 1) and the wide PET (2) when the store has it, and keeps a
+    dimmed lesion's contrast floor in SUV by the store's PET normalization (`fingerprint`)."""
+    from petctl.engine.sampling import AugmentConfig
+
+    image_channels = cfg.in_channels - (POSITION_CHANNELS if cfg.position_channels else 0)
+    pet = (fingerprint or {}).get("pet") or {}
+    suv = (float(pet["mean"]), float(pet["std"])) if "mean" in pet and "std" in pet else None
+    return AugmentConfig(enabled=cfg.augment, p_lesion_dim=cfg.lesion_dim, lesion_dim_channels=(1, 2) if image_channels >= 3 else (1,),
+                         lesion_dim_suv=suv)
+
+
 class SegTask:
     """One segmentation fold: model, patch batches, loss and validation."""
 
     def __init__(self, cfg: TrainConfig, store_root: Path, train_cases: list[str], val_cases: list[str], accelerator: Any) -> None:
         from petctl.engine.models import build_seg_model, channels_last, init_output_prior, load_pretrained_swin_unetr
-        from petctl.engine.sampling import AugmentConfig, SegPatchDataset, make_loader
+        from petctl.engine.sampling import SegPatchDataset, make_loader
+        from petctl.engine.store import read_json
 
         self.cfg, self.store_root, self.val_cases = cfg, Path(store_root), val_cases
         self.model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size, features=cfg.features,
@@ -79,7 +93,7 @@ class SegTask:
         self.loader = make_loader(self.dataset, cfg.batch_size, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
         # exact batches per epoch (each loader worker ends on its own partial batch); equal on all ranks
         self.steps_per_epoch = self.dataset.batches_per_epoch_per_rank(cfg.batch_size, cfg.num_workers)
-        self.augment = AugmentConfig(enabled=cfg.augment)
+        self.augment = seg_augment(cfg, read_json(self.store_root / "fingerprint.json") if cfg.lesion_dim > 0 else None)
         self.loss_fn = _loss_fn(cfg.loss)
 
     def batches(self, epoch: int) -> Iterator[Any]:
