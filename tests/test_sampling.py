@@ -477,11 +477,13 @@ def test_augmentation_dims_lesions_with_its_probability_and_keeps_the_stream_wit
     assert 4 <= int(dimmed.sum()) <= 28  # about half of the 32 lesion samples
     assert bool((peak[dimmed] >= 0.5 * ref - 1e-5).all())  # by a factor in [0.5, 1)
     assert torch.equal(out[1::2], image[1::2])  # the samples without a lesion
-    # off (the default), the random stream and so every other augmentation is what it was
-    a = augment_batch(image, label, torch.Generator().manual_seed(4), AugmentConfig())
-    g = torch.Generator().manual_seed(4)
-    b = augment_batch(image, label, g, AugmentConfig(p_lesion_dim=0.0))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # dimming draws after the flips, rotations and intensities: with it on, a sample it leaves alone
+    # (no lesion) gets exactly the augmentation it gets with dimming off
+    off = augment_batch(image, label, torch.Generator().manual_seed(4), AugmentConfig())
+    on = augment_batch(image, label, torch.Generator().manual_seed(4), AugmentConfig(p_lesion_dim=0.5))
+    assert not torch.equal(off[0][1::2], image[1::2])  # the other augmentations did act
+    assert torch.equal(off[0][1::2], on[0][1::2]) and torch.equal(off[1], on[1])
+    assert not torch.equal(off[0][0::2], on[0][0::2])  # and the lesion samples were dimmed
 
 
 @pytest.mark.parametrize("change", [{"p_lesion_dim": 1.5}, {"lesion_dim_min": -0.1}, {"lesion_dim_contrast": 0.9}])
