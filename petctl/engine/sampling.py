@@ -458,7 +458,7 @@ def dim_lesions(image_bcxyz: torch.Tensor, label_b1xyz: torch.Tensor, factors: S
                 channels: Sequence[int], contrast: tuple[float, tuple[float, float]] | None = None) -> torch.Tensor:
     """Each sample's lesions made fainter in `channels`: image − (1 − factor) · w · max(image − bg, 0),
     where bg is the median of the channel over a ring of tissue around the lesions (`DIM_RING`) and
-    w is 1 over the lesions and one voxel around them, falling to 0 three voxels out (the scanner's
+    w is 1 over the lesions and one voxel around them, 2/3 and 1/3 two and three out, 0 from four (the scanner's
     blur spreads a lesion's uptake past its label). The label is unchanged: a fainter lesion is
     still a lesion. A sample without lesion voxels or without a ring (the lesion fills the patch),
     or with factor None, is left as it is. `contrast` = (c, (mean, std)): the factor is raised so
