@@ -182,13 +182,12 @@ def test_demo_launches_one_fold_on_every_core_and_the_classifier_one_process_per
 
 
 @pytest.mark.parametrize("bad", [dict(budget_s=0), dict(step_s=0.0), dict(seg_epochs=0), dict(batch_size=0), dict(min_share=0.0),
-                                 dict(min_share=1.5), dict(headroom=1.0), dict(headroom=-0.1)])
+                                 dict(min_share=1.5), dict(max_share=0.9), dict(headroom=1.0), dict(headroom=-0.1)])
 def test_fit_epochs_refuses_nonsense(bad):
     args = dict(budget_s=1200.0, step_s=0.5, **DEMO)
     args.update(bad)
-    min_share = args.pop("min_share", 0.4)
     with pytest.raises(PetctlError, match="must be positive"):
-        fit_epochs(**args, min_share=min_share)
+        fit_epochs(**args)
 
 
 def test_the_probe_times_real_steps_and_restores_the_thread_count():
@@ -263,18 +262,65 @@ def test_the_demo_trains_what_fits_and_a_resume_keeps_the_plan(tmp_path: Path, m
     assert plan2 == plan and again.epochs_per_cycle == 6
     # a half-written plan is planned again, not a traceback
     (tmp_path / "budget.json").write_text("{")
-    _, plan3, _, _ = _fit(tmp_path, monkeypatch, 0.20)
+    _, plan3, _, _ = _fit(tmp_path, monkeypatch, 0.20, stretch=1.0)
     assert plan3["seg_epochs"] == 12 and json.loads((tmp_path / "budget.json").read_text()) == plan3
 
 
 def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Path, monkeypatch):
-    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.20)
+    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.20, stretch=1.0)
     assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 13) and "the preset's epochs fit" in said[0]
     train_cfg, plan, _, warned = _fit(tmp_path / "slow", monkeypatch, 1.5)
     assert train_cfg.epochs_per_cycle == 5 and not plan["fits"] and "past the budget even at the fewest epochs" in warned[0]
     train_cfg, plan, _, warned = _fit(tmp_path / "almost", monkeypatch, 0.48)  # 2026-11-30's machine on a slow day (5353)
     assert train_cfg.epochs_per_cycle == 5 and not plan["fits"] and 19 * 60 < plan["estimate_s"] <= 20 * 60
     assert "within the budget but not the 5% of it a plan keeps free" in warned[0]
+
+
+def test_a_fast_machine_stretches_the_preset_to_use_the_budget(tmp_path: Path, monkeypatch):
+    """--stretch (default 1.25): where the preset would end minutes inside the budget, both tasks train
+    more epochs, up to 15 and 16 of cpu-small's 12 and 13, and the plan still ends inside it."""
+    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.14)
+    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (15, 16) == (plan["seg_epochs"], plan["max_cls_epochs"])
+    assert plan["fits"] and plan["estimate_s"] <= 1200 * (1 - HEADROOM)
+    assert "so 15 segmentation and 16 classifier epochs, the preset's 12 and 13 stretched" in said[0]
+    # a machine where the preset fits with a little time over stretches only as far as that time goes
+    mid = _fit(tmp_path / "mid", monkeypatch, 0.20)[1]
+    preset_only = _fit(tmp_path / "mid1", monkeypatch, 0.20, stretch=1.0)[1]
+    assert (preset_only["seg_epochs"], preset_only["cls_epochs"]) == (12, 13)
+    assert 12 < mid["seg_epochs"] < 15 and mid["fits"] and mid["estimate_s"] <= 1200 * (1 - HEADROOM)
+    # a machine too slow for the preset plans the same whatever the stretch: the classifier stays within its preset too
+    for step_s in (0.34, 0.48):
+        slow, slow1 = _fit(tmp_path / f"slow{step_s}", monkeypatch, step_s)[1], _fit(tmp_path / f"slow1{step_s}", monkeypatch, step_s, stretch=1.0)[1]
+        assert slow["seg_epochs"] < 12 and (slow["seg_epochs"], slow["cls_epochs"]) == (slow1["seg_epochs"], slow1["cls_epochs"])
+        assert slow["max_cls_epochs"] == 13
+
+
+@pytest.mark.parametrize("step_s", [0.20, 0.26, 0.30, 0.34, 0.40])
+def test_a_stretched_plan_takes_every_epoch_that_fits_and_no_more(step_s):
+    target = 1200 * (1 - HEADROOM)
+    plan = fit_epochs(budget_s=1200, step_s=step_s, **DEMO, max_share=1.25)
+    preset = fit_epochs(budget_s=1200, step_s=step_s, **DEMO)
+    assert plan.estimate_s <= target and plan.seg_epochs <= 15 and plan.cls_epochs <= (16 if plan.seg_epochs >= 12 else 13)
+    assert plan.seg_epochs >= preset.seg_epochs and plan.cls_epochs >= min(16, round(13 * plan.seg_epochs / 12))
+    if plan.seg_epochs < 15:  # one more segmentation epoch, the classifier at its share, would not have fitted
+        more = fit_epochs(budget_s=1200, step_s=step_s, **{**DEMO, "seg_epochs": plan.seg_epochs + 1,
+                                                            "cls_epochs": round(13 * (plan.seg_epochs + 1) / 12)}, min_share=1.0)
+        assert more.estimate_s > target
+
+
+@pytest.mark.parametrize("epochs, share, top", [(12, 1.0, 12), (12, 1.25, 15), (13, 1.25, 16), (12, 1.1, 13), (5, 1.05, 5)])
+def test_stretched_epochs_round_down_and_never_below_the_preset(epochs, share, top):
+    from petctl.engine.budget import stretched_epochs
+
+    assert stretched_epochs(epochs, share) == top
+
+
+def test_a_stretch_outside_one_to_two_is_refused():
+    from petctl.engine.demo import DemoConfig
+
+    for bad in (0.9, 2.5):
+        with pytest.raises(PetctlError, match="--stretch must be within 1..2"):
+            DemoConfig(stretch=bad)
 
 
 def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):

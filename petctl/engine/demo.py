@@ -103,6 +103,11 @@ class DemoConfig:
     planned steps) and the classifier is replanned at that pace. CPU machines differ ~2× per step
     (16½ against 31 minutes for the same demo). None or 0: the preset's epochs whatever the time;
     ignored on GPUs."""
+    stretch: float = 1.25
+    """With a budget, a machine fast enough for the preset trains up to this share of its segmentation
+    and classifier epochs (cpu-small: 15 and 16 of 12 and 13) to use the budget rather than end
+    minutes inside it (`budget.fit_epochs(max_share=)`); the folds' deadline still cuts them, to no
+    fewer than 80 % of the planned steps (the preset's 12). 1: the preset's epochs at most."""
     processes: int | None = None
     """Processes per segmentation fold (DDP); default: on CPU the cores shared among the folds trained
     at once (one fold on 2 cores: 2, one thread each), on GPUs 1. The preset's batch is split among
@@ -120,6 +125,8 @@ class DemoConfig:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
         if self.budget_min is not None and self.budget_min < 0:
             raise PetctlError(f"--budget must be ≥ 0 minutes (got {self.budget_min})")
+        if not 1 <= self.stretch <= 2:
+            raise PetctlError(f"--stretch must be within 1..2 (got {self.stretch})")
         if self.processes is not None and self.processes < 1:
             raise PetctlError(f"--processes must be at least 1 (got {self.processes})")
         if self.train_folds is not None and not 1 <= self.train_folds <= self.folds:
@@ -318,7 +325,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment
     (the plan counts each with every fold of the ensemble).
     The plan is kept in OUT/budget.json, so a resumed demo trains what the interrupted one started."""
-    from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step
+    from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step, stretched_epochs
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
     from petctl.engine.sampling import batches_per_epoch
@@ -347,10 +354,13 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=batches_per_epoch(
                              len(train), procs, train_cfg.patches_per_scan, train_cfg.batch_size, train_cfg.num_workers),
                          num_val_cases=-(-len(val) // procs), seg_rounds=seg_rounds, cls_rounds=cls_rounds,
-                         infer_scans=infer_scans * len(folds), batch_size=train_cfg.batch_size, seg_processes=procs)
+                         infer_scans=infer_scans * len(folds), batch_size=train_cfg.batch_size, seg_processes=procs,
+                         max_share=cfg.stretch)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
+                "max_cls_epochs": (stretched_epochs(train_cfg.cls_epochs_per_cycle, cfg.stretch)
+                                   if fit.seg_epochs >= train_cfg.epochs_per_cycle else train_cfg.cls_epochs_per_cycle),
                 # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
                 "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
                 "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": seg_rounds,
@@ -371,7 +381,8 @@ def _low_cls(plan: dict[str, Any]) -> int:
     """The classifier's epochs at the common share of the plan's segmentation epochs."""
     from petctl.engine.budget import shared_cls_epochs
 
-    return shared_cls_epochs(plan["preset_cls_epochs"], plan["seg_epochs"], plan["preset_seg_epochs"])
+    return min(shared_cls_epochs(plan["preset_cls_epochs"], plan["seg_epochs"], plan["preset_seg_epochs"]),
+               plan.get("max_cls_epochs", plan["preset_cls_epochs"]))
 
 
 def seg_deadline(plan: dict[str, Any], *, elapsed_s: float) -> float:
@@ -415,7 +426,7 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
         pace = (step_s / (plan["step_s"] * seg_step_cost(plan.get("seg_processes", 1))) if step_s and plan["step_s"] > 0
                 else seg_stage_s / plan["seg_stage_estimate_s"])
         cls = replan_cls_epochs(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, pace=pace, unit_s=plan["unit_s"],
-                                low=_low_cls(plan), high=plan["preset_cls_epochs"], cls_rounds=plan["cls_rounds"],
+                                low=_low_cls(plan), high=plan.get("max_cls_epochs", plan["preset_cls_epochs"]), cls_rounds=plan["cls_rounds"],
                                 infer_scans=plan["infer_scans"])
         replan = {"planned_cls_epochs": plan["cls_epochs"], "seg_stage_s": round(seg_stage_s, 1), "pace": round(pace, 3),
                   "elapsed_s": round(elapsed_s, 1)}
