@@ -67,6 +67,9 @@ class EpochPlan:
     """The estimate's segmentation stage (all its rounds, launches and validation included)."""
     seg_steps_s: float = 0.0
     """Of it, one round's launch and training steps: the demo's deadline for the folds' steps."""
+    max_cls_epochs: int = 0
+    """The most classifier epochs a later replan may give (the preset's, or its stretch where the
+    segmentation trains all of the preset's epochs)."""
 
 
 HEADROOM = 0.05
@@ -98,7 +101,7 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     if (budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or batch_size < 1
             or not 0 < min_share <= 1 or max_share < 1 or not 0 <= headroom < 1):
         raise PetctlError(f"budget {budget_s} s, step {step_s} s, epochs {seg_epochs}/{cls_epochs}, share {min_share}..{max_share}, "
-                          f"headroom {headroom}: all must be positive (shares around 1, headroom below 1)")
+                          f"headroom {headroom}: all must be positive (min share at most 1, max share at least 1, headroom below 1)")
 
     unit = step_s * cost.batch_size / batch_size  # a step at the costs' batch, at the probed time per patch
     limit = budget_s * (1 - headroom)
@@ -123,8 +126,9 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
         if estimate(seg, shared(seg)) <= limit:  # the time left over goes to the classifier, as a replan at the probe's pace would
             cls = replan_cls_epochs(budget_s=budget_s, elapsed_s=elapsed_s + seg_stage(seg), pace=1.0, unit_s=unit, low=shared(seg),
                                     high=cls_top(seg), cls_rounds=cls_rounds, infer_scans=infer_scans, headroom=headroom, cost=cost)
-            return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg), seg_steps(seg))
-    return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor), seg_steps(floor))
+            return EpochPlan(seg, cls, estimate(seg, cls), step_s, True, seg_stage(seg), seg_steps(seg), cls_top(seg))
+    return EpochPlan(floor, shared(floor), estimate(floor, shared(floor)), step_s, False, seg_stage(floor), seg_steps(floor),
+                     cls_top(floor))
 
 
 def stretched_epochs(epochs: int, max_share: float) -> int:

@@ -325,7 +325,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment
     (the plan counts each with every fold of the ensemble).
     The plan is kept in OUT/budget.json, so a resumed demo trains what the interrupted one started."""
-    from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step, stretched_epochs
+    from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
     from petctl.engine.sampling import batches_per_epoch
@@ -359,8 +359,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
-                "max_cls_epochs": (stretched_epochs(train_cfg.cls_epochs_per_cycle, cfg.stretch)
-                                   if fit.seg_epochs >= train_cfg.epochs_per_cycle else train_cfg.cls_epochs_per_cycle),
+                "max_cls_epochs": fit.max_cls_epochs,
                 # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
                 "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
                 "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": seg_rounds,
