@@ -131,6 +131,68 @@ def test_top_k_auroc_rejects_mismatched_sizes_and_nan() -> None:
         top_k_auroc(np.array([1, 0, 0]), np.array([0.5, np.nan, 0.1]))
 
 
+def large_sparse_volume(seed: int, dtype: type = np.float32, quantize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A volume over 2¹⁷ voxels (so `top_k_auroc` samples) with ~0.3 % lesion, as in training."""
+    rng = np.random.default_rng(seed)
+    shape = (64, 48, 48 + seed % 5)
+    labels = (rng.random(shape) < 0.003).astype(np.uint8)
+    probs = 0.6 * rng.random(shape) ** 8
+    probs[labels > 0] = rng.beta(4.0, 2.0, size=int(labels.sum()))
+    if quantize is not None:
+        probs = np.round(probs, quantize)
+    return labels, probs.astype(dtype)
+
+
+def partition_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every array `np.partition` is called on from here on."""
+    sizes: list[int] = []
+    real = np.partition
+
+    def spy(a: np.ndarray, kth: int, *args: object, **kwargs: object) -> np.ndarray:
+        sizes.append(np.asarray(a).size)
+        return real(a, kth, *args, **kwargs)
+
+    monkeypatch.setattr(np, "partition", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("dtype", "quantize"), [(np.float32, None), (np.float32, 4), (np.float16, None), (np.float64, 2)])
+def test_top_k_auroc_prefilter_is_exact_on_large_sparse_volumes(seed: int, dtype: type, quantize: int | None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    labels, probs = large_sparse_volume(seed, dtype, quantize)
+    expected = roc_auc_score(*naive_top_k_subset(labels, probs, np.random.default_rng(seed)))
+    sizes = partition_sizes(monkeypatch)
+    assert top_k_auroc(labels, probs) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # the prefilter ran: the last partition was over a few survivors, not the whole background
+    assert sizes[-1] < (labels == 0).sum() // 10
+
+
+def test_top_k_auroc_falls_back_to_the_full_background_when_the_sample_misleads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sample sees every second voxel. Sampled background scores spread over [0, 1); the others sit
+    # at 0.5, below the sample's estimate, so fewer than n background voxels pass the prefilter and
+    # the n highest must come from the full background.
+    rng = np.random.default_rng(3)
+    size = 1 << 18
+    probs = np.full(size, 0.5)
+    probs[::4] = rng.random(size // 4)
+    labels = np.zeros(size, dtype=int)
+    labels[1::97][:2000] = 1
+    probs[labels > 0] = rng.random(2000)
+    expected = roc_auc_score(*naive_top_k_subset(labels, probs, np.random.default_rng(0)))
+    sizes = partition_sizes(monkeypatch)
+    assert top_k_auroc(labels, probs) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert sizes[-1] == (labels == 0).sum()
+
+
+def test_top_k_auroc_raises_on_nan_the_sample_does_not_see() -> None:
+    labels, probs = large_sparse_volume(0)
+    background = np.flatnonzero(labels.ravel() == 0)
+    probs.flat[background[background % 2 == 1][100]] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        top_k_auroc(labels, probs)
+
+
 @pytest.mark.parametrize("seed", range(15))
 @pytest.mark.parametrize("quantize", [None, 1, 0])
 def test_auroc_matches_sklearn(seed: int, quantize: int | None) -> None:

@@ -70,13 +70,45 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return twice_u / (2 * num_pos * num_neg)
 
 
+_SAMPLE_SIZE = 1 << 16
+"""Voxels in the strided sample `top_k_auroc` estimates its prefilter threshold from."""
+
+
+def _top_background(flat: np.ndarray, mask: np.ndarray, num_lesion: int) -> np.ndarray:
+    """The multiset of the `num_lesion` highest background scores (`flat[~mask]`), any order.
+
+    A strided sample of about 65 k voxels estimates a threshold t a little below the n-th highest
+    background score; one vectorized pass keeps the background voxels with scores not below t
+    (NaN included: `~(flat < t)`), and only those few are partitioned. When fewer than n pass, the
+    estimate was too high and the full background is partitioned instead, so the result is always
+    exact; only the cost depends on the sample. Small volumes and large lesion fractions go
+    straight to the full partition, where the prefilter would save nothing.
+    """
+    num_background = mask.size - num_lesion
+    kth = num_background - num_lesion
+    stride = max(1, flat.size // _SAMPLE_SIZE)
+    if stride > 1:
+        sample = flat[::stride][~mask[::stride]]
+        # the sample's expected count above the n-th highest background score, with a margin of
+        # ~4 standard deviations (binomial), so a second pass is rarely needed
+        expected = num_lesion / num_background * sample.size
+        take = int(math.ceil(1.5 * expected + 4.0 * math.sqrt(expected) + 8.0))
+        if take < sample.size // 4:
+            t = np.partition(sample, sample.size - take)[sample.size - take]
+            candidates = flat[~((flat < t) | mask)]
+            if candidates.size >= num_lesion:
+                return np.partition(candidates, candidates.size - num_lesion)[candidates.size - num_lesion:]
+    return np.partition(flat[~mask], kth)[kth:]
+
+
 def top_k_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     """AUROC of all n lesion voxels against the n highest-scored background voxels.
 
     n is the number of lesion voxels (labels > 0). Background voxels tied at the selection
     boundary share one score, so which of them are taken does not change the result: only the
-    multiset of the n largest background scores matters, and that is what is selected. The
-    selection is one O(N) `np.partition` of the background scores (values only — the indices are
+    multiset of the n largest background scores matters, and that is what is selected
+    (`_top_background`: a threshold estimated on a sample prefilters the background in one
+    vectorized pass, then an O(m) `np.partition` of the m survivors; values only, the indices are
     never needed), then `auroc` sorts just the 2n kept scores. Fewer than n background voxels:
     all of them are used. nan when there is no lesion or no background voxel.
     """
@@ -86,10 +118,7 @@ def top_k_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     if num_lesion == 0 or num_background == 0:
         return math.nan
     lesion_scores = flat[mask]
-    background_scores = flat[~mask]
-    if num_background > num_lesion:
-        kth = num_background - num_lesion
-        background_scores = np.partition(background_scores, kth)[kth:]
+    background_scores = _top_background(flat, mask, num_lesion) if num_background > num_lesion else flat[~mask]
     kept_scores = np.concatenate([lesion_scores, background_scores])
     kept_labels = np.zeros(kept_scores.size, dtype=bool)
     kept_labels[:num_lesion] = True
