@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.petctl-installed
+BENCH_STAMP := $(VENV)/.petctl-bench-installed
 # The CUDA builds run on the CPU too; pip resolves them from the local wheel cache on dev machines.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
@@ -26,7 +27,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow and not slurm'
 
-bench: $(STAMP)
+# The bench extra (nnU-Net v2, the patch_sampling baseline) is installed on first use.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 
 clean:
