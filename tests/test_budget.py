@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from petctl.engine.budget import (HEADROOM, after_segmentation, describe_plan, describe_replan, fit_epochs, probe_seg_step,
-                                  replan_cls_epochs, tta_fits)
+from petctl.engine.budget import HEADROOM, describe_plan, describe_replan, fit_epochs, probe_seg_step, replan_cls_epochs
 from petctl.errors import PetctlError
 
 # The cpu-small demo of seed 4747 as measured (2 cores, batch 8, a fold's step 0.79 s): 115 s before
@@ -335,58 +334,3 @@ def test_a_negative_budget_is_refused():
 
     with pytest.raises(PetctlError, match="--budget must be ≥ 0"):
         DemoConfig(budget_min=-1)
-
-
-# Fresh seed 8686 on 2026-12-06's machine (one fold on both cores, 15 / 16 epochs): the plan's unit
-# 0.465 s, 30 scans for calibrate and predict, the replan at 643 s; the demo ended at 771 s, and flip
-# TTA then took calibrate + predict from 35 s to 118 s (the model: 31 s and +94 s).
-FAST = dict(budget_s=1200.0, pace=0.996, unit_s=0.4646, cls=16, cls_rounds=1, infer_scans=30)
-
-
-def test_flip_tta_takes_only_the_time_the_training_leaves():
-    assert tta_fits(elapsed_s=643.0, **FAST)
-    flips = 30 * 2.25 * 3 * 0.4646 * 0.996
-    assert flips == pytest.approx(93.7, abs=0.1)
-    rest = after_segmentation(16, cls_rounds=1, infer_scans=30, unit_s=0.4646 * 0.996)
-    edge = 1200 * (1 - HEADROOM) - rest - flips
-    assert tta_fits(elapsed_s=edge - 1, **FAST) and not tta_fits(elapsed_s=edge + 1, **FAST)
-    assert not tta_fits(elapsed_s=edge - 1, **{**FAST, "pace": 1.1})  # folds that ran slower leave less
-    assert tta_fits(elapsed_s=edge - 1, **{**FAST, "cls": 15}) and not tta_fits(elapsed_s=edge + 30, **{**FAST, "cls": 15})
-    for bad in ({"pace": 0.0}, {"cls": 0}):
-        with pytest.raises(PetctlError, match="must be positive"):
-            tta_fits(elapsed_s=0.0, **{**FAST, **bad})
-
-
-def test_the_replan_turns_flip_tta_on_where_the_time_left_suffices(tmp_path: Path, monkeypatch):
-    from petctl.engine.config import preset
-    from petctl.engine.demo import DemoConfig, demo_tta, replan_classifier
-
-    train_cfg, plan, _, _ = _fit(tmp_path / "fast", monkeypatch, 0.14)  # stretched to 15 / 16, ~13 of 20 minutes
-    said: list[str] = []
-    auto = DemoConfig(out=str(tmp_path / "fast"))
-    _, fast = replan_classifier(auto, train_cfg, plan, seg_stage_s=plan["seg_stage_estimate_s"],
-                                elapsed_s=115.0 + plan["seg_stage_estimate_s"], say=said.append)
-    assert fast["tta"] is True and demo_tta(auto, fast) and "flip TTA in calibrate and predict" in said[0]
-    assert json.loads((tmp_path / "fast" / "budget.json").read_text())["tta"] is True
-    # the same plan with folds that ran 1.6× the probe's time: the classifier keeps its epochs or fewer, no flips
-    slow_plan = _fit(tmp_path / "late", monkeypatch, 0.14)[1]
-    _, late = replan_classifier(DemoConfig(out=str(tmp_path / "late")), train_cfg, slow_plan, seg_stage_s=1.6 * plan["seg_stage_estimate_s"],
-                                elapsed_s=115.0 + 1.6 * plan["seg_stage_estimate_s"], say=said.append)
-    assert late["tta"] is False and not demo_tta(auto, late) and "no flip TTA" in said[-1]
-    # a machine the budget cuts never gets flips
-    cut_cfg, cut, _, _ = _fit(tmp_path / "cut", monkeypatch, 0.40)
-    _, cut = replan_classifier(DemoConfig(out=str(tmp_path / "cut")), cut_cfg, cut, seg_stage_s=cut["seg_stage_estimate_s"],
-                               elapsed_s=115.0 + cut["seg_stage_estimate_s"], say=said.append)
-    assert cut["tta"] is False
-    # --tta / --no-tta decide whatever the time; the plan then records no choice of its own
-    for asked in (True, False):
-        cfg = DemoConfig(out=str(tmp_path / f"asked{asked}"), tta=asked)
-        plan_a = _fit(tmp_path / f"asked{asked}", monkeypatch, 0.14, tta=asked)[1]
-        _, replanned = replan_classifier(cfg, train_cfg, plan_a, seg_stage_s=plan_a["seg_stage_estimate_s"],
-                                         elapsed_s=115.0 + plan_a["seg_stage_estimate_s"], say=said.append)
-        assert "tta" not in replanned and demo_tta(cfg, replanned) is asked and demo_tta(cfg, fast) is asked
-    # no budget, or no replan: off unless asked
-    assert demo_tta(auto, None) is False and demo_tta(auto, plan) is False
-    # a resumed demo keeps the choice it made
-    again, kept = replan_classifier(auto, preset("cpu-small"), fast, seg_stage_s=1.0, elapsed_s=5000.0, say=said.append)
-    assert kept == fast and demo_tta(auto, kept)

@@ -40,7 +40,7 @@ def demo(
     lesion_dim: Annotated[Optional[float], typer.Option("--lesion-dim", help="Segmentation training's lesion dimming: the probability that a patch's lesions are made fainter (their uptake above the tissue around them × U(0.5, 1); 0: off; default: the preset's).")] = None,
     budget: Annotated[float, typer.Option("--budget", min=0, help="Minutes the demo may take on a CPU machine: a few timed training steps size the epochs to end 5% inside it (never below 2/5 of the preset's; 0: the preset's epochs whatever the time).")] = 20.0,
     stretch: Annotated[float, typer.Option("--stretch", min=1, max=2, help="With a budget, a machine fast enough for the preset trains up to this share of its epochs (1.25: 15 segmentation and 16 classifier epochs of cpu-small's 12 and 13) to use the budget; 1: never more than the preset's.")] = 1.25,
-    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold); default: with a budget, when the time the training leaves suffices.", show_default=False)] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,

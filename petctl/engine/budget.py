@@ -8,8 +8,7 @@ segmentation and classifier epochs down, by the same share, until the demo's est
 within the budget, and gives the classifier the time the whole segmentation epochs leave. The
 probe is one moment of the machine's pace: the demo gives the segmentation folds' steps a deadline
 (`seg_deadline_s`; the loop cuts its cosine short when it projects its end past it) and replans the
-classifier at the pace the folds ran (`replan_cls_epochs`); time still left over then buys flip
-test-time augmentation in calibrate and predict (`tta_fits`). The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
+classifier at the pace the folds ran (`replan_cls_epochs`). The estimate is pure arithmetic on the probe (`DemoCost`): every later stage's
 cost is expressed in probe steps, measured on finished demos. A machine fast enough for the preset
 trains more epochs than the preset, up to a share of them the caller sets (`fit_epochs(max_share=)`,
 the demo's `--stretch`), so the budget is used rather than left over.
@@ -49,10 +48,6 @@ class DemoCost:
     cls_epoch: float = 12.0
     infer_scan: float = 2.25
     """Calibrate + predict, per scan of the test split and imagesTs and per fold of the ensemble."""
-    tta_passes: float = 4.0
-    """Calibrate and predict with flip test-time augmentation segment each scan 4 times (as is, and
-    flipped along x, y and z): fresh seed 8686's calibrate took 76 s against 22 and predict 42 s
-    against 13 (3.4× and 3.2×; the gate and the PET extent's work do not grow)."""
     report_s: float = 10.0
     """Evaluate and the report (PNGs, tables), whatever the machine."""
     launch_s: float = 15.0
@@ -176,20 +171,6 @@ def replan_cls_epochs(*, budget_s: float, elapsed_s: float, pace: float, unit_s:
     return cls
 
 
-def tta_fits(*, budget_s: float, elapsed_s: float, pace: float, unit_s: float, cls: int, cls_rounds: int,
-             infer_scans: int, headroom: float = HEADROOM, cost: DemoCost = DemoCost()) -> bool:
-    """Whether calibrate and predict can take flip test-time augmentation (`cost.tta_passes` passes a
-    scan instead of one) and the demo still end within `budget_s` less `headroom`: the classifier at
-    `cls` epochs and the rest estimated as `replan_cls_epochs` does, at the probe's `unit_s` times
-    `pace`, from `elapsed_s` on. The demo asks only after the classifier's replan, so the flips take
-    time the training has left over and never any from it."""
-    if pace <= 0 or cls < 1:
-        raise PetctlError(f"tta: pace {pace}, classifier epochs {cls}: both must be positive")
-    rest = after_segmentation(cls, cls_rounds=cls_rounds, infer_scans=infer_scans, unit_s=unit_s * pace, cost=cost)
-    flips = infer_scans * cost.infer_scan * (cost.tta_passes - 1) * unit_s * pace
-    return elapsed_s + rest + flips <= budget_s * (1 - headroom)
-
-
 def seg_deadline_s(*, budget_s: float, elapsed_s: float, seg_steps_s: float, seg_stage_s: float, unit_s: float, low: int,
                    cls_rounds: int, infer_scans: int, headroom: float = HEADROOM, cost: DemoCost = DemoCost()) -> float:
     """Seconds from now by which the segmentation folds' steps should be done: the plan's estimate of
@@ -206,10 +187,8 @@ def describe_replan(plan: dict) -> str:
     moved = ("kept" if plan["cls_epochs"] == r["planned_cls_epochs"]
              else f"{'raised' if plan['cls_epochs'] > r['planned_cls_epochs'] else 'cut'} from {r['planned_cls_epochs']}")
     cut = f", cut to {r['seg_steps_run']} of {r['seg_steps_planned']} steps by their deadline" if r.get("seg_steps_run") else ""
-    tta = {True: "; flip TTA in calibrate and predict, for which the time left suffices",
-           False: "; no flip TTA, for which the time left does not suffice"}.get(plan.get("tta"), "")  # None: not the budget's choice
     return (f"classifier replanned after the segmentation folds ({r['seg_stage_s']:.0f} s, {r['pace']:.2f}× the probe's time a step{cut}): "
-            f"{plan['cls_epochs']} of {plan['preset_cls_epochs']} epochs ({moved}){tta}")
+            f"{plan['cls_epochs']} of {plan['preset_cls_epochs']} epochs ({moved})")
 
 
 def describe_plan(plan: dict) -> str:

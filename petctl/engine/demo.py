@@ -90,13 +90,10 @@ class DemoConfig:
     --negatives`). Off: without a volume budget that curve does not move the threshold, the held-out
     imagesTs negatives measure the FPV anyway, and on 2026-11-30's slow machine the test negatives
     were half of calibrate's ~100 s (README)."""
-    tta: bool | None = None
-    """Calibrate and predict with flip test-time augmentation (`calibrate --tta`): each fold also
-    segments every scan flipped along x, y and z. None (the default): with a budget, on when the time
-    the training leaves suffices (`budget.tta_fits`, asked after the classifier's replan), else off.
-    On 6 older runs mean Dice +0.03 and FPV −0.35 mL, and on fresh seed 8686 (both its runs, 15 and
-    12 epochs) Dice 0.709 → 0.741 and 0.660 → 0.665 (README), but calibrate and predict take 3–4×
-    as long (+83 s on 8686; 2020's demo 939 s against ~718 s on a slower machine)."""
+    tta: bool = False
+    """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
+    seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
+    939 s against ~718 s), past the 20-minute budget on a loaded machine (README)."""
     budget_min: float | None = 20.0
     """Minutes the whole demo may take on a CPU machine. After prepare a few training steps are timed
     (`petctl.engine.budget`); when the preset's epochs would end past 95 % of the budget (its headroom),
@@ -261,11 +258,10 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
 
     t = stage("calibrate")
     run_dir = Path(home) / "runs" / cfg.run
-    tta = demo_tta(cfg, budget)
-    with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={"tta": tta, "gate_margin": cfg.gate_margin,
+    with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={"tta": cfg.tta, "gate_margin": cfg.gate_margin,
                                                                             "gate_positives": cfg.gate_positives, "urine_veto": cfg.urine_veto,
                                                                             "negatives": cfg.calibrate_negatives}):
-        thresholds = calibrate(run_dir, tta=tta, gate_margin=cfg.gate_margin, gate_positives=cfg.gate_positives,
+        thresholds = calibrate(run_dir, tta=cfg.tta, gate_margin=cfg.gate_margin, gate_positives=cfg.gate_positives,
                                urine_veto=cfg.urine_veto, negatives=cfg.calibrate_negatives)
         seg, cls = thresholds["segmentation"], thresholds["classifier"]
         ext = seg.get("extent") or {}
@@ -317,7 +313,6 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
                            evaluation=evaluation, timings=timings, train_cfg=train_cfg, budget=budget)
     timings["report"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    summary["tta"] = tta
     if budget:
         summary["budget"] = budget
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -376,14 +371,6 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     return train_cfg, plan
 
 
-def demo_tta(cfg: DemoConfig, plan: dict[str, Any] | None) -> bool:
-    """Whether calibrate (and so predict) use flip TTA: `--tta` / `--no-tta` when given, else the
-    budget's choice at the classifier's replan (off without a budget, or where no replan was made)."""
-    if cfg.tta is not None:
-        return cfg.tta
-    return bool((plan or {}).get("tta", False))
-
-
 def _seg_started(run_dir: Path) -> bool:
     """Whether a segmentation fold of this run has a checkpoint already (a resumed demo)."""
     return any((run_dir / "seg").glob("*/checkpoints/last"))
@@ -429,9 +416,8 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
     (`budget.replan_cls_epochs`: between the common share of the plan's segmentation epochs and the
     preset's), at the pace their steps ran against the probe's (their `metrics.json`; without it, their
     `seg_stage_s` against the plan's estimate of it), and the plan with the replan recorded
-    (OUT/budget.json; a resumed demo keeps it). With `cfg.tta` None the plan's `tta` says whether
-    the time left then suffices for flip TTA (`budget.tta_fits`)."""
-    from petctl.engine.budget import describe_replan, replan_cls_epochs, seg_step_cost, tta_fits
+    (OUT/budget.json; a resumed demo keeps it)."""
+    from petctl.engine.budget import describe_replan, replan_cls_epochs, seg_step_cost
     from petctl.engine.config import with_overrides
 
     if "cls_replan" not in plan:
@@ -446,9 +432,6 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
         if run < planned:
             replan.update(seg_steps_run=run, seg_steps_planned=planned)
         plan = {**plan, "cls_epochs": cls, "cls_replan": replan}
-        if cfg.tta is None:  # the budget's choice: flips only with the time the training leaves
-            plan["tta"] = tta_fits(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, pace=pace, unit_s=plan["unit_s"], cls=cls,
-                                   cls_rounds=plan["cls_rounds"], infer_scans=plan["infer_scans"])
         (Path(cfg.out) / "budget.json").write_text(json.dumps(plan, indent=2))
     say(describe_replan(plan))
     return with_overrides(train_cfg, task="cls", epochs=plan["cls_epochs"]), plan
