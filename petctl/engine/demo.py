@@ -93,7 +93,8 @@ class DemoConfig:
     tta: bool = False
     """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
     seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
-    939 s against ~718 s), past the 20-minute budget on a loaded machine (README)."""
+    939 s against ~718 s), and on fresh seed 8787 the flips lost a faint 78 mL lesion whole (Dice
+    0.773 → 0.638, FNV 1.70 → 12.10 mL; README)."""
     budget_min: float | None = 20.0
     """Minutes the whole demo may take on a CPU machine. After prepare a few training steps are timed
     (`petctl.engine.budget`); when the preset's epochs would end past 95 % of the budget (its headroom),
