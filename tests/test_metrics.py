@@ -169,9 +169,9 @@ def test_top_k_auroc_prefilter_is_exact_on_large_sparse_volumes(seed: int, dtype
 
 
 def test_top_k_auroc_falls_back_to_the_full_background_when_the_sample_misleads(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The sample sees every second voxel. Sampled background scores spread over [0, 1); the others sit
-    # at 0.5, below the sample's estimate, so fewer than n background voxels pass the prefilter and
-    # the n highest must come from the full background.
+    # 2¹⁸ voxels: the sample sees every fourth (stride 2¹⁸ // 2¹⁶). Sampled background scores spread over
+    # [0, 1); the others sit at 0.5, below the sample's estimate, so fewer than n background voxels pass
+    # the prefilter and the n highest must come from the full background.
     rng = np.random.default_rng(3)
     size = 1 << 18
     probs = np.full(size, 0.5)

@@ -85,7 +85,6 @@ def _top_background(flat: np.ndarray, mask: np.ndarray, num_lesion: int) -> np.n
     straight to the full partition, where the prefilter would save nothing.
     """
     num_background = mask.size - num_lesion
-    kth = num_background - num_lesion
     stride = max(1, flat.size // _SAMPLE_SIZE)
     if stride > 1:
         sample = flat[::stride][~mask[::stride]]
@@ -98,6 +97,7 @@ def _top_background(flat: np.ndarray, mask: np.ndarray, num_lesion: int) -> np.n
             candidates = flat[~((flat < t) | mask)]
             if candidates.size >= num_lesion:
                 return np.partition(candidates, candidates.size - num_lesion)[candidates.size - num_lesion:]
+    kth = num_background - num_lesion
     return np.partition(flat[~mask], kth)[kth:]
 
 
