@@ -121,6 +121,19 @@ def test_determinism_and_independence(raw: tuple[Path, CohortSummary], tmp_path:
     assert other.case_ids == again.case_ids
 
 
+def test_fewer_held_out_cases_are_a_prefix_of_more(raw: tuple[Path, CohortSummary], tmp_path: Path) -> None:
+    """The demo's held-out set can grow without changing the scans it had: the first test cases
+    (ids, patients, voxels) do not depend on how many follow them."""
+    out, summary = raw
+    fewer = make_cohort(tmp_path / "fewer", NUM_CASES, seed=0, scale=SCALE, num_test_cases=1)
+    assert fewer.test_case_ids == summary.test_case_ids[:1]
+    first = summary.test_case_ids[0]
+    for rel in (f"imagesTs/{first}_0000.nii.gz", f"imagesTs/{first}_0001.nii.gz", f"labelsTs/{first}.nii.gz"):
+        assert (out / rel).read_bytes() == (tmp_path / "fewer" / rel).read_bytes(), rel
+    records = {r["case"]: r for r in _records(out)}
+    assert [r for r in _records(tmp_path / "fewer") if r["split"] == "test"] == [records[first]]
+
+
 def test_about_half_positive_and_patients_with_several_studies(tmp_path: Path) -> None:
     summary = make_cohort(tmp_path / "c", 24, seed=5, scale=0.25)
     records = _records(tmp_path / "c")
