@@ -36,6 +36,13 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     report = (out / "report.md").read_text()
     for heading in ("## Thresholds", "## Segmentation folds", "## Classifier folds", "## Held-out test cases", "## Timings"):
         assert heading in report
+    # the held-out means with their bootstrap intervals over the cases, in the report and summary.json
+    interval = test["interval"]
+    assert interval["level"] == 0.95 and interval["resamples"] == 2000 and "| 95% interval |" in report
+    if test["num_positive"]:
+        lo, hi = interval["mean_dice"]
+        assert lo <= test["mean_dice"] <= hi
+    assert "bootstrap" in result.stdout  # the summary table's caption says what the brackets hold
     for png in ("training_curves.png", "calibration_dice.png", "calibration_roc.png", "test_cases.png"):
         assert (out / png).stat().st_size > 2000, png
     test_ids = sorted(p.name for p in (out / "raw" / "labelsTs").glob("*.nii.gz"))

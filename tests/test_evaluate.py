@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from petctl.engine.evaluate import (
     CaseMetrics,
+    bootstrap_intervals,
     case_metrics,
     case_metrics_loop,
     evaluate_folders,
@@ -274,7 +275,9 @@ def test_cli_reports_problems_and_exits_3(folders: tuple[Path, Path], tmp_path: 
     assert result.exit_code == 3, result.output
     out = result.output
     for text in ("missing: no prediction", "grid: prediction grid", "moved: prediction affine", "stray: prediction",
-                 "Summary", "mean Dice (positives)", "0.9041", "–", f"{7 * VOXEL_ML:.3f}"):
+                 "Summary", "mean Dice (positives)", "0.9041", "–", f"{7 * VOXEL_ML:.3f}",
+                 # two positives (Dice 0.9041 and 1): a quarter of the resamples draw the first twice
+                 "0.9521 (0.9041–1.0000)", "95% bootstrap interval over cases"):
         assert text in out, text
     rows = list(csv.DictReader((tmp_path / "m.csv").open()))
     assert [r["case"] for r in rows] == ["neg", "perfect", "pos"] and rows[0]["dice"] == "nan"
@@ -291,9 +294,91 @@ def test_cli_all_scored_json_exits_0(folders: tuple[Path, Path]) -> None:
     assert data["problems"] == {} and data["summary"]["num_cases"] == 3
     assert data["cases"]["perfect"] == {"dice": 1.0, "fpv_ml": 0.0, "fnv_ml": 0.0}
     assert data["summary"]["mean_fnv_ml"] == pytest.approx(7 * VOXEL_ML / 2)
+    assert data["interval"]["level"] == 0.95 and data["interval"]["mean_dice"] == [pytest.approx(2 * 33 / 73), 1.0]
+    assert data["interval"]["mean_fpv_ml_negative"] == [pytest.approx(7 * VOXEL_ML)] * 2  # one negative: no spread
+    assert data["interval"]["classifier_auroc"] is None
 
 
 def test_cli_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     result = invoke(str(tmp_path / "nope"), str(tmp_path))
     assert result.exit_code == 2
     assert "folder not found" in result.output and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap intervals
+
+
+def _cohort(rng: np.random.Generator, num_pos: int, num_neg: int) -> tuple[dict[str, CaseMetrics], dict[str, float]]:
+    cases, scores = {}, {}
+    for i in range(num_pos):
+        cases[f"p{i:03d}"] = CaseMetrics(float(rng.uniform(0.3, 1.0)), float(rng.exponential(2.0)), float(rng.exponential(1.0)))
+        scores[f"p{i:03d}"] = float(np.round(rng.uniform(0.2, 1.0), 1))  # rounded: ties across the classes
+    for i in range(num_neg):
+        cases[f"n{i:03d}"] = CaseMetrics(math.nan, float(rng.exponential(1.5)), 0.0)
+        scores[f"n{i:03d}"] = float(np.round(rng.uniform(0.0, 0.7), 1))
+    return cases, scores
+
+
+def test_bootstrap_intervals_equal_the_resamples_spelled_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectorized means and AUROCs equal each resample's cases listed one by one and scored
+    with scikit-learn; every resample keeps the number of positives and of negatives."""
+    from sklearn.metrics import roc_auc_score
+
+    import petctl.engine.evaluate as ev
+
+    cases, scores = _cohort(np.random.default_rng(3), 9, 7)
+    drawn: list[np.ndarray] = []
+    real = ev._resample_counts
+    monkeypatch.setattr(ev, "_resample_counts", lambda rng, n, k: drawn.append(real(rng, n, k)) or drawn[-1])
+    ci = bootstrap_intervals(cases, scores, resamples=300, seed=5)
+    w_pos, w_neg = drawn
+    assert (w_pos.sum(1) == 9).all() and (w_neg.sum(1) == 7).all()
+    pos = sorted(c for c in cases if cases[c].is_positive)
+    neg = sorted(c for c in cases if not cases[c].is_positive)
+    dice, fpv, fnv, auc = [], [], [], []
+    for wp, wn in zip(w_pos, w_neg):
+        p = [c for c, k in zip(pos, wp) for _ in range(int(k))]
+        n = [c for c, k in zip(neg, wn) for _ in range(int(k))]
+        dice.append(np.mean([cases[c].dice for c in p]))
+        fnv.append(np.mean([cases[c].fnv_ml for c in p]))
+        fpv.append(np.mean([cases[c].fpv_ml for c in n]))
+        auc.append(roc_auc_score([1] * len(p) + [0] * len(n), [scores[c] for c in p + n]))
+    for got, values in ((ci.mean_dice, dice), (ci.mean_fnv_ml, fnv), (ci.mean_fpv_ml_negative, fpv), (ci.classifier_auroc, auc)):
+        assert got == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+    assert ci.level == 0.95 and ci.resamples == 300
+    assert ci == bootstrap_intervals(cases, scores, resamples=300, seed=5)  # deterministic for a seed
+    assert ci != bootstrap_intervals(cases, scores, resamples=300, seed=6)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_cases() -> None:
+    rng = np.random.default_rng(11)
+    widths = []
+    for n in (8, 32, 128):
+        cases, scores = _cohort(rng, n, n)
+        s = summarize(cases)
+        ci = bootstrap_intervals(cases, scores)
+        assert ci.mean_dice[0] <= s.mean_dice <= ci.mean_dice[1]
+        assert ci.mean_fnv_ml[0] <= s.mean_fnv_ml <= ci.mean_fnv_ml[1]
+        assert ci.mean_fpv_ml_negative[0] <= s.mean_fpv_ml_negative <= ci.mean_fpv_ml_negative[1]
+        assert 0 <= ci.classifier_auroc[0] <= ci.classifier_auroc[1] <= 1
+        widths.append(ci.mean_dice[1] - ci.mean_dice[0])
+    assert widths[0] > 1.5 * widths[1] > 2.25 * widths[2]  # about halves as the cases quadruple
+
+
+def test_bootstrap_intervals_edge_cases() -> None:
+    same_dice = {f"p{i}": CaseMetrics(0.8, 0.0, 1.0) for i in range(5)}
+    ci = bootstrap_intervals(same_dice, {c: 0.9 for c in same_dice})
+    assert ci.mean_dice == (0.8, 0.8) and ci.mean_fnv_ml == (1.0, 1.0)
+    assert all(math.isnan(b) for b in ci.mean_fpv_ml_negative + ci.classifier_auroc)  # no negative
+    assert ci.to_json()["classifier_auroc"] == [None, None] and bootstrap_intervals(same_dice).classifier_auroc is None
+    apart = {**same_dice, "n0": CaseMetrics(math.nan, 2.0, 0.0), "n1": CaseMetrics(math.nan, 0.0, 0.0)}
+    scores = {**{c: 0.9 for c in same_dice}, "n0": 0.1, "n1": 0.9}
+    lo, hi = bootstrap_intervals(apart, scores).classifier_auroc
+    assert (lo, hi) == (0.5, 1.0)  # n1 ties every positive: 0.5 when drawn twice, 1.0 when n0 is
+    with pytest.raises(ValueError, match="n1"):
+        bootstrap_intervals(apart, {**scores, "n1": float("nan")})
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals(apart, level=1.0)
+    empty = bootstrap_intervals({})
+    assert all(math.isnan(b) for b in empty.mean_dice + empty.mean_fpv_ml_negative + empty.mean_fnv_ml)

@@ -19,7 +19,7 @@ def demo(
     preset: Annotated[str, typer.Option("--preset", help="Training preset.")] = "cpu-small",
     run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "demo",
     cases: Annotated[int, typer.Option("--cases", help="Synthetic training cases.")] = 192,
-    test_cases: Annotated[int, typer.Option("--test-cases", help="Synthetic held-out cases (imagesTs).")] = 16,
+    test_cases: Annotated[int, typer.Option("--test-cases", help="Synthetic held-out cases of new patients (imagesTs), predicted and evaluated; about half positive.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic cohort and the splits.")] = 0,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds of the split (the paper's 5).")] = 5,
     train_folds: Annotated[Optional[int], typer.Option("--train-folds", min=1, help="Train and ensemble only the first N folds (0 < N ≤ --folds; on CPU one fold on every core gets the most steps out of the budget; --all-folds trains every one).")] = 1,
@@ -67,10 +67,14 @@ def demo(
     table.add_row("calibration Dice (test split)", f"{summary['calibration']['test_dice']:.3f}")
     test = summary.get("test")
     if test:
-        table.add_row("held-out mean Dice (positives)", f"{test['mean_dice']:.3f}")
-        table.add_row("held-out mean FPV mL (negatives)", f"{test['mean_fpv_ml_negatives']:.2f}")
-        table.add_row("held-out mean FNV mL (positives)", f"{test['mean_fnv_ml']:.2f}")
-        table.add_row("held-out classifier AUROC", f"{test['classifier_auroc']:.3f}")
+        ci = test.get("interval") or {}
+        level = f"{ci['level']:.0%} interval" if ci else ""
+        table.add_row(f"held-out mean Dice ({test['num_positive']} positives)", f"{test['mean_dice']:.3f}{_span(ci.get('mean_dice'), 3)}")
+        table.add_row(f"held-out mean FPV mL ({test['num_negative']} negatives)", f"{test['mean_fpv_ml_negatives']:.2f}{_span(ci.get('mean_fpv_ml_negative'), 2)}")
+        table.add_row("held-out mean FNV mL (positives)", f"{test['mean_fnv_ml']:.2f}{_span(ci.get('mean_fnv_ml'), 2)}")
+        table.add_row("held-out classifier AUROC", f"{test['classifier_auroc']:.3f}{_span(ci.get('classifier_auroc'), 3)}")
+        if level:
+            table.caption = f"in brackets: {level}s, bootstrap over the held-out cases"
         table.add_row("gated (predicted healthy)", f"{test['gated']}/{test['num_positive'] + test['num_negative']}")
     budget = summary.get("budget")
     if budget:
@@ -78,3 +82,10 @@ def demo(
     table.add_row("total time", f"{sum(summary['timings_s'].values()):.0f} s")
     console.print(table)
     console.print(f"report: {out / 'report.md'}")
+
+
+def _span(bounds: list[float | None] | None, digits: int) -> str:
+    """A bootstrap interval from summary.json as ' (lo–hi)'; empty when there is none."""
+    if not bounds or any(b is None for b in bounds):
+        return ""
+    return f" ({bounds[0]:.{digits}f}–{bounds[1]:.{digits}f})"

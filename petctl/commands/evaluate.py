@@ -4,7 +4,9 @@ Files are matched by case id ({case}.nii.gz or .nii); GT_DIR may be an nnU-Net l
 labelsTr folder. Per case, as the official autoPET II script computes them: Dice (positives only),
 false-positive volume (mL of predicted 18-connected components touching no lesion voxel) and
 false-negative volume (mL of lesions touching no predicted voxel). The summary gives mean Dice
-and FNV over positive cases and mean FPV over all and over negative cases.
+and FNV over positive cases and mean FPV over all and over negative cases, each group mean with a
+95 % percentile-bootstrap interval over the cases (2000 resamples, positives and negatives drawn
+apart; `interval` in --json): with a few dozen scans, how far another draw could move it.
 
 Exit status: 0 when every case was scored, 3 when some were not (a missing, misaligned or
 non-0/1 prediction, or a prediction without ground truth; each named on its own line), 2 on a
@@ -27,6 +29,10 @@ def _number(value: float, digits: int) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _span(bounds: tuple[float, float], digits: int) -> str:
+    return "" if any(math.isnan(b) for b in bounds) else f" ({bounds[0]:.{digits}f}–{bounds[1]:.{digits}f})"
+
+
 def evaluate(
     gt_dir: Annotated[Path, typer.Argument(help="Ground-truth label folder ({case}.nii.gz), e.g. an nnU-Net labelsTs.", show_default=False)],
     pred_dir: Annotated[Path, typer.Argument(help="Predicted mask folder ({case}.nii.gz, 0/1 on the ground-truth grid).", show_default=False)],
@@ -36,7 +42,7 @@ def evaluate(
     from rich.table import Table
 
     from petctl.console import console, progress, warn_line
-    from petctl.engine.evaluate import evaluate_folders, write_csv
+    from petctl.engine.evaluate import bootstrap_intervals, evaluate_folders, write_csv
 
     with progress() as bar:
         task = bar.add_task("evaluate", total=None)
@@ -46,8 +52,9 @@ def evaluate(
     if csv is not None:
         write_csv(result.cases, csv)
 
+    ci = bootstrap_intervals(result.cases)
     if json_out:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        typer.echo(json.dumps({**result.to_json(), "interval": ci.to_json()}, indent=2))
     else:
         cases = Table(title=f"autoPET metrics per case ({pred_dir})")
         for column in ("case", "dice", "fpv_ml", "fnv_ml"):
@@ -62,10 +69,11 @@ def evaluate(
             ("cases scored", str(s.num_cases)),
             ("positive / negative", f"{s.num_positive} / {s.num_negative}"),
             ("not scored (problems)", str(len(result.problems))),
-            ("mean Dice (positives)", _number(s.mean_dice, 4)),
+            ("mean Dice (positives)", _number(s.mean_dice, 4) + _span(ci.mean_dice, 4)),
             ("mean FPV mL (all cases)", _number(s.mean_fpv_ml, 3)),
-            ("mean FPV mL (negatives)", _number(s.mean_fpv_ml_negative, 3)),
-            ("mean FNV mL (positives)", _number(s.mean_fnv_ml, 3)),
+            ("mean FPV mL (negatives)", _number(s.mean_fpv_ml_negative, 3) + _span(ci.mean_fpv_ml_negative, 3)),
+            ("mean FNV mL (positives)", _number(s.mean_fnv_ml, 3) + _span(ci.mean_fnv_ml, 3)),
+            ("(in brackets)", f"{ci.level:.0%} bootstrap interval over cases"),
         ):
             summary.add_row(name, value)
         console.print(cases)

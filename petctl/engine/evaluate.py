@@ -220,6 +220,76 @@ def summarize(cases: Mapping[str, CaseMetrics]) -> Summary:
     )
 
 
+@dataclass(frozen=True)
+class Intervals:
+    """Percentile-bootstrap intervals of the summary's means (and of a classifier's AUROC), over
+    cases: how far another draw of as many held-out scans would move them. (nan, nan) where a
+    group is empty (the AUROC needs both)."""
+
+    level: float
+    resamples: int
+    mean_dice: tuple[float, float]
+    mean_fpv_ml_negative: tuple[float, float]
+    mean_fnv_ml: tuple[float, float]
+    classifier_auroc: tuple[float, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types; nan becomes null."""
+        return {k: [None if math.isnan(x) else x for x in v] if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _resample_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """(resamples, n): how often each of n cases is drawn in each resample of n with replacement."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64) if n else np.zeros((resamples, 0))
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    if values.size == 0 or np.isnan(values).all():
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return (float(lo), float(hi))
+
+
+def bootstrap_intervals(cases: Mapping[str, CaseMetrics], scores: Mapping[str, float] | None = None, *,
+                        level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Intervals:
+    """Stratified percentile-bootstrap intervals over cases: positives are drawn again from the
+    positives (mean Dice, mean FNV), negatives from the negatives (mean FPV), each resample keeping
+    both counts, as the summary's means are per group. With `scores` (case → classifier score) the
+    AUROC of each resample too: a positive-by-negative win matrix (ties count one half) weighed by
+    how often each case was drawn, so every resample costs two small matrix products.
+    Deterministic for a seed; raises ValueError for a level outside (0, 1) or fewer than 2 resamples."""
+    if not 0 < level < 1 or resamples < 2:
+        raise ValueError(f"need 0 < level < 1 and at least 2 resamples (got {level}, {resamples})")
+    names = sorted(cases)
+    pos = [c for c in names if cases[c].is_positive]
+    neg = [c for c in names if not cases[c].is_positive]
+    rng = np.random.default_rng(seed)
+    w_pos, w_neg = _resample_counts(rng, len(pos), resamples), _resample_counts(rng, len(neg), resamples)
+
+    def means(weights: np.ndarray, values: list[float]) -> np.ndarray:
+        return weights @ np.asarray(values, np.float64) / len(values) if values else np.full(resamples, math.nan)
+
+    auc = None
+    if scores is not None:
+        missing = [c for c in names if c not in scores or not np.isfinite(scores[c])]
+        if missing:
+            raise ValueError(f"no finite classifier score for {', '.join(missing)}")
+        if pos and neg:
+            sp, sn = np.array([scores[c] for c in pos])[:, None], np.array([scores[c] for c in neg])[None, :]
+            wins = (sp > sn) + 0.5 * (sp == sn)
+            auc = _percentiles(((w_pos @ wins) * w_neg).sum(1) / (len(pos) * len(neg)), level)
+        else:
+            auc = (math.nan, math.nan)
+    return Intervals(
+        level=level,
+        resamples=resamples,
+        mean_dice=_percentiles(means(w_pos, [cases[c].dice for c in pos]), level),
+        mean_fpv_ml_negative=_percentiles(means(w_neg, [cases[c].fpv_ml for c in neg]), level),
+        mean_fnv_ml=_percentiles(means(w_pos, [cases[c].fnv_ml for c in pos]), level),
+        classifier_auroc=auc,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 

@@ -31,6 +31,13 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _span(bounds: tuple[float, float] | None, digits: int = 3) -> str:
+    """A bootstrap interval as "lo–hi" ("–" when there is none)."""
+    if bounds is None or any(math.isnan(b) for b in bounds):
+        return "–"
+    return f"{bounds[0]:.{digits}f}–{bounds[1]:.{digits}f}"
+
+
 def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dict[str, Any]]) -> None:
     """Per fold: the training loss per epoch (per cycle for runs logged before per-epoch curves) and
     the validation metrics at each cycle's end, on one epoch axis; segmentation above, classifier below."""
@@ -178,16 +185,26 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         scores = [pred_info[c].get("cls_score", float("nan")) for c in evaluation.cases]
         from petctl.engine.metrics import auroc
 
-        test_auroc = float(auroc(np.array(labels, bool), np.array(scores, float))) if all(np.isfinite(scores)) else float("nan")
+        from petctl.engine.evaluate import bootstrap_intervals
+
+        scored = all(np.isfinite(scores))
+        test_auroc = float(auroc(np.array(labels, bool), np.array(scores, float))) if scored else float("nan")
+        ci = bootstrap_intervals(evaluation.cases, dict(zip(evaluation.cases, scores)) if scored else None)
         summary["test"] = {"mean_dice": s.mean_dice, "mean_fpv_ml_negatives": s.mean_fpv_ml_negative, "mean_fpv_ml": s.mean_fpv_ml,
                            "mean_fnv_ml": s.mean_fnv_ml, "classifier_auroc": test_auroc, "num_positive": s.num_positive,
                            "num_negative": s.num_negative, "gated": sum(bool(r.get("gated")) for r in pred_info.values()),
-                           "problems": evaluation.problems}
+                           "interval": ci.to_json(), "problems": evaluation.problems}
         lines += ["", "## Held-out test cases (imagesTs, new patients)", "",
-                  "| mean Dice (positives) | mean FPV mL (negatives) | mean FPV mL (all) | mean FNV mL (positives) | classifier AUROC | gated |",
-                  "| --- | --- | --- | --- | --- | --- |",
-                  f"| {_fmt(s.mean_dice)} | {_fmt(s.mean_fpv_ml_negative)} | {_fmt(s.mean_fpv_ml)} | {_fmt(s.mean_fnv_ml)} | {_fmt(test_auroc)} | "
-                  f"{summary['test']['gated']}/{s.num_cases} |", "", "| case | Dice | FPV mL | FNV mL | gate score | gated |", "| --- | --- | --- | --- | --- | --- |"]
+                  f"{s.num_positive} positives and {s.num_negative} negatives; the second row gives {ci.level:.0%} bootstrap intervals "
+                  f"over the cases ({ci.resamples} resamples, positives and negatives drawn apart): how far another draw of as "
+                  "many scans could move each mean.", "",
+                  "| | mean Dice (positives) | mean FPV mL (negatives) | mean FPV mL (all) | mean FNV mL (positives) | classifier AUROC | gated |",
+                  "| --- | --- | --- | --- | --- | --- | --- |",
+                  f"| value | {_fmt(s.mean_dice)} | {_fmt(s.mean_fpv_ml_negative)} | {_fmt(s.mean_fpv_ml)} | {_fmt(s.mean_fnv_ml)} | {_fmt(test_auroc)} | "
+                  f"{summary['test']['gated']}/{s.num_cases} |",
+                  f"| {ci.level:.0%} interval | {_span(ci.mean_dice)} | {_span(ci.mean_fpv_ml_negative, 2)} | – | {_span(ci.mean_fnv_ml, 2)} | "
+                  f"{_span(ci.classifier_auroc)} | |",
+                  "", "| case | Dice | FPV mL | FNV mL | gate score | gated |", "| --- | --- | --- | --- | --- | --- |"]
         for case, m in evaluation.cases.items():
             r = pred_info.get(case, {})
             lines.append(f"| {case} | {_fmt(m.dice)} | {_fmt(m.fpv_ml)} | {_fmt(m.fnv_ml)} | {_fmt(r.get('cls_score'))} | {'yes' if r.get('gated') else 'no'} |")
