@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from petctl.engine.evaluate import (
     CaseMetrics,
     bootstrap_intervals,
+    interval_suffix,
+    interval_text,
     case_metrics,
     case_metrics_loop,
     evaluate_folders,
@@ -380,5 +382,7 @@ def test_bootstrap_intervals_edge_cases() -> None:
         bootstrap_intervals(apart, {**scores, "n1": float("nan")})
     with pytest.raises(ValueError, match="level"):
         bootstrap_intervals(apart, level=1.0)
+    assert interval_text((0.5, 0.75), 2) == "0.50–0.75" and interval_suffix([0.5, 0.75], 3) == " (0.500–0.750)"
+    assert interval_text([None, None], 2) is None and interval_text((math.nan, 1.0), 2) is None and interval_suffix(None, 2) == ""
     empty = bootstrap_intervals({})
     assert all(math.isnan(b) for b in empty.mean_dice + empty.mean_fpv_ml_negative + empty.mean_fnv_ml)

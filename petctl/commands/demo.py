@@ -67,12 +67,14 @@ def demo(
     table.add_row("calibration Dice (test split)", f"{summary['calibration']['test_dice']:.3f}")
     test = summary.get("test")
     if test:
+        from petctl.engine.evaluate import interval_suffix
+
         ci = test.get("interval") or {}
         level = f"{ci['level']:.0%} interval" if ci else ""
-        table.add_row(f"held-out mean Dice ({test['num_positive']} positives)", f"{test['mean_dice']:.3f}{_span(ci.get('mean_dice'), 3)}")
-        table.add_row(f"held-out mean FPV mL ({test['num_negative']} negatives)", f"{test['mean_fpv_ml_negatives']:.2f}{_span(ci.get('mean_fpv_ml_negative'), 2)}")
-        table.add_row("held-out mean FNV mL (positives)", f"{test['mean_fnv_ml']:.2f}{_span(ci.get('mean_fnv_ml'), 2)}")
-        table.add_row("held-out classifier AUROC", f"{test['classifier_auroc']:.3f}{_span(ci.get('classifier_auroc'), 3)}")
+        table.add_row(f"held-out mean Dice ({test['num_positive']} positives)", f"{test['mean_dice']:.3f}{interval_suffix(ci.get('mean_dice'), 3)}")
+        table.add_row(f"held-out mean FPV mL ({test['num_negative']} negatives)", f"{test['mean_fpv_ml_negatives']:.2f}{interval_suffix(ci.get('mean_fpv_ml_negative'), 2)}")
+        table.add_row("held-out mean FNV mL (positives)", f"{test['mean_fnv_ml']:.2f}{interval_suffix(ci.get('mean_fnv_ml'), 2)}")
+        table.add_row("held-out classifier AUROC", f"{test['classifier_auroc']:.3f}{interval_suffix(ci.get('classifier_auroc'), 3)}")
         if level:
             table.caption = f"in brackets: {level}s, bootstrap over the held-out cases"
         table.add_row("gated (predicted healthy)", f"{test['gated']}/{test['num_positive'] + test['num_negative']}")
@@ -83,9 +85,3 @@ def demo(
     console.print(table)
     console.print(f"report: {out / 'report.md'}")
 
-
-def _span(bounds: list[float | None] | None, digits: int) -> str:
-    """A bootstrap interval from summary.json as ' (lo–hi)'; empty when there is none."""
-    if not bounds or any(b is None for b in bounds):
-        return ""
-    return f" ({bounds[0]:.{digits}f}–{bounds[1]:.{digits}f})"

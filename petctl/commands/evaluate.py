@@ -29,10 +29,6 @@ def _number(value: float, digits: int) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _span(bounds: tuple[float, float], digits: int) -> str:
-    return "" if any(math.isnan(b) for b in bounds) else f" ({bounds[0]:.{digits}f}–{bounds[1]:.{digits}f})"
-
-
 def evaluate(
     gt_dir: Annotated[Path, typer.Argument(help="Ground-truth label folder ({case}.nii.gz), e.g. an nnU-Net labelsTs.", show_default=False)],
     pred_dir: Annotated[Path, typer.Argument(help="Predicted mask folder ({case}.nii.gz, 0/1 on the ground-truth grid).", show_default=False)],
@@ -42,7 +38,7 @@ def evaluate(
     from rich.table import Table
 
     from petctl.console import console, progress, warn_line
-    from petctl.engine.evaluate import bootstrap_intervals, evaluate_folders, write_csv
+    from petctl.engine.evaluate import bootstrap_intervals, evaluate_folders, interval_suffix, write_csv
 
     with progress() as bar:
         task = bar.add_task("evaluate", total=None)
@@ -69,10 +65,10 @@ def evaluate(
             ("cases scored", str(s.num_cases)),
             ("positive / negative", f"{s.num_positive} / {s.num_negative}"),
             ("not scored (problems)", str(len(result.problems))),
-            ("mean Dice (positives)", _number(s.mean_dice, 4) + _span(ci.mean_dice, 4)),
+            ("mean Dice (positives)", _number(s.mean_dice, 4) + interval_suffix(ci.mean_dice, 4)),
             ("mean FPV mL (all cases)", _number(s.mean_fpv_ml, 3)),
-            ("mean FPV mL (negatives)", _number(s.mean_fpv_ml_negative, 3) + _span(ci.mean_fpv_ml_negative, 3)),
-            ("mean FNV mL (positives)", _number(s.mean_fnv_ml, 3) + _span(ci.mean_fnv_ml, 3)),
+            ("mean FPV mL (negatives)", _number(s.mean_fpv_ml_negative, 3) + interval_suffix(ci.mean_fpv_ml_negative, 3)),
+            ("mean FNV mL (positives)", _number(s.mean_fnv_ml, 3) + interval_suffix(ci.mean_fnv_ml, 3)),
             ("(in brackets)", f"{ci.level:.0%} bootstrap interval over cases"),
         ):
             summary.add_row(name, value)

@@ -238,6 +238,20 @@ class Intervals:
         return {k: [None if math.isnan(x) else x for x in v] if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+def interval_text(bounds: Iterable[float | None] | None, digits: int) -> str | None:
+    """An interval as "lo–hi" (from `Intervals` or its JSON), or None when it has no finite bounds."""
+    values = list(bounds) if bounds is not None else []
+    if len(values) != 2 or any(v is None or math.isnan(v) for v in values):
+        return None
+    return f"{values[0]:.{digits}f}–{values[1]:.{digits}f}"
+
+
+def interval_suffix(bounds: Iterable[float | None] | None, digits: int) -> str:
+    """' (lo–hi)' to follow a value in a table cell; empty when the interval has no finite bounds."""
+    text = interval_text(bounds, digits)
+    return f" ({text})" if text else ""
+
+
 def _resample_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
     """(resamples, n): how often each of n cases is drawn in each resample of n with replacement."""
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64) if n else np.zeros((resamples, 0))

@@ -32,10 +32,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _span(bounds: tuple[float, float] | None, digits: int = 3) -> str:
-    """A bootstrap interval as "lo–hi" ("–" when there is none)."""
-    if bounds is None or any(math.isnan(b) for b in bounds):
-        return "–"
-    return f"{bounds[0]:.{digits}f}–{bounds[1]:.{digits}f}"
+    from petctl.engine.evaluate import interval_text
+
+    return interval_text(bounds, digits) or "–"
 
 
 def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dict[str, Any]]) -> None:
