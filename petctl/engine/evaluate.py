@@ -6,7 +6,9 @@ truth is empty), false-positive volume (mL of predicted components that touch no
 voxel) and false-negative volume (mL of ground-truth components that touch no predicted voxel).
 `case_metrics` labels each mask once, inside the bounding box of both masks' voxels, and counts
 every component's size and overlap with two bincounts; `case_metrics_loop` is the official script's per-component loop, kept as the reference
-that tests and the benchmark compare against. Both are pure (arrays in, numbers out). The I/O
+that tests and the benchmark compare against. Both are pure (arrays in, numbers out), as is
+`bootstrap_intervals` (the summary's means, and a classifier's AUROC, with percentile-bootstrap
+intervals over the cases). The I/O
 layer below them (`evaluate_folders`, `write_csv`) matches ground-truth and prediction files by
 case id, reads them with nibabel, and reports — rather than scores — a case whose prediction is
 missing, misaligned or not a 0/1 mask.
