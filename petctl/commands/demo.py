@@ -84,4 +84,3 @@ def demo(
     table.add_row("total time", f"{sum(summary['timings_s'].values()):.0f} s")
     console.print(table)
     console.print(f"report: {out / 'report.md'}")
-
