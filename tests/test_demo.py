@@ -43,7 +43,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
         lo, hi = interval["mean_dice"]
         assert lo <= test["mean_dice"] <= hi
     assert "bootstrap" in result.stdout  # the summary table's caption says what the brackets hold
-    for png in ("training_curves.png", "calibration_dice.png", "calibration_roc.png", "test_cases.png"):
+    # the held-out lesions' detection by volume: every ground-truth lesion counted once, in the report and summary.json
+    detection = test["lesion_detection"]
+    assert [b["bin"] for b in detection] == ["< 1.5 mL", "1.5–5 mL", "5–20 mL", "≥ 20 mL"]
+    assert sum(b["lesions"] for b in detection) >= test["num_positive"] and "| detected / lesions |" in report
+    for png in ("training_curves.png", "calibration_dice.png", "calibration_roc.png", "test_cases.png", "lesion_detection.png"):
         assert (out / png).stat().st_size > 2000, png
     test_ids = sorted(p.name for p in (out / "raw" / "labelsTs").glob("*.nii.gz"))
     assert len(test_ids) == 3 and sorted(p.name for p in (out / "predictions").glob("*.nii.gz")) == test_ids

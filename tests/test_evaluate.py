@@ -16,7 +16,11 @@ from typer.testing import CliRunner
 
 from petctl.engine.evaluate import (
     CaseMetrics,
+    Lesion,
+    SizeBin,
     bootstrap_intervals,
+    case_lesions,
+    detection_by_size,
     interval_suffix,
     interval_text,
     case_metrics,
@@ -150,6 +154,36 @@ def test_fast_equals_loop_and_definition_on_random_masks(seed: int) -> None:
     assert fast.fpv_ml == pytest.approx(expected.fpv_ml) and fast.fnv_ml == pytest.approx(expected.fnv_ml)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_each_lesion_against_an_independent_labelling_and_the_fnv(seed: int) -> None:
+    gt, pred = random_masks(seed)
+    voxel_ml = float(np.random.default_rng(seed).uniform(0.001, 0.05))
+    lesions = case_lesions(gt, pred, voxel_ml)
+    labels, num = ndimage.label(gt > 0, structure=ndimage.generate_binary_structure(3, 2))
+    expected = sorted((int((labels == k).sum()), bool((pred[labels == k] > 0).any())) for k in range(1, num + 1))
+    assert sorted((round(x.volume_ml / voxel_ml), x.detected) for x in lesions) == expected
+    # the lesions nothing touches are the false-negative volume, component for component
+    missed = sum(x.volume_ml for x in lesions if not x.detected)
+    assert missed == pytest.approx(case_metrics(gt, pred, voxel_ml).fnv_ml, abs=1e-12)
+    assert case_lesions(np.zeros_like(gt), pred, voxel_ml) == ()
+
+
+def test_detection_by_size_counts_each_lesion_in_its_bin() -> None:
+    lesions = {"a": (Lesion(0.75, False), Lesion(1.5, True), Lesion(4.99, True)),  # 1.5 opens the second bin
+               "b": (Lesion(20.0, True), Lesion(90.0, False), Lesion(1.49, True)), "neg": ()}
+    bins = detection_by_size(lesions)
+    assert [(b.label, b.lesions, b.detected) for b in bins] == [("< 1.5 mL", 2, 1), ("1.5–5 mL", 2, 2), ("5–20 mL", 0, 0),
+                                                                 ("≥ 20 mL", 2, 1)]
+    assert [b.sensitivity for b in bins if b.lesions] == [0.5, 1.0, 0.5] and math.isnan(bins[2].sensitivity)
+    assert bins[2].to_json() == {"bin": "5–20 mL", "low_ml": 5.0, "high_ml": 20.0, "lesions": 0, "detected": 0, "sensitivity": None}
+    assert bins[3].to_json()["high_ml"] is None and SizeBin(0.0, 2.0, 1, 1).label == "< 2 mL"
+    assert [b.lesions for b in detection_by_size(lesions, edges=(1.0,))] == [1, 5]
+    for edges in ((5.0, 1.5), (0.0, 1.0), (1.0, 1.0)):
+        with pytest.raises(ValueError, match="increasing"):
+            detection_by_size(lesions, edges)
+    assert [b.lesions for b in detection_by_size({})] == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_small_masks_in_a_large_volume(seed: int) -> None:
     """Labelling inside the foreground box: the same metrics wherever the masks sit, edges included."""
@@ -248,6 +282,12 @@ def test_evaluate_folders_scores_good_cases_and_reports_the_rest(folders: tuple[
     assert result.summary.num_cases == 3 and result.summary.mean_fpv_ml_negative == pytest.approx(7 * VOXEL_ML)
     payload = json.loads(json.dumps(result.to_json(), allow_nan=False))
     assert payload["cases"]["neg"]["dice"] is None
+    # pos: LESION found, FAR (7 voxels) missed; perfect: both found; neg: none
+    assert {c: sorted(v, key=lambda x: x.volume_ml) for c, v in result.lesions.items()} == {
+        "pos": [Lesion(7 * VOXEL_ML, False), Lesion(33 * VOXEL_ML, True)],
+        "perfect": [Lesion(7 * VOXEL_ML, True), Lesion(33 * VOXEL_ML, True)], "neg": []}
+    assert payload["lesion_detection"][0] == {"bin": "< 1.5 mL", "low_ml": 0.0, "high_ml": 1.5, "lesions": 4, "detected": 3,
+                                              "sensitivity": 0.75}
 
 
 def test_evaluate_folders_usage_errors(tmp_path: Path) -> None:
@@ -279,7 +319,8 @@ def test_cli_reports_problems_and_exits_3(folders: tuple[Path, Path], tmp_path: 
     for text in ("missing: no prediction", "grid: prediction grid", "moved: prediction affine", "stray: prediction",
                  "Summary", "mean Dice (positives)", "0.9041", "–", f"{7 * VOXEL_ML:.3f}",
                  # two positives (Dice 0.9041 and 1): a quarter of the resamples draw the first twice
-                 "0.9521 (0.9041–1.0000)", "95% bootstrap interval over cases"):
+                 "0.9521 (0.9041–1.0000)", "95% bootstrap interval over cases",
+                 "Lesion detection by volume", "75 %"):
         assert text in out, text
     rows = list(csv.DictReader((tmp_path / "m.csv").open()))
     assert [r["case"] for r in rows] == ["neg", "perfect", "pos"] and rows[0]["dice"] == "nan"

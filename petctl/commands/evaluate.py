@@ -7,6 +7,9 @@ false-negative volume (mL of lesions touching no predicted voxel). The summary g
 and FNV over positive cases and mean FPV over all and over negative cases, each group mean with a
 95 % percentile-bootstrap interval over the cases (2000 resamples, positives and negatives drawn
 apart; `interval` in --json): with a few dozen scans, how far another draw could move it.
+A third table gives the lesion-wise detection by lesion volume (< 1.5, 1.5–5, 5–20, ≥ 20 mL): how
+many ground-truth lesions each bin holds and how many a predicted voxel touches (`lesion_detection`
+in --json), which shows what the means hide: which lesions are missed.
 
 Exit status: 0 when every case was scored, 3 when some were not (a missing, misaligned or
 non-0/1 prediction, or a prediction without ground truth; each named on its own line), 2 on a
@@ -38,7 +41,7 @@ def evaluate(
     from rich.table import Table
 
     from petctl.console import console, progress, warn_line
-    from petctl.engine.evaluate import bootstrap_intervals, evaluate_folders, interval_suffix, write_csv
+    from petctl.engine.evaluate import bootstrap_intervals, detection_by_size, evaluate_folders, interval_suffix, write_csv
 
     with progress() as bar:
         task = bar.add_task("evaluate", total=None)
@@ -72,8 +75,14 @@ def evaluate(
             ("(in brackets)", f"{ci.level:.0%} bootstrap interval over cases"),
         ):
             summary.add_row(name, value)
+        detection = Table(title="Lesion detection by volume (a lesion is detected when a predicted voxel touches it)")
+        for column in ("lesion volume", "lesions", "detected", "sensitivity"):
+            detection.add_column(column, justify="left" if column == "lesion volume" else "right")
+        for b in detection_by_size(result.lesions):
+            detection.add_row(b.label, str(b.lesions), str(b.detected), _number(100 * b.sensitivity, 0) + (" %" if b.lesions else ""))
         console.print(cases)
         console.print(summary)
+        console.print(detection)
         if csv is not None:
             console.print(f"[green]wrote[/] {csv}")
     if result.problems:

@@ -8,7 +8,9 @@ voxel) and false-negative volume (mL of ground-truth components that touch no pr
 every component's size and overlap with two bincounts; `case_metrics_loop` is the official script's per-component loop, kept as the reference
 that tests and the benchmark compare against. Both are pure (arrays in, numbers out), as is
 `bootstrap_intervals` (the summary's means, and a classifier's AUROC, with percentile-bootstrap
-intervals over the cases). The I/O
+intervals over the cases), `case_lesions` (each ground-truth lesion's volume and whether the
+prediction touches it: the FNV's components one by one) and `detection_by_size` (the lesion-wise
+sensitivity per volume bin, which shows what the case means hide: which lesions are missed). The I/O
 layer below them (`evaluate_folders`, `write_csv`) matches ground-truth and prediction files by
 case id, reads them with nibabel, and reports — rather than scores — a case whose prediction is
 missing, misaligned or not a 0/1 mask.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ CONNECTIVITY = 18
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 AFFINE_TOLERANCE_MM = 1e-3
 """Ground truth and prediction grids count as the same when their affines agree this closely."""
+LESION_BINS_ML = (1.5, 5.0, 20.0)
+"""Edges (mL) of the lesion-wise detection's volume bins: < 1.5, 1.5–5, 5–20 and ≥ 20 mL."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,40 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Lesion:
+    """One ground-truth lesion (an 18-connected component of the label)."""
+
+    volume_ml: float
+    detected: bool
+    """Whether any predicted voxel touches it (a lesion that is not detected is all false-negative volume)."""
+
+
+@dataclass(frozen=True)
+class SizeBin:
+    """The ground-truth lesions of one volume bin [low_ml, high_ml), and how many were detected."""
+
+    low_ml: float
+    high_ml: float
+    lesions: int
+    detected: int
+
+    @property
+    def sensitivity(self) -> float:
+        """Detected / lesions; nan for an empty bin."""
+        return self.detected / self.lesions if self.lesions else math.nan
+
+    @property
+    def label(self) -> str:
+        if self.low_ml <= 0:
+            return f"< {self.high_ml:g} mL"
+        return f"≥ {self.low_ml:g} mL" if math.isinf(self.high_ml) else f"{self.low_ml:g}–{self.high_ml:g} mL"
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_floats({"bin": self.label, "low_ml": self.low_ml, "high_ml": None if math.isinf(self.high_ml) else self.high_ml,
+                             "lesions": self.lesions, "detected": self.detected, "sensitivity": self.sensitivity})
+
+
+@dataclass(frozen=True)
 class EvaluationResult:
     """Scored cases (sorted by case id), the cases that could not be scored, and the summary."""
 
@@ -77,6 +115,8 @@ class EvaluationResult:
     problems: dict[str, str]
     """Case id → why it was not scored (missing, misaligned or unreadable prediction, ...)."""
     summary: Summary
+    lesions: dict[str, tuple[Lesion, ...]] = field(default_factory=dict)
+    """Scored case → its ground-truth lesions (`case_lesions`)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; nan becomes null."""
@@ -84,6 +124,7 @@ class EvaluationResult:
             "summary": _json_floats(asdict(self.summary)),
             "cases": {case: _json_floats(asdict(m)) for case, m in self.cases.items()},
             "problems": dict(self.problems),
+            "lesion_detection": [b.to_json() for b in detection_by_size(self.lesions)],
         }
 
 
@@ -130,8 +171,8 @@ def _foreground_box(shape: tuple[int, ...], *voxel_sets: np.ndarray) -> tuple[tu
     return tuple(slice(l, h) for l, h in zip(lo, hi)), local
 
 
-def _untouched_voxels(mask: np.ndarray, own: np.ndarray, other: np.ndarray) -> int:
-    """Voxels of `mask`'s components that share no voxel with the other mask.
+def _component_counts(mask: np.ndarray, own: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of `mask`'s components' size and its overlap with the other mask, in voxels (component 1..N).
 
     `own` and `other` are the flat indices of this mask's and the other mask's voxels. After one
     labelling, counting component ids over this mask's voxels gives every component's size, over
@@ -142,7 +183,13 @@ def _untouched_voxels(mask: np.ndarray, own: np.ndarray, other: np.ndarray) -> i
     labels_flat = labels.ravel()
     sizes = np.bincount(labels_flat[own], minlength=num + 1)
     overlaps = np.bincount(labels_flat[other], minlength=num + 1)
-    return int(sizes[1:][overlaps[1:] == 0].sum())
+    return sizes[1:], overlaps[1:]
+
+
+def _untouched_voxels(mask: np.ndarray, own: np.ndarray, other: np.ndarray) -> int:
+    """Voxels of `mask`'s components that share no voxel with the other mask (`_component_counts`)."""
+    sizes, overlaps = _component_counts(mask, own, other)
+    return int(sizes[overlaps == 0].sum())
 
 
 def _from_counts(dice_score: float, false_pos_voxels: int, false_neg_voxels: int, voxel_ml: float) -> CaseMetrics:
@@ -170,6 +217,34 @@ def case_metrics(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> CaseMetri
         true_pos = int(np.count_nonzero(gt_mask.ravel()[pred_voxels]))
         dice_score = 2.0 * true_pos / (gt_voxels.size + pred_voxels.size)
     return _from_counts(dice_score, false_pos, false_neg, voxel_ml)
+
+
+def case_lesions(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> tuple[Lesion, ...]:
+    """Each ground-truth lesion (18-connected component, in `case_metrics`' labelling order) with its
+    volume in mL and whether a predicted voxel touches it. The undetected lesions' volumes add up
+    to `case_metrics`' FNV; a negative case has none."""
+    gt_mask, pred_mask = _foregrounds(gt, pred, voxel_ml)
+    gt_voxels, pred_voxels = np.flatnonzero(gt_mask), np.flatnonzero(pred_mask)
+    if gt_voxels.size == 0:
+        return ()
+    box, (gt_local, pred_local) = _foreground_box(gt_mask.shape, gt_voxels, pred_voxels)
+    sizes, overlaps = _component_counts(gt_mask[box], own=gt_local, other=pred_local)
+    return tuple(Lesion(int(n) * float(voxel_ml), bool(o)) for n, o in zip(sizes, overlaps))
+
+
+def detection_by_size(lesions: Mapping[str, Iterable[Lesion]], edges: Iterable[float] = LESION_BINS_ML) -> list[SizeBin]:
+    """The lesion-wise detection per volume bin (edges in mL, increasing): lesions and detected ones."""
+    cuts = [float(e) for e in edges]
+    if any(b <= a for a, b in zip(cuts, cuts[1:])) or any(e <= 0 for e in cuts):
+        raise ValueError(f"lesion volume bin edges must be positive and increasing (got {cuts})")
+    bounds = list(zip([0.0, *cuts], [*cuts, math.inf]))
+    counts = [[0, 0] for _ in bounds]
+    for case_lesions_ in lesions.values():
+        for lesion in case_lesions_:
+            k = int(np.searchsorted(cuts, lesion.volume_ml, side="right"))
+            counts[k][0] += 1
+            counts[k][1] += int(lesion.detected)
+    return [SizeBin(lo, hi, n, d) for (lo, hi), (n, d) in zip(bounds, counts)]
 
 
 def case_metrics_loop(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> CaseMetrics:
@@ -365,6 +440,7 @@ def evaluate_folders(
         hint = next((f" (did you mean {Path(gt_dir) / d}?)" for d in ("labelsTs", "labelsTr") if (Path(gt_dir) / d).is_dir()), "")
         raise PetctlError(f"no label files ({', '.join(NIFTI_ENDINGS)}) in {gt_dir}{hint}")
     cases: dict[str, CaseMetrics] = {}
+    lesions: dict[str, tuple[Lesion, ...]] = {}
     problems: dict[str, str] = {}
     for case, gt_path in gt_files.items():
         pred_path = pred_files.get(case)
@@ -377,13 +453,14 @@ def evaluate_folders(
             if reason:
                 raise CaseError(case, reason)
             cases[case] = case_metrics(gt_mask, pred_mask, voxel_ml)
+            lesions[case] = case_lesions(gt_mask, pred_mask, voxel_ml)
         except CaseError as exc:
             problems[case] = exc.reason
         if on_case is not None:
             on_case(case, len(gt_files))
     for case in sorted(set(pred_files) - set(gt_files)):
         problems[case] = f"prediction {pred_files[case].name} has no ground truth in {gt_dir}"
-    return EvaluationResult(cases, dict(sorted(problems.items())), summarize(cases))
+    return EvaluationResult(cases, dict(sorted(problems.items())), summarize(cases), lesions)
 
 
 def write_csv(cases: Mapping[str, CaseMetrics], path: Path) -> None:

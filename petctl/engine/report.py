@@ -3,7 +3,8 @@
 - training_curves.png: per fold, the train loss per epoch and the validation top-K AUROC / Dice at
   each cycle's end; the classifiers' train loss and validation AUROC below;
 - calibration_dice.png / calibration_roc.png (copied from the run);
-- test_cases.png: coronal PET MIPs of test cases, ground truth and prediction side by side.
+- test_cases.png: coronal PET MIPs of test cases, ground truth and prediction side by side;
+- lesion_detection.png: the held-out lesions' detection rate per volume bin.
 """
 
 from __future__ import annotations
@@ -100,6 +101,26 @@ def plot_test_cases(path: Path, data: Path, predictions: Path, cases: list[str])
                 ax.imshow(np.ma.masked_where(m == 0, m), cmap="autumn", alpha=0.65, aspect=sz / sx)
             ax.set_title(f"{case}\n{label}", fontsize=7)
             ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_lesion_detection(path: Path, bins: list[Any]) -> None:
+    """Bars of the lesion-wise sensitivity per volume bin (`evaluate.detection_by_size`), each with its counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    x = np.arange(len(bins))
+    heights = [0.0 if math.isnan(b.sensitivity) else b.sensitivity for b in bins]
+    ax.bar(x, heights, color=["C3" if h < 0.5 else "C0" for h in heights])
+    for i, b in enumerate(bins):
+        ax.text(i, heights[i] + 0.02, f"{b.detected}/{b.lesions}", ha="center", fontsize=9)
+    ax.set(xticks=x, xticklabels=[b.label for b in bins], ylim=(0, 1.12), ylabel="lesions detected",
+           title="held-out lesions detected, by lesion volume")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -202,8 +223,18 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
                   f"| value | {_fmt(s.mean_dice)} | {_fmt(s.mean_fpv_ml_negative)} | {_fmt(s.mean_fpv_ml)} | {_fmt(s.mean_fnv_ml)} | {_fmt(test_auroc)} | "
                   f"{summary['test']['gated']}/{s.num_cases} |",
                   f"| {ci.level:.0%} interval | {_span(ci.mean_dice)} | {_span(ci.mean_fpv_ml_negative, 2)} | – | {_span(ci.mean_fnv_ml, 2)} | "
-                  f"{_span(ci.classifier_auroc)} | |",
-                  "", "| case | Dice | FPV mL | FNV mL | gate score | gated |", "| --- | --- | --- | --- | --- | --- |"]
+                  f"{_span(ci.classifier_auroc)} | |"]
+        from petctl.engine.evaluate import detection_by_size
+
+        bins = detection_by_size(evaluation.lesions)
+        summary["test"]["lesion_detection"] = [b.to_json() for b in bins]
+        lines += ["", "Lesion detection by lesion volume (a ground-truth lesion is detected when a predicted voxel touches it; "
+                  "a gated scan's lesions are all missed):", "", "| lesion volume | " + " | ".join(b.label for b in bins) + " |",
+                  "| --- |" + " --- |" * len(bins),
+                  "| detected / lesions | " + " | ".join(f"{b.detected}/{b.lesions}" for b in bins) + " |",
+                  "| sensitivity | " + " | ".join(_fmt(b.sensitivity, 2) for b in bins) + " |", ""]
+        plot_lesion_detection(out / "lesion_detection.png", bins)
+        lines += ["| case | Dice | FPV mL | FNV mL | gate score | gated |", "| --- | --- | --- | --- | --- | --- |"]
         for case, m in evaluation.cases.items():
             r = pred_info.get(case, {})
             lines.append(f"| {case} | {_fmt(m.dice)} | {_fmt(m.fpv_ml)} | {_fmt(m.fnv_ml)} | {_fmt(r.get('cls_score'))} | {'yes' if r.get('gated') else 'no'} |")
@@ -213,6 +244,8 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
     lines += ["", "## Timings", "", "| stage | seconds |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "## Pictures", "", "![training curves](training_curves.png)", "", "![calibration](calibration_dice.png)",
               "![classifier ROC](calibration_roc.png)", "", "![test cases](test_cases.png)", ""]
+    if evaluation is not None:
+        lines += ["![lesion detection by volume](lesion_detection.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary
 
