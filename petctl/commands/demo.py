@@ -78,6 +78,9 @@ def demo(
         if level:
             table.caption = f"in brackets: {level}s, bootstrap over the held-out cases"
         table.add_row("gated (predicted healthy)", f"{test['gated']}/{test['num_positive'] + test['num_negative']}")
+        if test.get("lesion_detection"):
+            table.add_row("lesions detected, by mL", " · ".join(f"{b['bin'].replace(' mL', '').replace(' ', '')} {b['detected']}/{b['lesions']}"
+                                                              for b in test["lesion_detection"]))
     budget = summary.get("budget")
     if budget:
         table.add_row(f"epochs seg / cls (budget {budget['budget_min']:g} min)", f"{budget['seg_epochs']} / {budget['cls_epochs']}")

@@ -239,8 +239,8 @@ def detection_by_size(lesions: Mapping[str, Iterable[Lesion]], edges: Iterable[f
         raise ValueError(f"lesion volume bin edges must be positive and increasing (got {cuts})")
     bounds = list(zip([0.0, *cuts], [*cuts, math.inf]))
     counts = [[0, 0] for _ in bounds]
-    for case_lesions_ in lesions.values():
-        for lesion in case_lesions_:
+    for found in lesions.values():
+        for lesion in found:
             k = int(np.searchsorted(cuts, lesion.volume_ml, side="right"))
             counts[k][0] += 1
             counts[k][1] += int(lesion.detected)

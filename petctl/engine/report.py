@@ -116,7 +116,7 @@ def plot_lesion_detection(path: Path, bins: list[Any]) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     x = np.arange(len(bins))
     heights = [0.0 if math.isnan(b.sensitivity) else b.sensitivity for b in bins]
-    ax.bar(x, heights, color=["C3" if h < 0.5 else "C0" for h in heights])
+    ax.bar(x, heights, color=["0.7" if not b.lesions else "C3" if h < 0.5 else "C0" for b, h in zip(bins, heights)])  # grey: no lesion
     for i, b in enumerate(bins):
         ax.text(i, heights[i] + 0.02, f"{b.detected}/{b.lesions}", ha="center", fontsize=9)
     ax.set(xticks=x, xticklabels=[b.label for b in bins], ylim=(0, 1.12), ylabel="lesions detected",
