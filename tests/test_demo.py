@@ -23,6 +23,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     assert set(summary["timings_s"]) >= {"data", "prepare", "train", "calibrate", "predict", "evaluate", "report"}
     assert summary["thresholds"]["seed"] == 0.0 and summary["thresholds"]["pet_extent"] is True  # calibrate's default
     assert "PET 50% isocontour" in (out / "report.md").read_text()
+    # the demo detects on the nets' own grid: calibrate recorded nearest-exact resampling, the report says so
+    assert json.loads((tmp_path / "home/runs/demo/thresholds.json").read_text())["segmentation"]["extent"]["resample"] == "nearest"
+    assert "ensemble detects at it on its own grid" in (out / "report.md").read_text()
     assert summary["thresholds"]["urine_veto"] is True and "urine veto (a component ≥ 50% in CT water" in (out / "report.md").read_text()
     assert summary["thresholds"]["segmentation_prior"] == 0.75  # cpu-tiny inherits cpu-small's prior
     assert "nearest the prior 0.75 within 1 SE" in (out / "report.md").read_text()

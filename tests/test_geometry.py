@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from petctl.engine.geometry import (
+    RESAMPLE_MODES,
     CaseGeometry,
     foreground_box,
     label_to_stored,
@@ -67,6 +68,31 @@ def test_round_trip_after_resampling_keeps_geometry_and_overlap(flips):
     lo = np.array(geometry.crop_lo) - 0.5
     assert np.allclose(world0, canon @ np.r_[lo, 1])
     assert np.allclose(spacing_of(st), geometry.stored_spacing)
+
+
+@pytest.mark.parametrize("flips", [(1, 1, 1), (-1, 1, -1)])
+def test_nearest_resampling_keeps_a_lone_peak_that_trilinear_lowers(flips):
+    """Probabilities back on a finer input grid: trilinear averages a one-voxel peak with its
+    neighbours (so a lesion's core can fall under the threshold); nearest-exact gives each input
+    voxel the value of the stored voxel it lies in, so every stored value is kept, peaks included."""
+    from petctl.errors import PetctlError
+
+    ct, label, affine = _volume(flips)
+    ct_c, canon = to_canonical(ct, affine)
+    geometry = plan_geometry(label.shape, affine, ct_c > -500, (4.0, 4.5, 6.0))  # coarser than the input in every axis
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.0, 0.5, geometry.stored_shape).astype(np.float32)
+    peak = tuple(s // 2 for s in geometry.stored_shape)
+    probs[peak] = 0.8
+    linear, nearest = to_original(probs, geometry), to_original(probs, geometry, mode="nearest")
+    assert linear.shape == nearest.shape == label.shape
+    assert float(nearest.max()) == pytest.approx(0.8) and float(linear.max()) < 0.75
+    inside = nearest[nearest > 0]  # the crop: only stored values, each stored voxel seen (upsampling)
+    assert np.isin(inside, probs).all() and len(np.unique(inside)) == len(np.unique(probs))
+    assert (nearest >= 0.75).sum() >= 1 and (linear >= 0.75).sum() == 0
+    assert RESAMPLE_MODES == ("linear", "nearest")
+    with pytest.raises(PetctlError, match="resampling must be one of linear, nearest"):
+        to_original(probs, geometry, mode="cubic")
 
 
 def test_geometry_json_round_trip():

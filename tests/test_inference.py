@@ -431,6 +431,30 @@ def test_retrain_merged_keeps_thresholds_and_links_parent(trained: Path, store: 
     assert (merged / "cls-merged").is_dir()
 
 
+def test_nearest_resampling_is_calibrated_and_predict_follows_it(trained: Path, cohort: Path, tmp_path: Path):
+    """`calibrate --resample nearest` records the resampling in the extent; predict then maps the
+    probabilities to the input grid the same way: every value it writes is one of the stored grid's."""
+    run_dir = _copy_run(trained, "r", "nearest")
+    assert json.loads((trained / "runs/r/thresholds.json").read_text())["segmentation"]["extent"]["resample"] == "linear"
+    _petctl(trained, "calibrate", "--run", "nearest", "--resample", "nearest", "--no-gate")
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    assert t["segmentation"]["extent"]["resample"] == "nearest"
+    assert json.loads((run_dir / "steps/calibrate.json").read_text())["config"]["resample"] == "nearest"
+    case = sorted((cohort / "imagesTr").glob("*_0000.nii.gz"))[0]
+    name = case.name[: -len("_0000.nii.gz")]
+    probs, stored_voxels = {}, 0
+    for run in ("r", "nearest"):
+        out = tmp_path / run
+        _petctl(trained, "predict", str(case), str(out), "--run", run, "--no-gate", "--save-probabilities", "float32")
+        probs[run] = np.asarray(nib.load(str(out / f"{name}_prob.nii.gz")).dataobj, np.float32)
+        stored_voxels = int(np.prod(json.loads((out / "predictions.json").read_text())["written"][name]["stored_shape"]))
+    assert probs["r"].shape == probs["nearest"].shape and not np.array_equal(probs["r"], probs["nearest"])
+    # nearest-exact writes stored values only (and 0 outside the crop), never a blend of them
+    assert len(np.unique(probs["nearest"])) <= stored_voxels + 1
+    bad = _petctl(trained, "calibrate", "--run", "nearest", "--resample", "cubic", check=False)
+    assert bad.returncode != 0 and "resampling must be one of linear, nearest" in bad.stdout + bad.stderr
+
+
 def test_tta_is_calibrated_and_predict_follows_the_calibration(trained: Path, cohort: Path, tmp_path: Path):
     """`calibrate --tta` chooses the threshold on flip-averaged probabilities and records it;
     predict then flips by default (its threshold means the same thing), `--no-tta` overrides."""

@@ -26,6 +26,7 @@ def calibrate(
     urine_veto: Annotated[bool, typer.Option("--urine-veto/--no-urine-veto", help="With the PET extent: drop each predicted component that lies mostly (≥ 50%) in urine — large connected water-density (-30..20 HU) regions of the CT, such as the bladder — before scoring; recorded, so predict drops them too (`petctl demo` takes it).")] = False,
     negatives: Annotated[bool, typer.Option("--negatives/--no-negatives", help="With the PET extent: also segment the test negatives the gate lets through, for their mean false-positive volume per threshold (the curve in calibration_dice.png; --volume-budget-ml needs it). --no-negatives: positives only, about half the time (`petctl demo` takes it).")] = True,
     tta: Annotated[bool, typer.Option("--tta", help="Average each fold over flips too (3 extra passes per fold, ~4× the segmentation time); recorded, so predict flips as well.")] = False,
+    resample: Annotated[str, typer.Option("--resample", help="With the PET extent: how the ensemble's probabilities reach the input grid before components are detected: 'linear' (trilinear) or 'nearest' (each input voxel keeps its stored voxel's value, so a lesion's peak is not averaged under the threshold); recorded, so predict resamples alike.")] = "linear",
     component_seed: Annotated[bool, typer.Option("--component-seed", help="With --no-pet-extent: also choose a component seed (0.50-0.90): a component of p >= threshold is kept only when it reaches the seed.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
@@ -34,6 +35,7 @@ def calibrate(
     from petctl.console import console, progress
     from petctl.engine.calibrate import calibrate as run_calibrate
     from petctl.engine.calibrate import check_gate_margin, check_gate_positives, gate_rule_text
+    from petctl.engine.geometry import check_resample
     from petctl.engine.registry import Registry, check_name, step_context
     from petctl.home import resolve_home
 
@@ -41,18 +43,20 @@ def calibrate(
     prior = _prior(threshold_prior)
     check_gate_margin(gate_margin)
     check_gate_positives(gate_positives)
+    check_resample(resample)
     home_path = resolve_home(home)
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist
     run_dir = home_path / "runs" / run
     with progress() as bar, step_context(registry, run, "calibrate", kind="calibrate", config={"gate": not no_gate, "pet_extent": pet_extent, "volume_budget_ml": volume_budget_ml, "threshold_prior": threshold_prior,
                                                                                                 "component_seed": component_seed, "tta": tta, "gate_margin": gate_margin,
-                                                                                                "gate_positives": gate_positives, "urine_veto": urine_veto, "negatives": negatives}):
+                                                                                                "gate_positives": gate_positives, "urine_veto": urine_veto, "negatives": negatives,
+                                                                                                "resample": resample}):
         task = bar.add_task("ensemble on the test set", total=None)
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
                                threshold_prior=prior, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
-                               urine_veto=urine_veto, negatives=negatives)
+                               urine_veto=urine_veto, negatives=negatives, resample=resample)
         seg, cls = result["segmentation"], result["classifier"]
         metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
         if seg.get("extent"):

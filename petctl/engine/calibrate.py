@@ -91,7 +91,8 @@ def detected_gate_threshold(per_case: dict[str, dict[str, Any]], margin: float) 
 def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, gate: bool = True,
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
               threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0,
-              gate_positives: str = "all", urine_veto: bool = False, negatives: bool = True) -> dict[str, Any]:
+              gate_positives: str = "all", urine_veto: bool = False, negatives: bool = True,
+              resample: str = "linear") -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -109,7 +110,14 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     needs them.
     `urine_veto` (only with `pet_extent`) drops the components that lie mostly in urine on the CT
     (`petctl.engine.urine`) before each case is scored; predict then drops them too.
+    `resample` (with `pet_extent`): how the ensemble's probabilities reach the input grid before the
+    components are detected — "linear" (trilinear) or "nearest" (each input voxel keeps the value of
+    the stored voxel it lies in, so a lesion's peak is not averaged under the threshold); recorded in
+    the extent, and predict resamples alike.
     """
+    from petctl.engine.geometry import check_resample
+
+    check_resample(resample)
     check_gate_margin(gate_margin)
     check_gate_positives(gate_positives)
     if pet_extent and component_seed:
@@ -174,7 +182,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
                     fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
                 row["dice_table"] = table
             if pet_extent:
-                ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"], veto)
+                ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"], veto,
+                                                resample)
                 extent_tables.append((case, row["positive"], ext))
                 if row["positive"]:
                     input_curves.append(plain)
@@ -210,7 +219,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         in_thr, in_dice = best_threshold(np.nanmean(np.array(input_curves), axis=0), THRESHOLDS)
         i = int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))
         extent = {
-            "method": "pet_a50", "fraction": FRACTION, "grow_voxels": GROW_VOXELS, "shell_voxels": list(SHELL),
+            "method": "pet_a50", "fraction": FRACTION, "grow_voxels": GROW_VOXELS, "shell_voxels": list(SHELL), "resample": resample,
             "thresholds": REFINE_THRESHOLDS.tolist(), "mean_dice_curve": _listed(dice_curve),
             "negatives_segmented": negatives,
             "mean_fpv_ml_negatives_curve": _listed(fpv_neg) if negatives else None, "mean_fnv_ml_curve": _listed(fnv_curve),
@@ -308,9 +317,9 @@ def _sources(store: Path, cases: list[str]) -> dict[str, Any]:
 
 
 def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], ensemble: np.ndarray,
-                       positive: bool, veto: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """One case on its input grid: the PET extent's (Dice, FPV, FNV) per REFINE_THRESHOLDS (after the
-    urine veto, when given), and the plain threshold's Dice per THRESHOLDS."""
+                       positive: bool, veto: Any = None, resample: str = "linear") -> tuple[np.ndarray, np.ndarray]:
+    """One case on its input grid (the probabilities resampled by `resample`): the PET extent's (Dice,
+    FPV, FNV) per REFINE_THRESHOLDS (after the urine veto, when given), and the plain threshold's Dice per THRESHOLDS."""
     from petctl.engine.evaluate import voxel_volume_ml
     from petctl.engine.extent import REFINE_THRESHOLDS, extent_curves
     from petctl.engine.geometry import CaseGeometry, spacing_of, to_original
@@ -321,7 +330,7 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
     label = loaded.label if loaded.label is not None else np.zeros(loaded.pet.shape, np.uint8)
     if bool(label.any()) != positive:
         raise PetctlError(f"{case}: its NIfTI label {'holds no' if positive else 'holds a'} lesion but the store says otherwise (was the cohort changed after prepare?)")
-    probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json))
+    probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json), mode=resample)
     voxel_ml = voxel_volume_ml(spacing_of(loaded.affine))
     if veto is None or not bool((probs >= float(REFINE_THRESHOLDS.min())).any()):  # nothing the veto could drop
         curves = extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS)

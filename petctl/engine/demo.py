@@ -94,6 +94,14 @@ class DemoConfig:
     --negatives`). Off: without a volume budget that curve does not move the threshold, the held-out
     imagesTs negatives measure the FPV anyway, and on 2026-11-30's slow machine the test negatives
     were half of calibrate's ~100 s (README)."""
+    prob_resample: str = "nearest"
+    """calibrate's (and so predict's) resampling of the ensemble's probabilities to the input grid
+    before components are detected: "nearest" (each input voxel keeps its stored voxel's value, so
+    the components are those the net drew on its own grid) or "linear" (trilinear; `calibrate
+    --resample`). Beyond the paper: on 4 fresh seeds (9797-10101) re-calibrated and predicted both
+    ways, nearest found 202 of 239 held-out lesions against 185 (a 72 mL lesion whose 0.79 core
+    trilinear averaged to 0.70, under 0.75, among them), FNV -1.43 mL and FPV +0.84 mL on average,
+    Dice +0.004, and 2 of 4 seeds met all four targets against 1 (docs/demo-experiments.md)."""
     tta: bool = False
     """Calibrate and predict with flip test-time augmentation (`calibrate --tta`). An option: on 4
     seeds mean Dice +0.04 and FPV −0.3 mL, but calibrate and predict take 3–4× as long (2020's demo
@@ -137,9 +145,11 @@ class DemoConfig:
         if self.train_folds is not None and not 1 <= self.train_folds <= self.folds:
             raise PetctlError(f"--train-folds must be within 1..{self.folds} (got {self.train_folds})")
         from petctl.engine.calibrate import check_gate_margin, check_gate_positives
+        from petctl.engine.geometry import check_resample
 
         check_gate_margin(self.gate_margin)
         check_gate_positives(self.gate_positives)
+        check_resample(self.prob_resample)
 
 
 def default_concurrency(processes: int = 1) -> int:
@@ -265,9 +275,9 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     run_dir = Path(home) / "runs" / cfg.run
     with step_context(registry, cfg.run, "calibrate", kind="calibrate", config={"tta": cfg.tta, "gate_margin": cfg.gate_margin,
                                                                             "gate_positives": cfg.gate_positives, "urine_veto": cfg.urine_veto,
-                                                                            "negatives": cfg.calibrate_negatives}):
+                                                                            "negatives": cfg.calibrate_negatives, "resample": cfg.prob_resample}):
         thresholds = calibrate(run_dir, tta=cfg.tta, gate_margin=cfg.gate_margin, gate_positives=cfg.gate_positives,
-                               urine_veto=cfg.urine_veto, negatives=cfg.calibrate_negatives)
+                               urine_veto=cfg.urine_veto, negatives=cfg.calibrate_negatives, resample=cfg.prob_resample)
         seg, cls = thresholds["segmentation"], thresholds["classifier"]
         ext = seg.get("extent") or {}
         registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"],

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from petctl.errors import PetctlError
+
 
 @dataclass(frozen=True)
 class CaseGeometry:
@@ -134,17 +136,32 @@ def plan_geometry(
     )
 
 
-def resize(volume_cxyz: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Trilinear (half-voxel convention) resize of a channel-first float volume."""
+RESAMPLE_MODES = ("linear", "nearest")
+"""How `to_original` maps probabilities to the input grid: trilinear, or nearest-exact (every input
+voxel takes the stored voxel it lies in, so a peak keeps its value)."""
+
+
+def check_resample(mode: str) -> None:
+    if mode not in RESAMPLE_MODES:
+        raise PetctlError(f"probability resampling must be one of {', '.join(RESAMPLE_MODES)} (got {mode!r})")
+
+
+def resize(volume_cxyz: np.ndarray, shape: Sequence[int], mode: str = "linear") -> np.ndarray:
+    """Trilinear (half-voxel convention) resize of a channel-first float volume; `mode="nearest"`:
+    nearest-exact (the same half-voxel convention, each output voxel the input voxel it lies in)."""
     import torch
     import torch.nn.functional as F
 
+    check_resample(mode)
     shape = tuple(int(s) for s in shape)
     if tuple(volume_cxyz.shape[1:]) == shape:
         return np.asarray(volume_cxyz, dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(volume_cxyz, dtype=np.float32))[None]
     with torch.no_grad():
-        y = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+        if mode == "nearest":
+            y = F.interpolate(x, size=shape, mode="nearest-exact")
+        else:
+            y = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
     return y[0].numpy()
 
 
@@ -159,9 +176,10 @@ def label_to_stored(canonical_label: np.ndarray, geometry: CaseGeometry) -> np.n
     return (to_stored(canonical_label[None].astype(np.float32), geometry)[0] >= 0.5).astype(np.uint8)
 
 
-def to_original(stored_xyz: np.ndarray, geometry: CaseGeometry, fill: float = 0.0) -> np.ndarray:
-    """Map a stored-grid float volume (e.g. probabilities) back onto the original file's grid."""
-    crop = resize(np.asarray(stored_xyz, np.float32)[None], geometry.crop_shape)[0]
+def to_original(stored_xyz: np.ndarray, geometry: CaseGeometry, fill: float = 0.0, mode: str = "linear") -> np.ndarray:
+    """Map a stored-grid float volume (e.g. probabilities) back onto the original file's grid
+    (`mode`: trilinear, or nearest-exact, which keeps each stored voxel's value; `RESAMPLE_MODES`)."""
+    crop = resize(np.asarray(stored_xyz, np.float32)[None], geometry.crop_shape, mode)[0]
     canonical = np.full(geometry.canonical_shape, fill, dtype=np.float32)
     lo, hi = geometry.crop_lo, geometry.crop_hi
     canonical[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = crop

@@ -166,7 +166,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             else:
                 stitch_cpu = options.stitch_on_cpu if options.stitch_on_cpu is not None else image.shape[1] * image.shape[2] * image.shape[3] >= 64 * 1024**2
                 probs_stored = models.seg_probs(image_t, tta=tta, stitch_on_cpu=stitch_cpu)
-                probs = to_original(probs_stored, geometry)
+                probs = to_original(probs_stored, geometry, mode=(extent or {}).get("resample", "linear"))  # as calibrate chose
                 if extent:
                     mask = pet_extent_mask(pet, probs, seg_threshold, fraction=float(extent["fraction"]),
                                            grow=int(extent["grow_voxels"]), shell=tuple(extent["shell_voxels"])).astype(np.uint8)

@@ -164,7 +164,8 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
     if s_thr.get("extent"):
         ext = s_thr["extent"]
         plain = ext["plain_on_input_grid"]
-        lines[-1] = (f"{seg_row}ensemble detects at it; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
+        grid = " on its own grid (nearest-exact to the input grid)" if ext.get("resample") == "nearest" else ""
+        lines[-1] = (f"{seg_row}ensemble detects at it{grid}; each component redrawn at its PET {ext['fraction']:.0%} isocontour) | "
                      f"{s_thr['threshold']:.2f} | Dice {s_thr['mean_dice']:.3f} on {s_thr['num_positives']} positives (input grid); "
                      f"{_test_fpv_text(ext)}, FNV {ext['mean_fnv_ml']:.2f} mL"
                      f"{'' if ext['budget_met'] else ' (no threshold within the budget)'}{_rule_text(ext)} |")
