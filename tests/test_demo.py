@@ -50,7 +50,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     detection = test["lesion_detection"]
     assert [b["bin"] for b in detection] == ["< 1.5 mL", "1.5–5 mL", "5–20 mL", "≥ 20 mL"]
     assert sum(b["lesions"] for b in detection) >= test["num_positive"] and "| detected / lesions |" in report
-    assert "lesions detected, by mL" in result.stdout and "<1.5 " in result.stdout  # a row of the terminal's summary table
+    assert "lesions found <1.5/1.5–5/5–20/≥20 mL" in result.stdout  # a row of the terminal's summary table, on one line
     for png in ("training_curves.png", "calibration_dice.png", "calibration_roc.png", "test_cases.png", "lesion_detection.png"):
         assert (out / png).stat().st_size > 2000, png
     test_ids = sorted(p.name for p in (out / "raw" / "labelsTs").glob("*.nii.gz"))

@@ -80,8 +80,9 @@ def demo(
             table.caption = f"in brackets: {level}s, bootstrap over the held-out cases"
         table.add_row("gated (predicted healthy)", f"{test['gated']}/{test['num_positive'] + test['num_negative']}")
         if test.get("lesion_detection"):
-            table.add_row("lesions detected, by mL", " · ".join(f"{b['bin'].replace(' mL', '').replace(' ', '')} {b['detected']}/{b['lesions']}"
-                                                              for b in test["lesion_detection"]))
+            bins = test["lesion_detection"]  # label and counts apart, so the row fits an 80-column terminal
+            table.add_row("lesions found " + "/".join(b["bin"].replace(" mL", "").replace(" ", "") for b in bins) + " mL",
+                          " · ".join(f"{b['detected']}/{b['lesions']}" for b in bins))
     budget = summary.get("budget")
     if budget:
         table.add_row(f"epochs seg / cls (budget {budget['budget_min']:g} min)", f"{budget['seg_epochs']} / {budget['cls_epochs']}")
