@@ -453,6 +453,13 @@ def test_nearest_resampling_is_calibrated_and_predict_follows_it(trained: Path, 
     assert len(np.unique(probs["nearest"])) <= stored_voxels + 1
     bad = _petctl(trained, "calibrate", "--run", "nearest", "--resample", "cubic", check=False)
     assert bad.returncode != 0 and "resampling must be one of linear, nearest" in bad.stdout + bad.stderr
+    # a thresholds file with an unknown resampling stops predict before any case, in one line naming the file
+    t["segmentation"]["extent"]["resample"] = "cubic"
+    (run_dir / "thresholds.json").write_text(json.dumps(t))
+    bad = _petctl(trained, "predict", str(case), str(tmp_path / "bad"), "--run", "nearest", "--no-gate", check=False)
+    lines = [line for line in (bad.stdout + bad.stderr).splitlines() if "resampling must be one of" in line]
+    assert bad.returncode != 0 and len(lines) == 1 and "thresholds.json" in lines[0]
+    assert not list((tmp_path / "bad").glob("*.nii.gz"))
 
 
 def test_tta_is_calibrated_and_predict_follows_the_calibration(trained: Path, cohort: Path, tmp_path: Path):

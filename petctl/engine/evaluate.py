@@ -9,7 +9,7 @@ every component's size and overlap with two bincounts; `case_metrics_loop` is th
 that tests and the benchmark compare against. Both are pure (arrays in, numbers out), as is
 `bootstrap_intervals` (the summary's means, and a classifier's AUROC, with percentile-bootstrap
 intervals over the cases), `case_lesions` (each ground-truth lesion's volume and whether the
-prediction touches it: the FNV's components one by one) and `detection_by_size` (the lesion-wise
+prediction touches it: the FNV's components one by one; `case_scores` gives both from one labelling) and `detection_by_size` (the lesion-wise
 sensitivity per volume bin, which shows what the case means hide: which lesions are missed). The I/O
 layer below them (`evaluate_folders`, `write_csv`) matches ground-truth and prediction files by
 case id, reads them with nibabel, and reports — rather than scores — a case whose prediction is
@@ -196,6 +196,23 @@ def _from_counts(dice_score: float, false_pos_voxels: int, false_neg_voxels: int
     return CaseMetrics(float(dice_score), false_pos_voxels * float(voxel_ml), false_neg_voxels * float(voxel_ml))
 
 
+def case_scores(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> tuple[CaseMetrics, tuple[Lesion, ...]]:
+    """`case_metrics` and `case_lesions` of one case from one labelling of each mask."""
+    gt_mask, pred_mask = _foregrounds(gt, pred, voxel_ml)
+    gt_voxels, pred_voxels = np.flatnonzero(gt_mask), np.flatnonzero(pred_mask)
+    if gt_voxels.size == 0 and pred_voxels.size == 0:
+        return _from_counts(math.nan, 0, 0, voxel_ml), ()
+    box, (gt_local, pred_local) = _foreground_box(gt_mask.shape, gt_voxels, pred_voxels)
+    false_pos = _untouched_voxels(pred_mask[box], own=pred_local, other=gt_local)
+    if gt_voxels.size == 0:
+        return _from_counts(math.nan, false_pos, 0, voxel_ml), ()
+    sizes, overlaps = _component_counts(gt_mask[box], own=gt_local, other=pred_local)
+    true_pos = int(np.count_nonzero(gt_mask.ravel()[pred_voxels]))
+    dice_score = 2.0 * true_pos / (gt_voxels.size + pred_voxels.size)
+    lesions = tuple(Lesion(int(n) * float(voxel_ml), bool(o)) for n, o in zip(sizes, overlaps))
+    return _from_counts(dice_score, false_pos, int(sizes[overlaps == 0].sum()), voxel_ml), lesions
+
+
 def case_metrics(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> CaseMetrics:
     """autoPET Dice, FPV and FNV of `pred > 0` against `gt > 0` (3-D arrays of one shape).
 
@@ -204,32 +221,14 @@ def case_metrics(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> CaseMetri
     the number of components. `voxel_ml` is one voxel's volume in mL. Raises ValueError on
     differing shapes or a voxel volume that is not positive.
     """
-    gt_mask, pred_mask = _foregrounds(gt, pred, voxel_ml)
-    gt_voxels, pred_voxels = np.flatnonzero(gt_mask), np.flatnonzero(pred_mask)
-    if gt_voxels.size == 0 and pred_voxels.size == 0:
-        return _from_counts(math.nan, 0, 0, voxel_ml)
-    box, (gt_local, pred_local) = _foreground_box(gt_mask.shape, gt_voxels, pred_voxels)
-    false_pos = _untouched_voxels(pred_mask[box], own=pred_local, other=gt_local)
-    false_neg = _untouched_voxels(gt_mask[box], own=gt_local, other=pred_local)
-    if gt_voxels.size == 0:
-        dice_score = math.nan
-    else:
-        true_pos = int(np.count_nonzero(gt_mask.ravel()[pred_voxels]))
-        dice_score = 2.0 * true_pos / (gt_voxels.size + pred_voxels.size)
-    return _from_counts(dice_score, false_pos, false_neg, voxel_ml)
+    return case_scores(gt, pred, voxel_ml)[0]
 
 
 def case_lesions(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> tuple[Lesion, ...]:
     """Each ground-truth lesion (18-connected component, in `case_metrics`' labelling order) with its
     volume in mL and whether a predicted voxel touches it. The undetected lesions' volumes add up
     to `case_metrics`' FNV; a negative case has none."""
-    gt_mask, pred_mask = _foregrounds(gt, pred, voxel_ml)
-    gt_voxels, pred_voxels = np.flatnonzero(gt_mask), np.flatnonzero(pred_mask)
-    if gt_voxels.size == 0:
-        return ()
-    box, (gt_local, pred_local) = _foreground_box(gt_mask.shape, gt_voxels, pred_voxels)
-    sizes, overlaps = _component_counts(gt_mask[box], own=gt_local, other=pred_local)
-    return tuple(Lesion(int(n) * float(voxel_ml), bool(o)) for n, o in zip(sizes, overlaps))
+    return case_scores(gt, pred, voxel_ml)[1]
 
 
 def detection_by_size(lesions: Mapping[str, Iterable[Lesion]], edges: Iterable[float] = LESION_BINS_ML) -> list[SizeBin]:
@@ -452,8 +451,7 @@ def evaluate_folders(
             reason = _misalignment(gt_mask, gt_affine, pred_mask, pred_affine)
             if reason:
                 raise CaseError(case, reason)
-            cases[case] = case_metrics(gt_mask, pred_mask, voxel_ml)
-            lesions[case] = case_lesions(gt_mask, pred_mask, voxel_ml)
+            cases[case], lesions[case] = case_scores(gt_mask, pred_mask, voxel_ml)
         except CaseError as exc:
             problems[case] = exc.reason
         if on_case is not None:

@@ -114,7 +114,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
 
     from petctl.engine.ensemble import RunModels, read_thresholds
     from petctl.engine.extent import pet_extent_mask
-    from petctl.engine.geometry import spacing_of, to_original
+    from petctl.engine.geometry import check_resample, spacing_of, to_original
     from petctl.engine.metrics import seeded_mask
     from petctl.engine.nifti import load_case
     from petctl.engine.prepare import preprocess
@@ -126,6 +126,11 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     seg_threshold = float(thresholds["segmentation"]["threshold"])
     seed_threshold = float(thresholds["segmentation"].get("seed_threshold") or 0.0)
     extent = thresholds["segmentation"].get("extent")  # None: calibrated without the PET extent
+    resample = (extent or {}).get("resample", "linear")  # recorded since calibrate --resample; trilinear before
+    try:
+        check_resample(resample)
+    except PetctlError as exc:
+        raise PetctlError(f"{run_dir / 'thresholds.json'}: {exc}") from None
     veto = UrineVeto.from_json(thresholds["segmentation"].get("urine_veto"))  # None: calibrated without it
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
@@ -166,7 +171,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             else:
                 stitch_cpu = options.stitch_on_cpu if options.stitch_on_cpu is not None else image.shape[1] * image.shape[2] * image.shape[3] >= 64 * 1024**2
                 probs_stored = models.seg_probs(image_t, tta=tta, stitch_on_cpu=stitch_cpu)
-                probs = to_original(probs_stored, geometry, mode=(extent or {}).get("resample", "linear"))  # as calibrate chose
+                probs = to_original(probs_stored, geometry, mode=resample)  # as calibrate chose
                 if extent:
                     mask = pet_extent_mask(pet, probs, seg_threshold, fraction=float(extent["fraction"]),
                                            grow=int(extent["grow_voxels"]), shell=tuple(extent["shell_voxels"])).astype(np.uint8)
