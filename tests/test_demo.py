@@ -123,6 +123,9 @@ def test_demo_config_takes_half_the_detected_positives_gate_and_refuses_bad_gate
             DemoConfig(gate_margin=bad)
     with pytest.raises(PetctlError, match="--gate-positives: expected one of all, detected"):
         DemoConfig(gate_positives="found")
+    assert DemoConfig().prob_resample == "nearest"
+    with pytest.raises(PetctlError, match="--prob-resample: probability resampling must be one of linear, nearest"):
+        DemoConfig(prob_resample="cubic")
 
 
 def test_training_curves_plot_per_epoch_and_read_metrics_from_before_per_epoch_curves(tmp_path: Path):

@@ -452,7 +452,7 @@ def test_nearest_resampling_is_calibrated_and_predict_follows_it(trained: Path, 
     # nearest-exact writes stored values only (and 0 outside the crop), never a blend of them
     assert len(np.unique(probs["nearest"])) <= stored_voxels + 1
     bad = _petctl(trained, "calibrate", "--run", "nearest", "--resample", "cubic", check=False)
-    assert bad.returncode != 0 and "resampling must be one of linear, nearest" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "--resample: probability resampling must be one of linear, nearest (got 'cubic')" in bad.stdout + bad.stderr
     # a thresholds file with an unknown resampling stops predict before any case, in one line naming the file
     t["segmentation"]["extent"]["resample"] = "cubic"
     (run_dir / "thresholds.json").write_text(json.dumps(t))

@@ -43,7 +43,7 @@ def calibrate(
     prior = _prior(threshold_prior)
     check_gate_margin(gate_margin)
     check_gate_positives(gate_positives)
-    check_resample(resample)
+    check_resample(resample, source="--resample")
     home_path = resolve_home(home)
     registry = Registry(home_path)
     registry.run(run)  # a clear error when the run does not exist

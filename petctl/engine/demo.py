@@ -149,7 +149,7 @@ class DemoConfig:
 
         check_gate_margin(self.gate_margin)
         check_gate_positives(self.gate_positives)
-        check_resample(self.prob_resample)
+        check_resample(self.prob_resample, source="--prob-resample")
 
 
 def default_concurrency(processes: int = 1) -> int:

@@ -141,9 +141,11 @@ RESAMPLE_MODES = ("linear", "nearest")
 voxel takes the stored voxel it lies in, so a peak keeps its value)."""
 
 
-def check_resample(mode: str) -> None:
+def check_resample(mode: str, source: str | None = None) -> None:
+    """One line when `mode` is not in RESAMPLE_MODES, led by `source` (the option or file it came from)."""
     if mode not in RESAMPLE_MODES:
-        raise PetctlError(f"probability resampling must be one of {', '.join(RESAMPLE_MODES)} (got {mode!r})")
+        where = f"{source}: " if source else ""
+        raise PetctlError(f"{where}probability resampling must be one of {', '.join(RESAMPLE_MODES)} (got {mode!r})")
 
 
 def resize(volume_cxyz: np.ndarray, shape: Sequence[int], mode: str = "linear") -> np.ndarray:

@@ -127,10 +127,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     seed_threshold = float(thresholds["segmentation"].get("seed_threshold") or 0.0)
     extent = thresholds["segmentation"].get("extent")  # None: calibrated without the PET extent
     resample = (extent or {}).get("resample", "linear")  # recorded since calibrate --resample; trilinear before
-    try:
-        check_resample(resample)
-    except PetctlError as exc:
-        raise PetctlError(f"{run_dir / 'thresholds.json'}: {exc}") from None
+    check_resample(resample, source=str(run_dir / "thresholds.json"))
     veto = UrineVeto.from_json(thresholds["segmentation"].get("urine_veto"))  # None: calibrated without it
     cls_info = thresholds.get("classifier")
     gate = options.gate and cls_info is not None
