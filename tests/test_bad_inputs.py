@@ -332,6 +332,7 @@ def test_predict_names_each_bad_case_and_keeps_odd_geometries(hostile: dict, ran
         mask = _load(out / f"{case}.nii.gz")
         assert mask.shape == pet.shape and np.allclose(mask.affine, pet.affine, atol=1e-5)
         assert np.allclose(mask.get_sform(), pet.get_sform(), atol=1e-5)
+        assert np.allclose(mask.get_qform(), pet.get_qform(), atol=1e-5)  # each form as the PET has it ("qsform": they differ)
     for p in [out, *out.iterdir()]:
         assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
     assert not list(tmp_path.glob("*x.nii.gz")) and not (out.parent / "x.nii.gz").exists()
@@ -352,6 +353,8 @@ def test_predict_never_overwrites_an_input_nor_writes_through_a_symlink(hostile:
     victim.write_bytes(b"precious")
     (folder / "b.nii.gz").symlink_to(victim)
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    share = predict(random_run, folder, folder, rank=1, world_size=2)  # a_0000 alone: its mask is rank 0's case a's CT
+    assert not share.written and "would overwrite an input file" in share.skipped["a_0000"]
     result = predict(random_run, folder, folder)
     assert set(result.written) == {"a"}
     assert "would overwrite an input file" in result.skipped["a_0000"]
@@ -360,6 +363,25 @@ def test_predict_never_overwrites_an_input_nor_writes_through_a_symlink(hostile:
     after = {name: (folder / name).read_bytes() for name in before}
     assert after == before  # every input byte-identical
     assert _load(folder / "a.nii.gz").shape == _load(folder / "a_0001.nii.gz").shape
+
+
+def test_predict_into_the_labels_folder_never_replaces_a_label(hostile: dict, random_run: Path, tmp_path: Path):
+    """`predict DS DS/labelsTs`: every mask would be a ground-truth file; each case is refused by name."""
+    from petctl.engine.predict import predict
+
+    source = hostile["data"]
+    data = tmp_path / "ds"
+    (data / "imagesTs").mkdir(parents=True)
+    (data / "labelsTs").mkdir()
+    for case in ("oblique", "aniso"):
+        for c in ("0000", "0001"):
+            shutil.copy(source / "imagesTr" / f"{case}_{c}.nii.gz", data / "imagesTs")
+        shutil.copy(source / "labelsTr" / f"{case}.nii.gz", data / "labelsTs")
+    before = {p.name: p.read_bytes() for p in (data / "labelsTs").iterdir()}
+    result = predict(random_run, data, data / "labelsTs")
+    assert not result.written and set(result.skipped) == {"oblique", "aniso"}
+    assert all("would overwrite an input file" in r for r in result.skipped.values()), result.skipped
+    assert {p.name: p.read_bytes() for p in (data / "labelsTs").iterdir()} == before
 
 
 # -- security ------------------------------------------------------------------------------------------

@@ -265,6 +265,11 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     write(pred_dir / "values.nii.gz", lesion * 2)
     write(pred_dir / "stray.nii.gz", lesion)
     (pred_dir / "plans.json").write_text("{}")  # nnU-Net writes these beside its predictions
+    write(pred_dir / "pos_prob.nii.gz", LESION.astype(np.float32) * 0.9)  # predict --save-probabilities: not a case
+    # a case with both endings in one folder (which one is meant?): in the ground truth, in the predictions
+    for path in ("labelsTs/labelsTs2.nii", "labelsTs/labelsTs2.nii.gz", "pred/labelsTs2.nii.gz",
+                 "pred/pred2.nii", "pred/pred2.nii.gz", "labelsTs/pred2.nii.gz"):
+        write(tmp_path / path, lesion)
     return gt_dir, pred_dir
 
 
@@ -274,7 +279,9 @@ def test_evaluate_folders_scores_good_cases_and_reports_the_rest(folders: tuple[
     assert same(result.cases["pos"], CaseMetrics(2 * 33 / 73, 0.0, 7 * VOXEL_ML))
     assert same(result.cases["perfect"], CaseMetrics(1.0, 0.0, 0.0))
     assert same(result.cases["neg"], CaseMetrics(math.nan, 7 * VOXEL_ML, 0.0))
-    assert set(result.problems) == {"missing", "grid", "moved", "values", "stray"}
+    assert set(result.problems) == {"missing", "grid", "moved", "values", "stray", "labelsTs2", "pred2"}
+    assert result.problems["labelsTs2"].startswith("ground truth: two files") and "keep one" in result.problems["labelsTs2"]
+    assert result.problems["pred2"].startswith("prediction: two files")
     assert "no prediction" in result.problems["missing"]
     assert "grid" in result.problems["grid"] and "affine" in result.problems["moved"]
     assert "0/1" in result.problems["values"] and "prediction" in result.problems["values"]
@@ -288,6 +295,37 @@ def test_evaluate_folders_scores_good_cases_and_reports_the_rest(folders: tuple[
         "perfect": [Lesion(7 * VOXEL_ML, True), Lesion(33 * VOXEL_ML, True)], "neg": []}
     assert payload["lesion_detection"][0] == {"bin": "< 1.5 mL", "low_ml": 0.0, "high_ml": 1.5, "lesions": 4, "detected": 3,
                                               "sensitivity": 0.75}
+
+
+def test_an_older_mask_of_a_case_the_last_predict_skipped_is_not_scored(folders: tuple[Path, Path]) -> None:
+    gt_dir, pred_dir = folders
+    (pred_dir / "predictions.json").write_text(json.dumps(
+        {"written": {"perfect": {}}, "skipped": {"pos": "PET is not a readable NIfTI", "missing": "CT missing"}}))
+    result = evaluate_folders(gt_dir, pred_dir)
+    assert "pos" not in result.cases and "perfect" in result.cases
+    assert result.problems["pos"] == (f"the last predict into {pred_dir} skipped this case (PET is not a readable NIfTI); "
+                                      "pos.nii.gz is older")
+    assert "no prediction" in result.problems["missing"]  # no mask at all: said as before
+    (pred_dir / "predictions.json").write_text("not json")  # not petctl's: scored as any folder
+    assert "pos" in evaluate_folders(gt_dir, pred_dir).cases
+
+
+def test_voxel_volume_comes_from_the_affine_not_a_zero_pixdim(tmp_path: Path) -> None:
+    """A header whose pixdim is 0 (nibabel reads it as 1 mm) beside a 2 × 2.5 × 3 mm sform."""
+    import struct
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    for folder, data in ((gt_dir, LESION | FAR), (pred_dir, LESION)):
+        path = folder / "case.nii"
+        write(path, data.astype(np.uint8))
+        with path.open("r+b") as f:
+            f.seek(80)  # pixdim[1:4] of the NIfTI-1 header
+            f.write(struct.pack("<3f", 0.0, 0.0, 0.0))
+    assert nib.load(str(gt_dir / "case.nii")).header.get_zooms() == (1.0, 1.0, 1.0)
+    result = evaluate_folders(gt_dir, pred_dir)
+    assert same(result.cases["case"], CaseMetrics(2 * 33 / 73, 0.0, 7 * VOXEL_ML))
 
 
 def test_evaluate_folders_usage_errors(tmp_path: Path) -> None:
@@ -328,9 +366,9 @@ def test_cli_reports_problems_and_exits_3(folders: tuple[Path, Path], tmp_path: 
 
 def test_cli_all_scored_json_exits_0(folders: tuple[Path, Path]) -> None:
     gt_dir, pred_dir = folders
-    for case in ("missing", "grid", "moved", "values", "stray"):
-        (gt_dir / f"{case}.nii.gz").unlink(missing_ok=True)
-        (pred_dir / f"{case}.nii.gz").unlink(missing_ok=True)
+    for case in ("missing", "grid", "moved", "values", "stray", "labelsTs2", "pred2"):
+        for path in (*gt_dir.glob(f"{case}.nii*"), *pred_dir.glob(f"{case}.nii*")):
+            path.unlink()
     result = invoke(str(gt_dir), str(pred_dir), "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

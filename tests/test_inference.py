@@ -397,6 +397,23 @@ def test_launched_ranks_merge_their_summaries(tmp_path: Path):
     write_summary(tmp_path, PredictResult(written={"a": {"gated": True}}, skipped={"c": "bad"}), rank=0, world_size=2)
     merged = json.loads((tmp_path / "predictions.json").read_text())
     assert list(merged["written"]) == ["a", "b"] and merged["skipped"] == {"c": "bad"} and merged["ranks_merged"] == 2
+    # a second launch into the same folder whose rank 1 died: rank 1's old file is not merged
+    write_summary(tmp_path, PredictResult(written={"a": {"gated": False}}, skipped={}), rank=0, world_size=2, launch="torchrun:2")
+    merged = json.loads((tmp_path / "predictions.json").read_text())
+    assert list(merged["written"]) == ["a"] and merged["ranks_merged"] == 1 and not merged["skipped"]
+
+
+def test_launch_id_comes_from_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch):
+    from petctl.engine.predict import launch_id
+
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert launch_id() == "slurm:77.3"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert launch_id() == "torchrun:abc"
 
 
 def test_bad_case_is_named_and_others_go_on(trained: Path, cohort: Path, tmp_path: Path):

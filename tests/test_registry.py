@@ -257,12 +257,26 @@ def test_release_leaves_a_lock_taken_over_by_another(tmp_path: Path) -> None:
 def test_breaker_that_lost_the_race_restores_the_new_lock(tmp_path: Path) -> None:
     lock = FileLock(tmp_path / "x.lock")
     _write_lock(lock.path, "gone-host", 1, age_s=120)
-    judged = lock.path.stat()
+    judged, owner = lock.path.stat(), lock.path.read_text()
     lock.path.rename(tmp_path / "broken-by-another")  # kept, so the new lock gets a new inode
     token = lock.acquire()  # the other breaker's fresh lock
-    lock._break("late", judged)
+    lock._break("late", judged, owner)
     assert json.loads(lock.path.read_text())["token"] == token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-by-another", "x.lock"]
+
+
+def test_breaker_restores_a_new_lock_on_the_stale_one_s_inode(tmp_path: Path) -> None:
+    """ext4 and tmpfs give a freed inode number to the next file: a fresh lock taken after another
+    breaker removed the stale one can carry the judged inode, and must still be put back."""
+    lock = FileLock(tmp_path / "x.lock")
+    _write_lock(lock.path, "gone-host", 1, age_s=120)
+    judged, owner = lock.path.stat(), lock.path.read_text()
+    _write_lock(lock.path, socket.gethostname(), os.getpid())  # rewritten in place: the same inode, a live owner
+    assert lock.path.stat().st_ino == judged.st_ino
+    live = lock.path.read_text()
+    lock._break("late", judged, owner)
+    assert lock.path.read_text() == live
+    assert [p.name for p in tmp_path.iterdir()] == ["x.lock"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def predict(
     from rich.table import Table
 
     from petctl.console import console, progress, warn_line
-    from petctl.engine.predict import PredictOptions, input_cases, predict as run_predict, predict_processes, rank_share, write_summary
+    from petctl.engine.predict import PredictOptions, input_cases, launch_id, predict as run_predict, predict_processes, rank_share, write_summary
     from petctl.engine.registry import Registry, check_name, step_context
     from petctl.errors import PetctlError
     from petctl.home import resolve_home
@@ -48,7 +48,8 @@ def predict(
     if world_size > 1 and processes > 1:
         raise PetctlError(f"--processes {processes} under a launcher's WORLD_SIZE={world_size}: use one or the other")
     total = rank_share(len(input_cases(input_path)), rank, world_size)
-    step = f"predict-{time.strftime('%Y%m%d-%H%M%S')}" + (f"-rank{rank}" if world_size > 1 else "")
+    # the pid too: two launches (array tasks) in the same second must not share one registry step
+    step = f"predict-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" + (f"-rank{rank}" if world_size > 1 else "")
     with progress() as bar, step_context(registry, run, step, kind="predict",
                                          config={"input": str(input_path), "output": str(output), "processes": processes,
                                                  "rank": rank, "world_size": world_size, **options.__dict__}):
@@ -59,7 +60,7 @@ def predict(
         else:
             result = predict_processes(home_path / "runs" / run, input_path, output, options, processes,
                                        on_case=lambda c: bar.advance(task), on_skip=lambda c, r: warn_line(f"{c}: {r}"))
-        write_summary(output, result, rank=rank, world_size=world_size)
+        write_summary(output, result, rank=rank, world_size=world_size, launch=launch_id())
         gated = sum(1 for r in result.written.values() if r.get("gated"))
         seconds = [r["seconds"] for r in result.written.values()]
         registry.update_step(run, step, metrics={"cases": len(result.written), "gated": gated, "skipped": len(result.skipped),

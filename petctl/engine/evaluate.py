@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -270,7 +271,7 @@ def case_metrics_loop(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> Case
 
 
 def voxel_volume_ml(zooms: Iterable[float]) -> float:
-    """Volume of one voxel in mL from the header's spacing in mm (pixdim[1:4] / nibabel zooms)."""
+    """Volume of one voxel in mL from its three sizes in mm (the affine's column norms, or pixdim[1:4])."""
     spacing = [abs(float(z)) for z in list(zooms)[:3]]
     if len(spacing) != 3:
         raise ValueError(f"need three voxel sizes, got {spacing}")
@@ -384,27 +385,50 @@ def bootstrap_intervals(cases: Mapping[str, CaseMetrics], scores: Mapping[str, f
 # Files
 
 
-def label_files(folder: Path) -> dict[str, Path]:
-    """Case id → `{case}.nii.gz` / `{case}.nii` in `folder` (other files are ignored)."""
+PROBABILITY_SUFFIX = "_prob"
+"""`predict --save-probabilities` writes `{case}_prob.nii.gz` beside `{case}.nii.gz`."""
+
+
+def label_files(folder: Path, *, predictions: bool = False) -> tuple[dict[str, Path], dict[str, str]]:
+    """Case id → `{case}.nii.gz` / `{case}.nii` in `folder` (other files are ignored), and the cases
+    that cannot be read as one file (case id → reason: both endings present). With `predictions`,
+    a `{case}_prob` file beside `{case}`'s mask is predict's probability map, not a case."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PetctlError(f"folder not found: {folder}")
     found: dict[str, Path] = {}
+    twice: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         ending = next((e for e in NIFTI_ENDINGS if path.name.endswith(e)), None)
         if ending is None or path.name.startswith(".") or not path.is_file():
             continue
         case = path.name[: -len(ending)]
         if case in found:
-            raise PetctlError(f"{folder}: case {case} has two files ({found[case].name}, {path.name}); keep one")
+            twice[case] = f"two files in {folder} ({found[case].name}, {path.name}); keep one"
         found[case] = path
-    return found
+    if predictions:
+        for case in [c for c in found if c.endswith(PROBABILITY_SUFFIX) and c[: -len(PROBABILITY_SUFFIX)] in found]:
+            del found[case]
+            twice.pop(case, None)
+    for case in twice:
+        del found[case]
+    return found, twice
+
+
+def _skipped_by_predict(pred_dir: Path) -> dict[str, str]:
+    """Case → reason for the cases the last `petctl predict` into `pred_dir` skipped (its predictions.json)."""
+    import json
+
+    try:
+        skipped = json.loads((pred_dir / "predictions.json").read_text(encoding="utf-8")).get("skipped", {})
+    except (OSError, ValueError, AttributeError):  # none (not petctl's predictions) or not ours to read
+        return {}
+    return {str(c): str(r) for c, r in skipped.items()} if isinstance(skipped, dict) else {}
 
 
 def read_label(case: str, role: str, path: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """A 0/1 mask (uint8), its affine and its voxel volume in mL; CaseError naming `role` otherwise."""
-    import nibabel as nib
-
+    from petctl.engine.geometry import spacing_of
     from petctl.engine.nifti import MAX_VOXELS, _load, as_binary_label
 
     data, affine = _load(case, role, path, MAX_VOXELS)
@@ -412,7 +436,9 @@ def read_label(case: str, role: str, path: Path) -> tuple[np.ndarray, np.ndarray
         mask = as_binary_label(case, data)
     except CaseError as exc:
         raise CaseError(case, f"{role}: {exc.reason}") from None
-    return mask, affine, voxel_volume_ml(nib.load(str(path)).header.get_zooms())
+    # the voxel sizes of the affine every other stage uses (calibrate, predict): they equal the
+    # header's pixdim on a well-formed file, and a pixdim of 0 (nibabel reads it as 1) cannot shrink the volumes
+    return mask, affine, voxel_volume_ml(spacing_of(affine))
 
 
 def _misalignment(gt_mask: np.ndarray, gt_affine: np.ndarray, pred_mask: np.ndarray, pred_affine: np.ndarray) -> str | None:
@@ -430,20 +456,29 @@ def evaluate_folders(
     """Score every ground-truth case against the prediction of the same case id.
 
     A missing, unreadable, misaligned (shape or affine) or non-0/1 prediction or ground truth is
-    recorded in `problems` and not scored; so is a prediction without a ground truth. The voxel
-    volume comes from the ground truth's header. `on_case(case, total)` is called after each case.
+    recorded in `problems` and not scored; so are a prediction without a ground truth and a case
+    with both a `.nii` and a `.nii.gz` file, and a mask of a case that the last predict into
+    `pred_dir` skipped (predictions.json). predict's `{case}_prob` maps are not cases. The voxel
+    volume comes from the ground truth's affine. `on_case(case, total)` is called after each case.
     Raises PetctlError when a folder is missing or the ground-truth folder holds no label file.
     """
-    gt_files, pred_files = label_files(Path(gt_dir)), label_files(Path(pred_dir))
-    if not gt_files:
+    (gt_files, gt_twice), (pred_files, pred_twice) = label_files(Path(gt_dir)), label_files(Path(pred_dir), predictions=True)
+    if not gt_files and not gt_twice:
         hint = next((f" (did you mean {Path(gt_dir) / d}?)" for d in ("labelsTs", "labelsTr") if (Path(gt_dir) / d).is_dir()), "")
         raise PetctlError(f"no label files ({', '.join(NIFTI_ENDINGS)}) in {gt_dir}{hint}")
     cases: dict[str, CaseMetrics] = {}
     lesions: dict[str, tuple[Lesion, ...]] = {}
-    problems: dict[str, str] = {}
+    problems: dict[str, str] = {case: f"ground truth: {reason}" for case, reason in gt_twice.items()}
+    problems.update({case: f"prediction: {reason}" for case, reason in pred_twice.items() if case not in gt_files and case not in gt_twice})
+    skipped = _skipped_by_predict(Path(pred_dir))
     for case, gt_path in gt_files.items():
         pred_path = pred_files.get(case)
         try:
+            if case in pred_twice:
+                raise CaseError(case, f"prediction: {pred_twice[case]}")
+            if case in skipped and pred_path is not None:  # a mask left by an earlier predict, not by the last
+                raise CaseError(case, f"the last predict into {pred_dir} skipped this case ({skipped[case]}); "
+                                      f"{pred_path.name} is older")
             if pred_path is None:
                 raise CaseError(case, f"no prediction (expected {Path(pred_dir) / (case + '.nii.gz')})")
             gt_mask, gt_affine, voxel_ml = read_label(case, "ground truth", gt_path)
@@ -456,7 +491,7 @@ def evaluate_folders(
             problems[case] = exc.reason
         if on_case is not None:
             on_case(case, len(gt_files))
-    for case in sorted(set(pred_files) - set(gt_files)):
+    for case in sorted(set(pred_files) - set(gt_files) - set(gt_twice)):
         problems[case] = f"prediction {pred_files[case].name} has no ground truth in {gt_dir}"
     return EvaluationResult(cases, dict(sorted(problems.items())), summarize(cases), lesions)
 
@@ -465,8 +500,13 @@ def write_csv(cases: Mapping[str, CaseMetrics], path: Path) -> None:
     """One row per scored case: `case,dice,fpv_ml,fnv_ml` (nan written as `nan`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "dice", "fpv_ml", "fnv_ml"])
-        for case, m in cases.items():
-            writer.writerow([case, repr(float(m.dice)), repr(float(m.fpv_ml)), repr(float(m.fnv_ml))])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "dice", "fpv_ml", "fnv_ml"])
+            for case, m in cases.items():
+                writer.writerow([case, repr(float(m.dice)), repr(float(m.fpv_ml)), repr(float(m.fnv_ml))])
+        os.replace(tmp, path)  # a reader never sees half a table
+    finally:
+        tmp.unlink(missing_ok=True)

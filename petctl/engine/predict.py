@@ -94,8 +94,11 @@ def _save_nifti(data: np.ndarray, reference: Any, path: Path, dtype: Any) -> Non
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header=header)
-    img.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
-    img.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
+    # each form as the reference has it (they may differ); an uncoded one takes the affine, coded 1
+    qform, qcode = reference.get_qform(coded=True)
+    sform, scode = reference.get_sform(coded=True)
+    img.set_qform(reference.affine if not qcode else qform, code=int(qcode) or 1)
+    img.set_sform(reference.affine if not scode else sform, code=int(scode) or 1)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nii.gz")
     try:
         nib.save(img, str(tmp))
@@ -137,12 +140,13 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
     fingerprint = read_json(models.store / "fingerprint.json")
     prep = read_json(models.store / "prepare.json")["config"]
     cases = input_cases(input_path)
+    # every input file of every rank (labels too: `predict DS DS/labelsTs` must not replace the ground truth)
+    inputs = {Path(p).resolve() for c in cases for p in (c.ct, c.pet, c.label) if p is not None}
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     cases = cases[rank::world_size]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    inputs = {Path(p).resolve() for c in cases for p in (c.ct, c.pet) if p is not None}
     result = PredictResult()
     for src in cases:
         t0 = time.perf_counter()
@@ -195,7 +199,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
             result.skipped[src.case] = exc.reason
             if on_skip:
                 on_skip(src.case, exc.reason)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # any one case's failure (MemoryError, a bad header…) is that case's, not the batch's
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             result.skipped[src.case] = reason
             if on_skip:
@@ -227,10 +231,13 @@ def preview_png(path: Path, pet: np.ndarray, mask: np.ndarray, affine: np.ndarra
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def rank_share(total: int, rank: int, world_size: int) -> int:
@@ -293,10 +300,22 @@ def _predict_worker(run_dir: str, input_path: str, output: str, options: Predict
                    on_skip=lambda c, r: events.put(("skip", c, r)))
 
 
-def write_summary(output: Path, result: PredictResult, *, rank: int = 0, world_size: int = 1) -> None:
+def launch_id() -> str | None:
+    """What the ranks of one outside launch share: torchrun's run id (accelerate launch, torchrun), else
+    SLURM's job and step; None when neither is set."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{os.environ['TORCHELASTIC_RUN_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm:{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
+    return None
+
+
+def write_summary(output: Path, result: PredictResult, *, rank: int = 0, world_size: int = 1,
+                  launch: str | None = None) -> None:
     """OUTPUT/predictions.json. Ranks launched from outside (`RANK`/`WORLD_SIZE`) each write
     predictions.rank{R}.json and then, one at a time (a file lock), merge every rank file there is into
-    predictions.json, so the last to finish leaves the whole cohort in it."""
+    predictions.json, so the last to finish leaves the whole cohort in it. With a `launch` id (see
+    `launch_id`), rank files an earlier launch left there are not merged."""
     from petctl.engine.store import write_json_atomic
 
     output = Path(output)
@@ -306,9 +325,11 @@ def write_summary(output: Path, result: PredictResult, *, rank: int = 0, world_s
         return
     import fcntl
 
-    write_json_atomic(output / f"predictions.rank{rank}.json", {**payload, "rank": rank, "world_size": world_size})
+    write_json_atomic(output / f"predictions.rank{rank}.json",
+                      {**payload, "rank": rank, "world_size": world_size, "launch": launch})
     with open(output / ".predictions.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         parts = [json.loads(p.read_text()) for p in (output / f"predictions.rank{r}.json" for r in range(world_size)) if p.exists()]
+        parts = [part for part in parts if launch is None or part.get("launch") == launch]
         merged = {key: dict(sorted(item for part in parts for item in part[key].items())) for key in ("written", "skipped")}
         write_json_atomic(output / "predictions.json", {**merged, "ranks_merged": len(parts), "world_size": world_size})

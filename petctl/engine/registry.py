@@ -272,8 +272,8 @@ class FileLock:
     stale_after_s: float = 60.0
     """A lock older than this is considered abandoned (records are held for milliseconds)."""
 
-    def _stale_reason(self) -> tuple[str, os.stat_result] | None:
-        """Why the current lock file is abandoned (and which file was judged), or None if it is not."""
+    def _stale_reason(self) -> tuple[str, os.stat_result, str] | None:
+        """Why the current lock file is abandoned (and which file was judged: its stat and owner), or None if it is not."""
         try:
             judged = self.path.stat()
             owner = self.path.read_text(encoding="utf-8")
@@ -281,19 +281,22 @@ class FileLock:
             return None
         age = time.time() - judged.st_mtime
         if age > self.stale_after_s:
-            return f"{age:.0f} s old", judged
+            return f"{age:.0f} s old", judged, owner
         try:
             info = json.loads(owner)
             host, pid = info["host"], int(info["pid"])
         except (ValueError, KeyError, TypeError):
             return None  # being written right now, or foreign: only age can tell
         if host == socket.gethostname() and not _pid_alive(pid):
-            return f"owner pid {pid} on {host} is gone", judged
+            return f"owner pid {pid} on {host} is gone", judged, owner
         return None
 
-    def _break(self, reason: str, judged: os.stat_result) -> None:
+    def _break(self, reason: str, judged: os.stat_result, owner: str) -> None:
         # Rename rather than unlink, so that of several breakers only one moves the stale file;
-        # one that moved a different file (a fresh lock taken meanwhile) puts it back.
+        # one that moved a different file (a fresh lock taken meanwhile) puts it back. The inode
+        # alone cannot tell: ext4 and tmpfs hand a freed inode number to the next file at once, so
+        # a fresh lock taken after another breaker removed the stale one may carry the judged
+        # inode; its owner (a new token) and its mtime differ.
         aside = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.stale")
         try:
             os.rename(self.path, aside)
@@ -301,7 +304,13 @@ class FileLock:
             return
         try:
             moved = aside.stat()
-            if (moved.st_ino, moved.st_dev) != (judged.st_ino, judged.st_dev):
+            try:
+                moved_owner = aside.read_text(encoding="utf-8")
+            except OSError:
+                moved_owner = None
+            same = ((moved.st_ino, moved.st_dev, moved.st_mtime_ns) == (judged.st_ino, judged.st_dev, judged.st_mtime_ns)
+                    and moved_owner == owner)
+            if not same:
                 try:
                     os.link(aside, self.path)
                 except OSError:

@@ -350,7 +350,7 @@ def render_plan(cfg: SlurmConfig) -> tuple[Plan, dict[str, str]]:
     scripts[calibrate.filename] = _render_step(cfg, calibrate, _petctl(cfg, "calibrate", "--run", cfg.run, *cfg.calibrate_args))
     jobs += [calibrate, train_job("seg", True, ("calibrate",)), train_job("cls", True, ("calibrate",))]
     if cfg.predict_input is not None and cfg.predict_output is not None:
-        # no pending placeholder: predict names its step when it starts (predict-YYYYmmdd-HHMMSS)
+        # no pending placeholder: predict names its step when it starts (predict-YYYYmmdd-HHMMSS-PID)
         # and records this job's id in it itself
         predict = Job("predict", "predict", ("train-seg-merged", "train-cls-merged"))
         scripts[predict.filename] = _render_step(
