@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -133,6 +134,9 @@ def _bad_cohort(cohort: Path, root: Path) -> dict[str, str]:
     nib.save(nib.Nifti1Image(np.asarray(ct.dataobj), moved), str(img / f"{c}_0000.nii.gz"))
     c = pick("not a readable NIfTI")  # a text file named .nii.gz
     (img / f"{c}_0000.nii.gz").write_text("this is not an image\n")
+    c = pick("does not look like SUV")  # activity in Bq/mL (AutoPET's PET.nii.gz, not its SUV.nii.gz)
+    pet = nib.load(str(img / f"{c}_0001.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(pet.dataobj, np.float32) * 5000.0, pet.affine), str(img / f"{c}_0001.nii.gz"))
     return expected
 
 
@@ -153,7 +157,7 @@ def test_bad_inputs_are_named_and_the_rest_is_prepared(cohort: Path, tmp_path: P
         assert reason in line, (case, reason, text)
     manifest = json.loads((out / "manifest.json").read_text())
     good = set(json.loads((out / "manifest.json").read_text())["cases"])
-    assert good.isdisjoint(expected) and len(good) == 11
+    assert good.isdisjoint(expected) and len(good) == 10
     assert set(manifest["skipped"]) == set(expected)
     assert CaseStore(out).list() == sorted(good)
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
@@ -260,3 +264,118 @@ def test_hot_background_centres_half_the_background_patches_in_bright_non_lesion
     assert all(h >= 0.45 for h, _ in shares) and all(h > 2 * b for h, b in shares), shares
     with pytest.raises(Exception, match="hot-background"):
         PrepareConfig(data=str(cohort), store=str(store), hot_background=1.5)
+
+
+def test_rerun_prepares_again_what_changed_its_inputs_and_reuses_the_rest(cohort: Path, tmp_path: Path):
+    """An edited label, and new metadata grouping two scans under one patient, are seen on a rerun:
+    those cases are scanned and written again and the patient's scans end up on one side of every split."""
+    data = tmp_path / "raw"
+    shutil.copytree(cohort, data)
+    out = tmp_path / "store"
+    cfg = PrepareConfig(data=str(data), store=str(out), spacing=COARSE, num_folds=2, test_fraction=0.25)
+    first = run(cfg)
+    assert len(first.prepared) == 10 and not first.reused
+    assert set(run(cfg).reused) == set(first.prepared)  # nothing changed: everything reused
+
+    splits = json.loads((out / "splits.json").read_text())
+    positive = {c: e["positive"] for c, e in json.loads((out / "manifest.json").read_text())["cases"].items()}
+    test_case, train_case = next(c for c in splits["test"] if positive[c]), splits["seg_folds"][0]["train"][0]
+    # a test positive's label redrawn (still positive, so the splits hold): the fingerprint (and so the
+    # plan) cannot see it, the inputs can
+    label_path = data / "labelsTr" / f"{test_case}.nii.gz"
+    img = nib.load(str(label_path))
+    edited = np.zeros(img.shape, np.uint8)
+    edited[tuple(slice(s // 2 - 2, s // 2 + 2) for s in img.shape)] = 1
+    nib.Nifti1Image(edited, img.affine, img.header).to_filename(str(label_path))
+    again = run(cfg)
+    assert again.prepared == [test_case] and len(again.reused) == 9
+    manifest = json.loads((out / "manifest.json").read_text())["cases"]
+    assert manifest[test_case]["lesion_volume_ml"] == pytest.approx(64 * float(np.prod(img.header.get_zooms()[:3])) / 1000)
+
+    # new metadata: the test case's scan belongs to a training case's patient
+    with (data / "metadata.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    patient = {r["case"]: r["patient"] for r in rows}
+    for r in rows:
+        if r["case"] == test_case:
+            r["patient"] = patient[train_case]
+    with (data / "metadata.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())["cases"]
+    assert manifest[test_case]["patient"] == manifest[train_case]["patient"] == patient[train_case]
+    splits = json.loads((out / "splits.json").read_text())
+    assert (test_case in splits["test"]) == (train_case in splits["test"])  # one patient: one side
+
+
+def test_a_case_that_cannot_be_written_leaves_the_splits(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import petctl.engine.prepare as prep
+    from petctl.errors import CaseError
+
+    real = prep.write_case
+    victim = sorted(p.name[: -len(".nii.gz")] for p in (cohort / "labelsTr").iterdir())[0]
+
+    def failing(src, *args):
+        if src.case == victim:
+            raise CaseError(src.case, "resampling ran out of memory")
+        return real(src, *args)
+
+    monkeypatch.setattr(prep, "write_case", failing)
+    out = tmp_path / "store"
+    result = run(PrepareConfig(data=str(cohort), store=str(out), spacing=COARSE, num_folds=2, test_fraction=0.25))
+    assert result.skipped == {victim: "resampling ran out of memory"}
+    splits = json.loads((out / "splits.json").read_text())
+    listed = set(splits["test"]) | {c for key in ("seg_folds", "cls_folds", "merged_seg_folds", "merged_cls_folds")
+                                    for f in splits[key] for p in f.values() for c in p}
+    assert victim not in listed and len(listed) == 9
+    assert f"{victim}: not written (resampling ran out of memory); left out of the splits" in splits["warnings"]
+    assert victim not in json.loads((out / "manifest.json").read_text())["cases"]
+
+
+def test_a_worker_that_dies_skips_only_its_own_case():
+    """The pool a killed worker breaks fails every case in it; each is retried alone, so only the
+    case that kills its worker again is skipped, by name (`exec` stands in for a case's work)."""
+    from petctl.engine.prepare import _map
+    from petctl.errors import CaseError
+
+    work = {"a": ("x = 1",), "dies": ("import os; os._exit(9)",), "b": ("x = 2",), "c": ("x = 3",)}
+    results = dict(_map(exec, list(work.values()), list(work), workers=2))
+    assert set(results) == set(work)
+    assert results["a"] is None and results["b"] is None and results["c"] is None
+    assert isinstance(results["dies"], CaseError) and "worker process died" in results["dies"].reason
+
+
+def test_a_second_prepare_on_a_store_being_written_is_refused(cohort: Path, tmp_path: Path):
+    import fcntl
+
+    from petctl.errors import PetctlError
+
+    out = tmp_path / "store"
+    out.mkdir()
+    with open(out / ".prepare.lock", "a+") as held:  # the first prepare, still running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        with pytest.raises(PetctlError, match=r"another petctl prepare is writing this store \(pid 4242 on node7\)"):
+            run(PrepareConfig(data=str(cohort), store=str(out), spacing=COARSE, num_folds=2, test_fraction=0.25))
+    assert not (out / "manifest.json").exists() and not (out / ".parts").exists()
+
+
+def test_cases_the_metadata_does_not_list_are_named(cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    from petctl.engine.cohort import discover
+
+    rows = (cohort / "metadata.csv").read_text().splitlines()
+    meta = tmp_path / "meta.csv"
+    meta.write_text("\n".join(rows[:1] + rows[3:]) + "\n")  # the first two cases' rows dropped
+    dropped = [r.split(",")[0] for r in rows[1:3]]
+    with caplog.at_level("WARNING", logger="petctl.engine.cohort"):
+        cases = discover(cohort, meta)
+    assert len(cases) == 10
+    assert f"2 of 10 cases have no row (each taken as its own patient): {', '.join(sorted(dropped))}" in caplog.text
+    assert {c.case: c.patient for c in cases if c.case in dropped} == {c: c for c in dropped}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="petctl.engine.cohort"):
+        discover(cohort)  # its own metadata.csv lists every case
+    assert "have no row" not in caplog.text

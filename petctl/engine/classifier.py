@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -112,7 +112,8 @@ class ClsTask:
         map_target = lesion_map_target(torch.stack([v[1] for v in views]), tuple(lesion_map.shape[-2:]))
         return self.loss_fn(logits, target) + self.cfg.cls_map_weight * self.loss_fn(lesion_map.float(), map_target)
 
-    def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
+    def validate(self, model: torch.nn.Module, accelerator: Any, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """The fold's validation AUROC (MIPs score in milliseconds: `should_stop` is not consulted)."""
         from petctl.engine.distributed import gather_objects
         from petctl.engine.metrics import auroc
 

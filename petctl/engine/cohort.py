@@ -57,8 +57,16 @@ def discover(data: Path, metadata: Path | None = None, *, split: str = "Tr") -> 
         raise PetctlError(
             f"{data}: neither nnU-Net raw layout (images{split}/) nor AutoPET layout (PATIENT/STUDY/SUV.nii.gz)"
         )
-    meta = _read_metadata(metadata or _default_metadata(data))
+    meta_path = metadata or _default_metadata(data)
+    meta = _read_metadata(meta_path)
     if meta:
+        unmatched = sorted(c.case for c in cases if (meta.get(c.case) or meta.get(c.patient)) is None)
+        if unmatched:  # their patient is their own case id: a study of a listed patient could straddle the splits
+            import logging
+
+            shown = ", ".join(unmatched[:5]) + ("…" if len(unmatched) > 5 else "")
+            logging.getLogger(__name__).warning("%s: %d of %d cases have no row (each taken as its own patient): %s",
+                                                meta_path, len(unmatched), len(cases), shown)
         cases = [_with_metadata(c, meta) for c in cases]
     return sorted(cases, key=lambda c: c.case)
 

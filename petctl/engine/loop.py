@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -42,8 +42,12 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, device: torch.device) -> torch.Tensor: ...
 
-    def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
-        """Returns at least {"selection": float (higher is better; nan allowed)} plus summary numbers."""
+    def validate(self, model: torch.nn.Module, accelerator: Any, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """Returns at least {"selection": float (higher is better; nan allowed)} plus summary numbers.
+        `model` is the bare module (not DDP's wrapper, whose first forward after training would
+        broadcast buffers: a collective that a rank without validation cases never joins).
+        `should_stop`, when given, is a collective every rank calls the same number of times (once per
+        round of cases); validation returns None as soon as it says True (a preemption signal)."""
         ...
 
 
@@ -200,6 +204,9 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_cycle = max(1, task.steps_per_epoch * cfg.epochs_per_cycle // cfg.grad_accum)
     scheduler = make_scheduler(optimizer, steps_per_cycle, cfg.num_cycles, lr_min_ratio=cfg.lr_min_ratio)
+    # what the saved position and scheduler mean: a resume under other numbers would run another schedule
+    schedule = {"steps_per_epoch": task.steps_per_epoch, "num_cycles": cfg.num_cycles, "epochs_per_cycle": cfg.epochs_per_cycle,
+                "grad_accum": cfg.grad_accum, "num_processes": accelerator.num_processes}
     position = Position()
     history: list[dict[str, Any]] = []
     epochs: list[dict[str, Any]] = []  # one record per finished epoch: the training curve between validations
@@ -213,6 +220,9 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
             optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
+        if state.get("rng_torch") is not None:
+            torch.set_rng_state(state["rng_torch"])
+        _check_resumable(meta.get("schedule"), schedule, resume, label)
         position = Position(**meta["position"])
         history = meta.get("history", [])
         epochs = meta.get("epochs", [])
@@ -240,9 +250,17 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                             scheduler_state=scheduler.state_dict() if resumable else None,
                             position=position, config=config_json, metric=metric,
                             extra={"history": history, "epochs": epochs, "best_metric": best_metric if best_metric > -math.inf else None,
-                                   "rank_weight_digests": digests, "num_processes": accelerator.num_processes,
+                                   "rank_weight_digests": digests, "num_processes": accelerator.num_processes, "schedule": schedule,
                                    "sampler_state": task.sampler_state() if hasattr(task, "sampler_state") else None})
         accelerator.wait_for_everyone()
+
+    def preempted(where: str) -> int:
+        checkpoint("last", None)
+        if report.registry is not None:
+            report.registry.update_step(report.run, report.step, status="pending",
+                                        message=f"stopped by signal at step {position.global_step}{where}; re-run to resume")
+        accelerator.print(f"{label}: stopped by signal at step {position.global_step}{where}; checkpoint saved")
+        return EXIT_PREEMPTED
 
     factor = scheduler.lr_lambdas[0]  # a CyclicCosineFactor: where the (possibly cut) schedule ends
 
@@ -293,12 +311,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                                       f"step {position.global_step}/{factor.total_steps} loss {np.mean(losses[-10:]):.4f} "
                                       f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
                 if dist.any_rank(accelerator, stop.signal is not None):
-                    checkpoint("last", None)
-                    if report.registry is not None:
-                        report.registry.update_step(report.run, report.step, status="pending",
-                                                    message=f"stopped by signal at step {position.global_step}; re-run to resume")
-                    accelerator.print(f"{label}: stopped by signal at step {position.global_step}; checkpoint saved")
-                    return EXIT_PREEMPTED
+                    return preempted("")
                 if cfg.max_steps is not None and position.global_step >= cfg.max_steps:
                     checkpoint("last", None)
                     _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
@@ -319,8 +332,18 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                            "lr": float(scheduler.get_last_lr()[0]), "steps": len(epoch_losses), **sampler_summary})
             position.epoch += 1
             position.step_in_epoch = 0
-        val = task.validate(model, accelerator)
-        train_loss = dist.mean_over_ranks(accelerator, float(np.mean(losses)) if losses else float("nan"), len(losses))
+        # the bare module (see Task.validate); a signal during validation (minutes for the paper's
+        # preset) saves `last` with this cycle's training done, so a resume validates it at once
+        val = task.validate(accelerator.unwrap_model(model), accelerator,
+                            should_stop=lambda: dist.any_rank(accelerator, stop.signal is not None))
+        if val is None:
+            return preempted(f" (validating cycle {position.cycle + 1})")
+        if losses:
+            train_loss = dist.mean_over_ranks(accelerator, float(np.mean(losses)), len(losses))
+        else:  # resumed after this cycle's training: its epochs' records hold the loss
+            done = [e for e in epochs if e["cycle"] == position.cycle + 1 and e["steps"]]
+            train_loss = (float(np.average([e["train_loss"] for e in done], weights=[e["steps"] for e in done]))
+                          if done else float("nan"))
         selection = float(val.get("selection", float("nan")))
         record = {"cycle": position.cycle + 1, "epoch": (position.cycle + 1) * cfg.epochs_per_cycle,
                   "global_step": position.global_step, "train_loss": train_loss,
@@ -334,13 +357,14 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
             best_metric = selection
         position.cycle += 1
         position.epoch = 0
+        if is_main:  # before `last`: a kill between the two must not leave a finished run without its last cycle's metrics
+            write_metrics(out_dir, history, config_json, cfg.selection_name, epochs)
         if improved:
             checkpoint("best", best_metric)
         checkpoint("last", selection)
         if accelerator.log_with:
             accelerator.log({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}, step=position.global_step)
         if is_main:
-            write_metrics(out_dir, history, config_json, cfg.selection_name, epochs)
             accelerator.print(f"{label} cycle {record['cycle']}: loss {train_loss:.4f} {cfg.selection_name} {selection:.4f}"
                               f"{' (best)' if improved else ''}")
             if report.registry is not None:
@@ -369,6 +393,17 @@ def deadline_end(cfg: LoopConfig, step: int, step_s: float, planned_steps: int) 
         return planned_steps
     fit = step + int(max(0.0, left) / step_s)
     return min(planned_steps, max(fit, math.ceil(cfg.deadline_min_share * planned_steps), step + 1))
+
+
+def _check_resumable(saved: dict[str, Any] | None, now: dict[str, Any], path: Path, label: str) -> None:
+    """PetctlError when `last` was trained under another schedule (steps per epoch, cycles, epochs,
+    accumulation, processes): its position and LR schedule would not mean the same steps."""
+    if not saved:  # a checkpoint from before the schedule was recorded
+        return
+    changed = [f"{k} {saved[k]} → {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise PetctlError(f"{label}: cannot resume from {path}: it was trained under another schedule ({', '.join(changed)}); "
+                          f"re-run with its settings, or remove {path.parent} to start the fold over")
 
 
 def _record_done(report: StepRef, history: list[dict[str, Any]], cfg: LoopConfig, position: Position, **more: Any) -> None:

@@ -86,6 +86,7 @@ def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX
     if ct.shape != pet.shape or not np.allclose(ct_affine, pet_affine, atol=1e-3):
         ct = resample_onto(src.case, ct, ct_affine, pet.shape, pet_affine)
         resampled = True
+    check_suv(src.case, pet, ct)
     label = None
     if src.label is not None and Path(src.label).exists():
         lab, lab_affine = _load(src.case, "label", src.label, max_voxels, warn)
@@ -97,6 +98,25 @@ def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX
     elif need_label:
         raise CaseError(src.case, f"missing label file ({src.label})")
     return LoadedCase(src.case, ct, pet, label, pet_affine, resampled)
+
+
+BODY_SUV_MEDIAN_MAX = 50.0
+"""The body's median PET above which a scan is taken for activity (Bq/mL), not SUV: soft tissue sits
+at SUV ~0.3-3, while in Bq/mL it is in the thousands."""
+
+
+def check_suv(case: str, pet: np.ndarray, ct: np.ndarray) -> None:
+    """CaseError when the PET is not in SUV (the AutoPET folder's PET.nii.gz, not its SUV.nii.gz):
+    everything downstream (the fingerprint's bins, the clip, the extent's SUV isocontour) assumes SUV."""
+    step = max(1, round((pet.size / 2_000_000) ** (1 / 3)))  # a strided sample (views): ~2 M voxels are plenty for a median
+    every = (slice(None, None, step),) * 3
+    body = pet[every][ct[every] > -500.0]
+    if body.size == 0:
+        return
+    median = float(np.median(body))
+    if median > BODY_SUV_MEDIAN_MAX:
+        raise CaseError(case, f"PET does not look like SUV (the body's median is {median:.4g}; soft tissue is ~0.3-3 SUV): "
+                              "convert activity (Bq/mL) to SUV first")
 
 
 def as_binary_label(case: str, lab: np.ndarray) -> np.ndarray:

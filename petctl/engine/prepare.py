@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,6 +140,24 @@ def scan_case(src: CaseSource, parts_dir: str) -> dict[str, Any]:
     }
 
 
+def input_signature(src: CaseSource) -> dict[str, Any]:
+    """What a case's stored data was made from: each input file (its real path, size and mtime) and
+    the metadata's patient and diagnosis. A rerun scans and writes a case again when this changes
+    (an edited label, new metadata grouping two scans under one patient, another cohort in the store)."""
+    sig: dict[str, Any] = {"patient": src.patient, "diagnosis": src.diagnosis}
+    for role in ("ct", "pet", "label"):
+        path = getattr(src, role)
+        if path is None:
+            sig[role] = None
+            continue
+        try:
+            st = os.stat(path)
+            sig[role] = [str(Path(path).resolve()), int(st.st_size), int(st.st_mtime_ns)]
+        except OSError:  # unreadable: the scan says why; never equal to a readable file's signature
+            sig[role] = [str(path), None, None]
+    return sig
+
+
 # -- pass 3: write -----------------------------------------------------------------------------
 def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig, plan_id: str, summary: dict[str, Any]) -> dict[str, Any]:
     """Preprocess one case into the store; returns its manifest entry."""
@@ -154,13 +173,14 @@ def write_case(src: CaseSource, fingerprint: dict[str, Any], cfg: PrepareConfig,
     lesion_coords = sample_lesion_coords(components, num_components, cfg.lesion_samples_per_component, rng)
     body_idx = background_coords(image[1], label, body, fingerprint, cfg, rng)
     entry = {
-        **summary,
+        **{k: v for k, v in summary.items() if k != "inputs"},
         "stored_shape": list(geometry.stored_shape),
         "stored_spacing": list(geometry.stored_spacing),
         "num_components": int(num_components),
         "stored_lesion_voxels": int(label.sum()),
     }
-    attrs = {"petctl": {"version": PREPARE_VERSION, "plan": plan_id}, "case": entry, "geometry": geometry.to_json()}
+    attrs = {"petctl": {"version": PREPARE_VERSION, "plan": plan_id, "inputs": summary.get("inputs")}, "case": entry,
+             "geometry": geometry.to_json()}
     CaseStore(cfg.store).save(src.case, image, label, lesion_coords, body_idx, attrs)
     return entry
 
@@ -326,7 +346,27 @@ def _case_seed(seed: int, case: str) -> int:
 
 # -- orchestration -----------------------------------------------------------------------------
 def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[[str, str], None] | None = None) -> PrepareResult:
-    """Prepare a cohort; bad cases are reported via `on_skip` and in the result, never raised."""
+    """Prepare a cohort; bad cases are reported via `on_skip` and in the result, never raised.
+    One prepare at a time per store: a second one while the first runs is refused (PetctlError)."""
+    import fcntl
+
+    root = Path(cfg.store)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".prepare.lock", "a+") as lock:  # flock: released by the kernel if this process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            raise PetctlError(f"{root}: another petctl prepare is writing this store ({owner}); wait for it to finish") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        return _run(cfg, progress, on_skip)
+
+
+def _run(cfg: PrepareConfig, progress: Progress | None, on_skip: Callable[[str, str], None] | None) -> PrepareResult:
     import time
 
     from petctl.engine import fingerprint as fpmod
@@ -335,8 +375,7 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
     t0 = time.perf_counter()
     store = CaseStore(cfg.store)
     root = Path(cfg.store)
-    root.mkdir(parents=True, exist_ok=True)
-    store.remove_stale_temporaries()
+    store.remove_stale_temporaries()  # safe: no other prepare holds this store
     parts = root / ".parts"
     parts.mkdir(exist_ok=True)
     result = PrepareResult(store=root)
@@ -358,7 +397,9 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
     # pass 1: scan (reusing summaries of a previous run when the part file is there)
     scans_path = root / ".parts" / "scans.json"
     scans: dict[str, Any] = read_json(scans_path) if scans_path.exists() else {}
-    todo = [s for s in sources if s.case not in scans or not (parts / f"{s.case}.npz").exists()]
+    signatures = {s.case: input_signature(s) for s in sources}
+    todo = [s for s in sources
+            if s.case not in scans or scans[s.case].get("inputs") != signatures[s.case] or not (parts / f"{s.case}.npz").exists()]
     for s in sources:
         if s not in todo and progress:
             progress("scan", s.case, len(sources))
@@ -366,7 +407,7 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
         if isinstance(value, CaseError):
             skip(case, value.reason)
         else:
-            scans[case] = value
+            scans[case] = {**value, "inputs": signatures[case]}
             write_json_atomic(scans_path, scans)
         if progress:
             progress("scan", case, len(sources))
@@ -408,7 +449,7 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
     entries: dict[str, Any] = {}
     todo = []
     for s in good:
-        done = _stored_entry(store, s.case, plan_id)
+        done = _stored_entry(store, s.case, plan_id, scans[s.case]["inputs"])
         if done is not None:
             entries[s.case] = done
             result.reused.append(s.case)
@@ -426,12 +467,18 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
         if progress:
             progress("write", case, len(good))
 
+    # a case that scanned but could not be written leaves the splits (training would read it)
+    unwritten = {s.case: result.skipped[s.case] for s in todo if s.case in result.skipped}
+    if unwritten:
+        splits = _without_cases(splits, unwritten)
+        write_json_atomic(root / "splits.json", splits)
+
     # stale cases from an earlier cohort are not listed; the manifest is the source of truth
     manifest = {
         "version": MANIFEST_VERSION,
         "plan": plan_id,
         "spacing": list(cfg.spacing),
-        "channels": ["CT", "PET"],
+        "channels": list(channel_names(fingerprint)),
         "layout": "image float16 (C, X, Y, Z) RAS; label uint8 (X, Y, Z)",
         "cases": {c: entries[c] for c in sorted(entries)},
         "skipped": dict(sorted(result.skipped.items())),
@@ -442,7 +489,20 @@ def run(cfg: PrepareConfig, progress: Progress | None = None, on_skip: Callable[
     return result
 
 
-def _stored_entry(store: CaseStore, case: str, plan_id: str) -> dict[str, Any] | None:
+def _without_cases(splits: dict[str, Any], gone: dict[str, str]) -> dict[str, Any]:
+    """`splits` (as in splits.json) with the cases of `gone` (case → reason) taken out of the test set
+    and every fold, each named in `warnings`."""
+    from petctl.engine.splits import _FOLD_SETS
+
+    out = dict(splits)
+    out["test"] = [c for c in splits["test"] if c not in gone]
+    for key in _FOLD_SETS:
+        out[key] = [{part: [c for c in cases if c not in gone] for part, cases in fold.items()} for fold in splits[key]]
+    out["warnings"] = [*splits.get("warnings", []), *(f"{c}: not written ({r}); left out of the splits" for c, r in sorted(gone.items()))]
+    return out
+
+
+def _stored_entry(store: CaseStore, case: str, plan_id: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
     if not store.has(case):
         return None
     try:
@@ -450,7 +510,7 @@ def _stored_entry(store: CaseStore, case: str, plan_id: str) -> dict[str, Any] |
     except PetctlError:
         return None
     meta = attrs.get("petctl", {})
-    if meta.get("plan") != plan_id or meta.get("version") != PREPARE_VERSION:
+    if meta.get("plan") != plan_id or meta.get("version") != PREPARE_VERSION or meta.get("inputs") != inputs:
         return None
     return attrs.get("case")
 
@@ -469,11 +529,33 @@ def _map(fn: Callable[..., Any], args: Sequence[tuple[Any, ...]], names: Sequenc
             yield name, _call(fn, name, a)
         return
     import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-        futures = {pool.submit(_call, fn, name, a): name for name, a in zip(names, args)}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+    # A worker killed outright (the kernel's OOM killer, a crash in native code) breaks the pool and
+    # fails every case still in it. Those are retried in a fresh pool, and what breaks that one too
+    # one case per single-worker pool, so only a case that kills its worker on its own is skipped, by name.
+    pending = list(zip(names, args))
+    rounds = ("pool", "pool", "alone")
+    for attempt, how in enumerate(rounds):
+        if not pending:
+            return
+        groups = [pending] if how == "pool" else [[item] for item in pending]
+        pool_size = workers if how == "pool" else 1
+        pending = []
+        for group in groups:
+            with ProcessPoolExecutor(max_workers=min(pool_size, len(group)), mp_context=mp.get_context("spawn"),
+                                     initializer=_worker_init) as pool:
+                futures = {pool.submit(_call, fn, name, a): (name, a) for name, a in group}
+                for fut in as_completed(futures):
+                    name, a = futures[fut]
+                    try:
+                        value = fut.result()
+                    except BrokenProcessPool:
+                        if attempt < len(rounds) - 1:
+                            pending.append((name, a))
+                            continue
+                        value = CaseError(name, "its worker process died (killed for memory?); the other cases went on")
+                    yield name, value
 
 
 def _worker_init() -> None:

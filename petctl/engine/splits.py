@@ -1,4 +1,4 @@
-"""Patient-grouped, diagnosis-stratified splits: the held-out test set and the K-fold sets.
+"""Patient-grouped splits stratified by lesion presence: the held-out test set and the K-fold sets.
 
 `make_splits` is pure (no I/O): cases in, `Splits` out. A patient never straddles test and train,
 nor train and val of any fold. The test set is a seeded per-stratum draw of whole patients;
@@ -53,7 +53,7 @@ class Splits:
     seg_folds: list[Fold]
     """Folds over the training cases with lesions (segmentation models train on these)."""
     cls_folds: list[Fold]
-    """Folds over all training cases, stratified by diagnosis (classifiers train on these)."""
+    """Folds over all training cases, stratified by lesion presence (classifiers train on these)."""
     merged_seg_folds: list[Fold]
     """As `seg_folds`, over training + test (the merged retrain)."""
     merged_cls_folds: list[Fold]
@@ -167,7 +167,7 @@ def _check(cases: Sequence[SplitCase], num_folds: int, test_fraction: float) -> 
 
 
 def _draw_test_patients(cases: Sequence[SplitCase], test_fraction: float, rng: np.random.Generator) -> set[str]:
-    """Whole patients for the test set, drawn separately from each diagnosis stratum.
+    """Whole patients for the test set, drawn separately from each stratum (with lesions, without).
 
     In each stratum, patients are visited in a seeded order and taken while that brings the
     stratum's test case count closer to `test_fraction` of its cases. A stratum with at least two

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ class SegTask:
     def load_sampler_state(self, state: dict[str, Any] | None) -> None:
         self.dataset.load_hardness_state(state)
 
-    def validate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, Any]:
+    def validate(self, model: torch.nn.Module, accelerator: Any, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
         from petctl.engine.distributed import gather_objects
         from petctl.engine.metrics import THRESHOLDS, best_threshold, dice_sweep, top_k_auroc
         from petctl.engine.store import CaseStore
@@ -157,14 +157,23 @@ class SegTask:
         cases = self.val_cases[: self.cfg.max_val_cases] if self.cfg.max_val_cases else self.val_cases
         store = CaseStore(self.store_root)
         rows = []
+        mine = cases[accelerator.process_index :: accelerator.num_processes]
+        rounds = -(-len(cases) // accelerator.num_processes)  # the same count on every rank (should_stop is a collective)
         model.eval()
-        for case in cases[accelerator.process_index :: accelerator.num_processes]:
-            stored = store.load(case)
-            image = torch.from_numpy(stored.image.read_all()).float()
-            label = stored.label.read_all()
-            probs = predict_volume(model, image, self.cfg, accelerator.device)
-            rows.append({"case": case, "top_k_auroc": float(top_k_auroc(label, probs)), "dice": dice_sweep(label, probs, THRESHOLDS).tolist()})
-        model.train()
+        try:
+            for i in range(rounds):
+                if should_stop is not None and should_stop():
+                    return None
+                if i >= len(mine):
+                    continue
+                stored = store.load(mine[i])
+                image = torch.from_numpy(stored.image.read_all()).float()
+                label = stored.label.read_all()
+                probs = predict_volume(model, image, self.cfg, accelerator.device)
+                rows.append({"case": mine[i], "top_k_auroc": float(top_k_auroc(label, probs)),
+                             "dice": dice_sweep(label, probs, THRESHOLDS).tolist()})
+        finally:
+            model.train()
         rows = sorted(gather_objects(accelerator, rows), key=lambda r: r["case"])
         aurocs = [r["top_k_auroc"] for r in rows if not math.isnan(r["top_k_auroc"])]
         curve = np.nanmean(np.array([r["dice"] for r in rows], dtype=float), axis=0) if rows else np.full(len(THRESHOLDS), np.nan)

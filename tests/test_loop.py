@@ -1,0 +1,86 @@
+"""The training loop itself, on a toy task in this process: preemption during validation, and a
+resume under another schedule refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from petctl.engine.loop import EXIT_PREEMPTED, LoopConfig, StepRef, find_checkpoint, load_checkpoint, run_cycles
+from petctl.errors import PetctlError
+
+
+class _Stop:
+    signal: int | None = None
+
+
+class _Toy:
+    """A linear model on random batches; `signal_in_validation` raises the stop flag while validating."""
+
+    def __init__(self, stop: _Stop, steps_per_epoch: int = 3, signal_in_validation: bool = False) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(2, 1)
+        self.steps_per_epoch = steps_per_epoch
+        self.stop, self.signal_in_validation = stop, signal_in_validation
+        self.steps = self.validations = 0
+        self.validated_modules: list[type] = []
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(epoch)
+        while True:
+            yield torch.randn(4, 2, generator=g)
+
+    def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        self.steps += 1
+        return model(batch.to(device)).pow(2).mean()
+
+    def validate(self, model: torch.nn.Module, accelerator: Any, should_stop: Any = None) -> dict[str, Any] | None:
+        self.validated_modules.append(type(model))
+        if self.signal_in_validation:
+            self.stop.signal = 10  # SIGUSR1 arrives between two validation cases
+        if should_stop is not None and should_stop():
+            return None
+        self.validations += 1
+        return {"selection": 0.5 + 0.1 * self.validations}
+
+
+def _run(task: _Toy, out: Path, stop: _Stop, cycles: int = 2) -> int:
+    from accelerate import Accelerator
+
+    return run_cycles(task, LoopConfig(num_cycles=cycles, epochs_per_cycle=1, lr=0.05), out, Accelerator(cpu=True), StepRef(), stop,
+                      {"toy": True}, "toy")
+
+
+def test_a_signal_during_validation_saves_last_and_the_resume_validates_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+    first = _Toy(stop, signal_in_validation=True)
+    assert _run(first, tmp_path, stop) == EXIT_PREEMPTED
+    assert first.steps == 3 and first.validations == 0
+    assert first.validated_modules == [torch.nn.Linear]  # the bare module, never DDP's wrapper
+    _, _, meta = load_checkpoint(find_checkpoint(tmp_path / "checkpoints" / "last"))
+    assert meta["position"] == {"cycle": 0, "epoch": 1, "step_in_epoch": 0, "global_step": 3}  # cycle 1 trained, not validated
+
+    stop.signal = None
+    resumed = _Toy(stop)
+    assert _run(resumed, tmp_path, stop) == 0
+    assert resumed.steps == 3 and resumed.validations == 2  # cycle 1 validated without training again; cycle 2 trained
+    history = json.loads((tmp_path / "metrics.json").read_text())["cycles"]
+    assert [h["cycle"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["train_loss"]) for h in history)  # cycle 1's loss from its epoch record
+
+
+def test_a_resume_under_another_schedule_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+    assert _run(_Toy(stop, signal_in_validation=True), tmp_path, stop) == EXIT_PREEMPTED
+    stop.signal = None
+    with pytest.raises(PetctlError, match=r"toy: cannot resume from .*another schedule \(steps_per_epoch 3 → 4\)"):
+        _run(_Toy(stop, steps_per_epoch=4), tmp_path, stop)
+    with pytest.raises(PetctlError, match=r"num_cycles 2 → 3"):
+        _run(_Toy(stop), tmp_path, stop, cycles=3)
