@@ -411,3 +411,35 @@ def test_malicious_pretrained_checkpoint_through_the_cli_is_refused(hostile: dic
     assert not marker.exists()
     step = json.loads((tmp_path / "home/runs/p/steps/train-seg-fold0.json").read_text())
     assert step["status"] == "failed" and "refused by weights_only loading" in step["message"]
+
+
+def test_a_fold_trained_on_other_cases_than_the_splits_list_is_refused(hostile: dict, tmp_path: Path):
+    """A fold left from a run with more folds, or a store prepared again with other splits: one line, not a silent ensemble member."""
+    from petctl.engine.config import cpu_tiny
+    from petctl.engine.ensemble import RunModels
+    from petctl.engine.loop import Position, save_checkpoint
+    from petctl.engine.models import build_seg_model
+    from petctl.engine.trainer import read_fold
+    from petctl.errors import PetctlError
+
+    cfg = cpu_tiny().with_image_channels(2)
+    model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size, features=cfg.features,
+                            patch_size=cfg.patch_size)
+    train, val = read_fold(hostile["store"], 0)
+    for fold, cases in ((0, (train, val)), (7, (train, val)), (1, (train, val))):  # fold 1 holds other cases than fold 0
+        run_dir = tmp_path / f"run{fold}"
+        save_checkpoint(run_dir / "seg" / f"fold{fold}" / "checkpoints" / "best", model_state=model.state_dict(), optimizer_state=None,
+                        scheduler_state=None, position=Position(),
+                        config={**cfg.to_json(), "fold": fold, "store": str(hostile["store"]), "train": cases[0], "val": cases[1]},
+                        metric=None)
+        if fold == 0:
+            assert [m.name for m in RunModels.load(run_dir, need_cls=False, device=torch_cpu()).seg] == ["fold0"]
+        else:
+            with pytest.raises(PetctlError, match=rf"fold{fold}: trained on other cases than seg fold {fold} of .*retrain it or remove it"):
+                RunModels.load(run_dir, need_cls=False, device=torch_cpu())
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")

@@ -83,6 +83,34 @@ def test_sigterm_reaches_every_running_job_and_nothing_new_starts(tmp_path: Path
     assert (tmp_path / "a.term").exists() and (tmp_path / "b.term").exists() and not (tmp_path / "c.start").exists()
 
 
+def test_ctrl_c_stops_the_running_jobs_like_sigterm(tmp_path: Path):
+    """The launchers run in their own sessions, so the terminal's SIGINT reaches only us: it is passed on."""
+    jobs = [_job(tmp_path, n, 30) for n in ("a", "b")]
+    before = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        worst, started, codes = _run(jobs, 1)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 20
+    assert worst == 75 and codes == {"a": 75} and (tmp_path / "a.term").exists() and not (tmp_path / "b.start").exists()
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler again afterwards
+
+
+def test_a_failing_pool_stops_its_running_jobs_before_raising(tmp_path: Path):
+    jobs = [_job(tmp_path, "a", 30), _job(tmp_path, "b", 0.2)]
+
+    def finished(job, code):
+        raise RuntimeError("registry unreachable")  # b ends first, while a still runs
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="registry unreachable"):
+        run_pool(jobs, [dict(os.environ)] * 2, started=lambda job, slot: None, finished=finished, stop_code=75)
+    assert time.monotonic() - t0 < 20 and (tmp_path / "a.term").exists()  # a was told to stop and was waited for
+
+
 def test_gpu_slots_get_their_own_share_of_the_visible_gpus(monkeypatch: pytest.MonkeyPatch):
     envs = _slot_environments(2, cpu=False, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
@@ -106,3 +134,26 @@ def test_a_given_port_is_shifted_per_job_only_when_jobs_run_at_once(tmp_path: Pa
     launch = FoldLaunch(processes=2, port=29500, concurrent=concurrent)
     assert train_folds(preset("cpu-tiny"), tmp_path, ("seg", "cls"), [0], run="r", home=tmp_path, launch=launch) == 0
     assert [int(c[c.index("--main_process_port") + 1]) for c in seen] == ports  # seg fold0, cls fold0-x, fold0-y
+
+
+def test_train_on_several_machines_takes_each_machine_s_rank_and_the_main_address(store: Path, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    import petctl.engine.folds as folds
+    from petctl.cli import app
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(folds, "run_pool", lambda jobs, *a, **k: seen.extend(j.cmd for j in jobs) or 0)
+    base = ["train", "--store", str(store), "--task", "seg", "--fold", "0", "--preset", "cpu-tiny", "--home", str(tmp_path / "h"),
+            "--processes", "8", "--nodes", "2"]
+    runner = CliRunner()
+    missing = runner.invoke(app, base)
+    assert missing.exit_code == 2 and "--nodes 2: run this command on every machine" in missing.output
+    bad = runner.invoke(app, [*base, "--machine-rank", "2", "--main-address", "node1", "--main-port", "29400"])
+    assert bad.exit_code == 2 and "--machine-rank must be 0 … 1" in bad.output
+    ok = runner.invoke(app, [*base, "--machine-rank", "1", "--main-address", "node1", "--main-port", "29400"])
+    assert ok.exit_code == 0, ok.output
+    cmd = seen[0]
+    assert cmd[cmd.index("--num_machines") + 1] == "2" and cmd[cmd.index("--machine_rank") + 1] == "1"
+    assert cmd[cmd.index("--main_process_ip") + 1] == "node1" and cmd[cmd.index("--main_process_port") + 1] == "29400"

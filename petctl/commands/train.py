@@ -37,7 +37,10 @@ def train(
     fold: Annotated[str, typer.Option("--fold", help="Fold number, comma list, or 'all'.")] = "all",
     preset: Annotated[str, typer.Option("--preset", help="autopet-paper, cpu-small or cpu-tiny.")] = "cpu-small",
     processes: Annotated[int, typer.Option("--processes", help="Processes per fold in total (GPUs, or CPU gloo ranks).")] = 1,
-    nodes: Annotated[int, typer.Option("--nodes", help="Machines per fold (multi-node; see `petctl slurm`).")] = 1,
+    nodes: Annotated[int, typer.Option("--nodes", help="Machines per fold: run this command on each, with its own --machine-rank and the same --main-address and --main-port (`petctl slurm` writes that for you).")] = 1,
+    machine_rank: Annotated[int, typer.Option("--machine-rank", help="With --nodes: this machine's rank, 0 … nodes-1 (0 hosts the main process).")] = 0,
+    main_address: Annotated[Optional[str], typer.Option("--main-address", help="With --nodes: the address of the machine of rank 0.")] = None,
+    main_port: Annotated[Optional[int], typer.Option("--main-port", help="The main process's port (default: a free one; with --nodes: required, the same on every machine).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no or bf16.")] = "no",
     run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "default",
     merged: Annotated[bool, typer.Option("--merged", help="Use the merged folds (test set folded in).")] = False,
@@ -68,7 +71,15 @@ def train(
     cfg = with_overrides(get_preset(preset), task=task, cycles=cycles, epochs=epochs, mixed_precision=mixed_precision,
                          pretrained=str(pretrained) if pretrained else None, hard_lesion_gain=hard_lesion_gain, lesion_dim=lesion_dim)
     home_path = resolve_home(home)
-    launch = FoldLaunch(processes=processes, nodes=nodes, mixed_precision=mixed_precision, max_steps=max_steps)
+    if nodes < 1 or processes < 1:
+        raise PetctlError(f"--nodes and --processes must be at least 1 (got {nodes}, {processes})")
+    if nodes > 1 and (main_address is None or main_port is None):
+        raise PetctlError(f"--nodes {nodes}: run this command on every machine with its own --machine-rank (0 … {nodes - 1}) "
+                          "and the same --main-address (the rank-0 machine) and --main-port")
+    if not 0 <= machine_rank < nodes:
+        raise PetctlError(f"--machine-rank must be 0 … {nodes - 1} for --nodes {nodes} (got {machine_rank})")
+    launch = FoldLaunch(processes=processes, nodes=nodes, machine_rank=machine_rank, main_address=main_address, port=main_port,
+                        mixed_precision=mixed_precision, max_steps=max_steps)
     worst = train_folds(cfg, store, task, folds, run=run, home=home_path, merged=merged, launch=launch,
                         say=console.print, warn=error_line, run_config={"store": str(store.resolve()), "preset": preset})
     family = f"{task}{'-merged' if merged else ''}"

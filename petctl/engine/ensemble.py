@@ -31,6 +31,24 @@ class LoadedModel:
     val_threshold: float | None = None
 
 
+def _check_fold_is_current(fold_dir: Path, family: str, config: dict) -> None:
+    """PetctlError when a fold was trained on other cases than its fold of the store's splits now
+    lists: a store prepared again with other splits, or a fold left from a run with more folds
+    (`fold4` after a re-plan to 3), would otherwise join the ensemble unseen (and may have trained
+    on today's test scans)."""
+    from petctl.engine.trainer import read_fold
+
+    if "train" not in config or "val" not in config or not (Path(config["store"]) / "splits.json").exists():
+        return  # a checkpoint that does not record its cases, or a store without splits: nothing to compare
+    try:
+        now = read_fold(Path(config["store"]), int(config["fold"]), task=family, merged=bool(config.get("merged")))
+    except PetctlError:
+        now = None
+    if now is None or (sorted(now[0]), sorted(now[1])) != (sorted(config["train"]), sorted(config["val"])):
+        raise PetctlError(f"{fold_dir}: trained on other cases than {family} fold {config['fold']} of {config['store']}/splits.json "
+                          "lists now (the store prepared again, or a fold left from a run with more folds); retrain it or remove it")
+
+
 @dataclass
 class RunModels:
     run_dir: Path
@@ -59,6 +77,7 @@ class RunModels:
                     raise PetctlError(f"{fold_dir}: no checkpoint; train this fold first")
                 state, _, meta = load_checkpoint(ckpt)
                 config = meta["config"]
+                _check_fold_is_current(fold_dir, family, config)
                 cfg = TrainConfig.from_json(config)
                 if family == "seg":
                     model = build_seg_model(cfg.arch, in_channels=cfg.in_channels, feature_size=cfg.feature_size,

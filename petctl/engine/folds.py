@@ -161,8 +161,11 @@ def run_pool(jobs: list[_Job], slot_env: list[dict[str, str]], *, started: Calla
              finished: Callable[[_Job, int], int], stop_code: int) -> int:
     """Run jobs, len(slot_env) at a time, each launcher in its own process group.
 
-    SIGTERM/SIGUSR1 to us go to every running group as SIGTERM, and no further job starts. A
-    job whose status is `stop_code` also stops new starts. Returns the worst status.
+    SIGTERM/SIGUSR1 to us — and Ctrl-C (SIGINT), which the launchers' own sessions would not see —
+    go to every running group as SIGTERM (each fold checkpoints and stops), and no further job
+    starts. A job whose status is `stop_code` also stops new starts. Should the pool itself fail,
+    the running groups are stopped the same way before the error goes on, never left orphaned.
+    Returns the worst status.
     """
     pending = list(jobs)
     running: dict[int, tuple[subprocess.Popen, _Job]] = {}
@@ -180,7 +183,7 @@ def run_pool(jobs: list[_Job], slot_env: list[dict[str, str]], *, started: Calla
             except ProcessLookupError:
                 pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         while running or (pending and not stopping):
             for slot in range(len(slot_env)):
@@ -200,6 +203,11 @@ def run_pool(jobs: list[_Job], slot_env: list[dict[str, str]], *, started: Calla
                 if code == stop_code:
                     stopping = True
         return worst
+    except BaseException:
+        forward(signal.SIGTERM, None)
+        for proc, _ in list(running.values()):
+            _wait_group(proc)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
