@@ -170,7 +170,7 @@ STUB_PYTHON = r"""#!/bin/bash
 # python stand-in: record argv (NUL-separated) and cwd; optionally "train" until SIGTERM, then exit 75
 printf '%s\0' "$@" > "$SANDBOX_LOG/argv.${SLURM_NODEID:-job}"
 if [[ -n ${STUB_TRAIN_S:-} ]]; then
-  trap 'echo stopped >> "$SANDBOX_LOG/events"; exit 75' TERM
+  trap 'sleep "${STUB_SAVE_S:-0}"; echo stopped >> "$SANDBOX_LOG/events"; exit 75' TERM  # STUB_SAVE_S: a slow checkpoint
   for ((i = 0; i < STUB_TRAIN_S * 10; i++)); do sleep 0.1; done
 fi
 exit "${STUB_EXIT:-0}"
@@ -263,17 +263,22 @@ def test_sandbox_prepare_and_steps_pass_values_verbatim(sandbox):
     assert _argv(log, "job") == ["-m", "petctl", "predict", "--run", "r1-merged", cfg.predict_input, cfg.predict_output]
 
 
-@pytest.mark.parametrize("sig, requeued, code", [(signal.SIGUSR1, True, 0), (signal.SIGTERM, False, 75)])
-def test_sandbox_signal_checkpoints_every_node_then_requeues(sandbox, sig, requeued, code):
+@pytest.mark.parametrize("sigs, requeued, code", [((signal.SIGUSR1,), True, 0), ((signal.SIGTERM,), False, 75),
+                                                   ((signal.SIGUSR1, signal.SIGTERM), True, 0)])  # the time limit's TERM after USR1
+def test_sandbox_signal_checkpoints_every_node_then_requeues(sandbox, sigs, requeued, code):
     cfg, folder, env, log = sandbox
-    proc = subprocess.Popen(["bash", str(folder / "train-seg.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "0", "STUB_TRAIN_S": "60"},
+    save_s = "1.5" if len(sigs) > 1 else "0"  # the second signal lands while the ranks still save
+    proc = subprocess.Popen(["bash", str(folder / "train-seg.sbatch")],
+                            env={**env, "SLURM_ARRAY_TASK_ID": "0", "STUB_TRAIN_S": "60", "STUB_SAVE_S": save_s},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not ((log / "argv.0").exists() and (log / "argv.1").exists()) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)  # let the node wrappers install their traps
-        proc.send_signal(sig)
+        for sig in sigs:
+            proc.send_signal(sig)
+            time.sleep(0.3)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
