@@ -68,16 +68,21 @@ def test_worst_status_is_returned_and_a_failure_does_not_stop_the_queue(tmp_path
     assert worst == 3 and codes == {"a": 3, "b": 0}
 
 
-def test_sigterm_reaches_every_running_job_and_nothing_new_starts(tmp_path: Path):
-    jobs = [_job(tmp_path, n, 30) for n in ("a", "b", "c")]
-    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+def _run_signalled(jobs, slots, sig):
+    """_run, with `sig` sent to this process 1.5 s in; also checks it all ended well before the jobs' 30 s."""
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), sig))
     timer.start()
     t0 = time.monotonic()
     try:
-        worst, started, codes = _run(jobs, 2)
+        result = _run(jobs, slots)
     finally:
         timer.cancel()
     assert time.monotonic() - t0 < 20
+    return result
+
+
+def test_sigterm_reaches_every_running_job_and_nothing_new_starts(tmp_path: Path):
+    worst, started, codes = _run_signalled([_job(tmp_path, n, 30) for n in ("a", "b", "c")], 2, signal.SIGTERM)
     assert worst == 75 and codes == {"a": 75, "b": 75}
     assert [label for label, _ in started] == ["a", "b"]
     assert (tmp_path / "a.term").exists() and (tmp_path / "b.term").exists() and not (tmp_path / "c.start").exists()
@@ -85,16 +90,8 @@ def test_sigterm_reaches_every_running_job_and_nothing_new_starts(tmp_path: Path
 
 def test_ctrl_c_stops_the_running_jobs_like_sigterm(tmp_path: Path):
     """The launchers run in their own sessions, so the terminal's SIGINT reaches only us: it is passed on."""
-    jobs = [_job(tmp_path, n, 30) for n in ("a", "b")]
     before = signal.getsignal(signal.SIGINT)
-    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
-    t0 = time.monotonic()
-    try:
-        worst, started, codes = _run(jobs, 1)
-    finally:
-        timer.cancel()
-    assert time.monotonic() - t0 < 20
+    worst, _, codes = _run_signalled([_job(tmp_path, n, 30) for n in ("a", "b")], 1, signal.SIGINT)
     assert worst == 75 and codes == {"a": 75} and (tmp_path / "a.term").exists() and not (tmp_path / "b.start").exists()
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler again afterwards
 
