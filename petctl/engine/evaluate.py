@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -498,15 +497,15 @@ def evaluate_folders(
 
 def write_csv(cases: Mapping[str, CaseMetrics], path: Path) -> None:
     """One row per scored case: `case,dice,fpv_ml,fnv_ml` (nan written as `nan`)."""
+    import io
+
+    from petctl.engine.registry import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["case", "dice", "fpv_ml", "fnv_ml"])
-            for case, m in cases.items():
-                writer.writerow([case, repr(float(m.dice)), repr(float(m.fpv_ml)), repr(float(m.fnv_ml))])
-        os.replace(tmp, path)  # a reader never sees half a table
-    finally:
-        tmp.unlink(missing_ok=True)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["case", "dice", "fpv_ml", "fnv_ml"])
+    for case, m in cases.items():
+        writer.writerow([case, repr(float(m.dice)), repr(float(m.fpv_ml)), repr(float(m.fnv_ml))])
+    write_text_atomic(path, table.getvalue())  # a reader never sees half a table

@@ -212,7 +212,11 @@ _UPDATABLE = frozenset(f.name for f in dataclasses.fields(StepRecord)) - {"run",
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` so that readers see the old file or the new one, never a mix."""
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n"
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` (temp file, fsync, rename): readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, unlike mkstemp's 0o600
     try:
