@@ -208,6 +208,85 @@ def test_gate_over_detected_positives_ignores_a_positive_the_segmentation_misses
         cal.calibrate(run_dir, negatives=False, volume_budget_ml=5.0)
 
 
+def test_calibrate_leaves_out_an_unreadable_test_case_by_name(trained: Path, store: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """One test negative whose stored arrays cannot be read (the classifier's pass) and one test
+    positive whose NIfTI cannot be read (the segmentation's pass): each is named once through
+    on_skip and left out, and the thresholds are those of a test split without the two cases; the
+    command prints each on its own line and exits 3. With every positive unreadable: one error
+    line, and the thresholds written before stay as they were."""
+    from typer.testing import CliRunner
+
+    from petctl.cli import app
+    from petctl.engine import calibrate as cal
+    from petctl.engine import nifti
+    from petctl.engine.ensemble import RunModels
+    from petctl.engine.store import CaseStore
+    from petctl.errors import CaseError, PetctlError
+
+    run_dir = _copy_run(trained, "r", "unreadable")
+    manifest = json.loads((store / "manifest.json").read_text())["cases"]
+    splits = json.loads((store / "splits.json").read_text())
+    extra = [next(c for c in sorted(manifest) if manifest[c]["positive"] == p and c not in splits["test"]) for p in (True, False)]
+    bad_positive, bad_negative = extra
+    stores = {}
+    for name, test in (("with", splits["test"] + extra), ("without", splits["test"])):
+        stores[name] = tmp_path / name
+        shutil.copytree(store, stores[name])
+        (stores[name] / "splits.json").write_text(json.dumps({**splits, "test": test}))
+    which = {"store": stores["with"]}
+    real_models, real_store_load, real_load_case = RunModels.load, CaseStore.load, nifti.load_case
+
+    def models_on_copy(*args, **kwargs):
+        models = real_models(*args, **kwargs)
+        models.store = which["store"]
+        return models
+
+    def store_load(self, case):
+        if case == bad_negative:
+            raise OSError(f"[Errno 5] Input/output error: '{case}.zarr/image/c/0/0/0'")
+        return real_store_load(self, case)
+
+    def load_case(src, **kw):
+        if src.case == bad_positive:
+            raise CaseError(src.case, "PET: not a gzip file")
+        return real_load_case(src, **kw)
+
+    monkeypatch.setattr(RunModels, "load", staticmethod(models_on_copy))
+    monkeypatch.setattr(CaseStore, "load", store_load)
+    monkeypatch.setattr(nifti, "load_case", load_case)
+    said: list[tuple[str, str]] = []
+    t = cal.calibrate(run_dir, gate_margin=0.5, on_skip=lambda c, r: said.append((c, r)))
+    assert said == [(bad_negative, f"OSError: [Errno 5] Input/output error: '{bad_negative}.zarr/image/c/0/0/0'"),
+                    (bad_positive, "PET: not a gzip file")]
+    assert t["skipped_cases"] == dict(said) and t["test_cases"] == splits["test"] and sorted(t["cases"]) == sorted(splits["test"])
+    which["store"] = stores["without"]
+    plain = cal.calibrate(run_dir, gate_margin=0.5)
+    assert plain["skipped_cases"] == {}
+    for key in ("threshold", "mean_dice", "num_positives", "mean_dice_curve"):
+        assert t["segmentation"][key] == plain["segmentation"][key], key
+    assert t["segmentation"]["extent"]["mean_fpv_ml_negatives"] == pytest.approx(plain["segmentation"]["extent"]["mean_fpv_ml_negatives"])
+    for key in ("threshold", "auroc", "positives", "negatives"):
+        assert t["classifier"][key] == plain["classifier"][key], key
+
+    which["store"] = stores["with"]
+    result = CliRunner().invoke(app, ["calibrate", "--run", "unreadable", "--gate-margin", "0.5"],
+                                env={"PETCTL_HOME": str(trained), "COLUMNS": "200"})
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("skipped:")]
+    assert lines == [f"skipped: {bad_negative}: OSError: [Errno 5] Input/output error: '{bad_negative}.zarr/image/c/0/0/0'",
+                     f"skipped: {bad_positive}: PET: not a gzip file"], result.output
+    step = json.loads((run_dir / "steps/calibrate.json").read_text())
+    assert step["metrics"]["skipped"] == 2 and step["status"] == "done"
+    written = (run_dir / "thresholds.json").read_text()
+
+    positives = [c for c in splits["test"] + extra if manifest[c]["positive"]]
+    monkeypatch.setattr(nifti, "load_case", lambda src, **kw: (_ for _ in ()).throw(CaseError(src.case, "PET: truncated")))
+    with pytest.raises(PetctlError, match=f"no test positive left to calibrate on \\({len(positives) + 1} test case"):
+        cal.calibrate(run_dir, gate_margin=0.5, negatives=False)  # the negatives' NIfTI files not read: the positives and the bad one
+    assert (run_dir / "thresholds.json").read_text() == written
+
+
 def test_detected_gate_threshold_counts_only_found_positives():
     from petctl.engine.calibrate import detected_gate_threshold
 

@@ -4,7 +4,8 @@ By default the threshold is chosen for PET-extent masks (each detected component
 background-corrected 50 % SUV isocontour), as predict then draws them; with --urine-veto, after the
 components lying mostly in urine on the CT are dropped, as predict then drops them.
 Writes HOME/runs/RUN/thresholds.json, calibration_dice.png and calibration_roc.png, and records a
-`calibrate` step in the registry.
+`calibrate` step in the registry. A test case that cannot be read is named on its own line and left
+out (thresholds.json lists it under skipped_cases); the exit status is then 3.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def calibrate(
 ) -> None:
     from rich.table import Table
 
-    from petctl.console import console, progress
+    from petctl.console import console, progress, warn_line
     from petctl.engine.calibrate import calibrate as run_calibrate
     from petctl.engine.calibrate import check_gate_margin, check_gate_positives, gate_rule_text
     from petctl.engine.geometry import check_resample
@@ -56,9 +57,11 @@ def calibrate(
         result = run_calibrate(run_dir, on_case=lambda c: bar.advance(task), gate=not no_gate,
                                component_seed=component_seed, pet_extent=pet_extent, volume_budget_ml=volume_budget_ml,
                                threshold_prior=prior, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
-                               urine_veto=urine_veto, negatives=negatives, resample=resample)
+                               urine_veto=urine_veto, negatives=negatives, resample=resample,
+                               on_skip=lambda c, r: warn_line(f"{c}: {r}"))
         seg, cls = result["segmentation"], result["classifier"]
-        metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"]}
+        metrics = {"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"], "test_dice": seg["mean_dice"],
+                   "skipped": len(result["skipped_cases"])}
         if seg.get("extent"):
             metrics.update(test_fpv_ml_negatives=seg["extent"]["mean_fpv_ml_negatives"], test_fnv_ml=seg["extent"]["mean_fnv_ml"])
         if cls:
@@ -97,6 +100,11 @@ def calibrate(
                    f"{cls['negatives_skipping_segmentation']}/{cls['negatives']}")
         console.print(t2)
     console.print(f"[green]wrote[/] {run_dir / 'thresholds.json'}, calibration_dice.png" + (", calibration_roc.png" if cls else ""))
+    if result["skipped_cases"]:
+        from petctl.errors import EXIT_SKIPPED
+
+        console.print(f"[yellow]calibrated without {len(result['skipped_cases'])} test case(s)[/], each named above")
+        raise typer.Exit(EXIT_SKIPPED)
 
 
 def _prior(text: str) -> float | str | None:

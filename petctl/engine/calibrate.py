@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from petctl.errors import PetctlError
+from petctl.errors import CaseError, PetctlError
 
 THRESHOLDS_VERSION = 1
 VOLUME_BUDGET_ML = float("inf")
@@ -92,7 +92,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
               component_seed: bool = False, pet_extent: bool = True, volume_budget_ml: float = VOLUME_BUDGET_ML,
               threshold_prior: float | str | None = "preset", tta: bool = False, gate_margin: float = 1.0,
               gate_positives: str = "all", urine_veto: bool = False, negatives: bool = True,
-              resample: str = "linear") -> dict[str, Any]:
+              resample: str = "linear", on_skip: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Compute and write `run_dir/thresholds.json`; returns its payload.
 
     `pet_extent` chooses the threshold for PET-extent predictions (module doc): within one standard
@@ -114,6 +114,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     components are detected — "linear" (trilinear) or "nearest" (each input voxel keeps the value of
     the stored voxel it lies in, so a lesion's peak is not averaged under the threshold); recorded in
     the extent, and predict resamples alike.
+    A test case that cannot be read (its stored arrays, its NIfTI files, a label that no longer
+    agrees with the store) is left out of everything, classifier gate included: `on_skip(case, reason)`
+    is called, the thresholds come from the other cases, and `skipped_cases` records it. With no test
+    positive left, PetctlError.
     """
     from petctl.engine.geometry import check_resample
 
@@ -154,42 +158,76 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if not positives:
         raise PetctlError(f"{models.store}: the test set has no positive case to calibrate the segmentation threshold on")
     per_case: dict[str, dict[str, Any]] = {c: {"positive": bool(manifest[c]["positive"])} for c in test}
+    skipped: dict[str, str] = {}
+
+    def skip(case: str, exc: BaseException) -> None:
+        skipped[case] = _skip_reason(case, exc)
+        per_case.pop(case, None)
+        if on_skip:
+            on_skip(case, skipped[case])
+
+    def gate_threshold() -> float:
+        kept = [c for c in test if c not in skipped]
+        return classifier_threshold(np.array([per_case[c]["positive"] for c in kept], bool),
+                                    np.array([per_case[c]["cls_score"] for c in kept], float), gate_margin)
+
     cls_thr = None
     if gate and models.cls:  # first the gate: negatives it stops cost no segmentation here, as in predict
         for case in test:
-            per_case[case]["cls_score"] = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
-        cls_thr = classifier_threshold(np.array([per_case[c]["positive"] for c in test], bool),
-                                       np.array([per_case[c]["cls_score"] for c in test], float), gate_margin)
-    segmented = [c for c in test if per_case[c]["positive"]
-                 or (pet_extent and negatives and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr))]
+            try:
+                per_case[case]["cls_score"] = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
+            except Exception as exc:  # noqa: BLE001 — one unreadable case is that case's line, the others go on
+                skip(case, exc)
+        _check_positives_left(models.store, per_case, skipped)
+        cls_thr = gate_threshold()
+    segmented = [c for c in test if c not in skipped and (per_case[c]["positive"]
+                 or (pet_extent and negatives and (cls_thr is None or per_case[c]["cls_score"] >= cls_thr)))]
     sources = _sources(models.store, segmented) if pet_extent else {}
     extent_tables, input_curves = [], []  # extent_tables: (case, positive, table) per segmented case
 
     seeds = SEED_THRESHOLDS if component_seed else SEED_THRESHOLDS[:1]  # [0.0]: every component kept
     ensemble_tables, fold_curves = [], {m.name: [] for m in models.seg}
     for case in test:
+        if case in skipped:
+            continue
         row = per_case[case]
         if case in segmented:
-            stored = store.load(case)
-            image = torch.from_numpy(stored.image.read_all()).float()
-            fold_probs = models.fold_probs(image, tta=tta)
-            ensemble = np.mean(fold_probs, axis=0)
-            if row["positive"]:
-                label = stored.label.read_all()
-                table = seeded_dice_grid(label, ensemble, THRESHOLDS, seeds)
-                ensemble_tables.append(table)
-                for m, p in zip(models.seg, fold_probs):
-                    fold_curves[m.name].append(dice_sweep(label, p, THRESHOLDS))
-                row["dice_table"] = table
-            if pet_extent:
-                ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"], veto,
-                                                resample)
-                extent_tables.append((case, row["positive"], ext))
+            try:  # everything of one case first, so a case that fails half-way leaves nothing behind
+                if case not in sources and pet_extent:
+                    raise PetctlError(f"{case}: not in the prepared cohort's folder any more")
+                stored = store.load(case)
+                image = torch.from_numpy(stored.image.read_all()).float()
+                fold_probs = models.fold_probs(image, tta=tta)
+                ensemble = np.mean(fold_probs, axis=0)
+                table = own = ext = plain = None
                 if row["positive"]:
-                    input_curves.append(plain)
-                row["extent_table"] = ext
+                    label = stored.label.read_all()
+                    table = seeded_dice_grid(label, ensemble, THRESHOLDS, seeds)
+                    own = [dice_sweep(label, p, THRESHOLDS) for p in fold_probs]
+                if pet_extent:
+                    ext, plain = _input_grid_curves(case, sources[case], stored.attrs["geometry"], ensemble, row["positive"], veto,
+                                                    resample)
+            except Exception as exc:  # noqa: BLE001 — as above
+                skip(case, exc)
+            else:
+                if table is not None:
+                    ensemble_tables.append(table)
+                    for m, curve in zip(models.seg, own):
+                        fold_curves[m.name].append(curve)
+                    row["dice_table"] = table
+                if ext is not None:
+                    extent_tables.append((case, row["positive"], ext))
+                    if row["positive"]:
+                        input_curves.append(plain)
+                    row["extent_table"] = ext
         if on_case:
             on_case(case)
+    _check_positives_left(models.store, per_case, skipped)
+    test = [c for c in test if c not in skipped]
+    positives = [c for c in positives if c not in skipped]
+    gate_before = cls_thr
+    if cls_thr is not None and skipped:  # a skipped positive may have held the gate down
+        cls_thr = gate_threshold()
 
     mean_table = np.nanmean(np.array(ensemble_tables), axis=0)
     mean_curve = mean_table[:, 0]  # seed 0: every component kept (the paper's plain threshold)
@@ -244,21 +282,23 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         detected = detected_gate_threshold(per_case, gate_margin)
         if detected is not None and detected[0] > cls_thr:
             cls_thr = detected[0]
-            for row in per_case.values():  # negatives the final gate stops: no false positive in predict
-                if not row["positive"] and row["cls_score"] < cls_thr and "fpv_ml_at_threshold" in row:
-                    row["fpv_ml_without_gate"] = row["fpv_ml_at_threshold"]
-                    row["fpv_ml_at_threshold"] = 0.0
-            if extent is not None and negatives:
-                stopped = {c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr}
-                fpv_neg = _negatives_fpv_curve(extent_tables, stopped, num_negatives)
-                extent["mean_fpv_ml_negatives_curve"] = _listed(fpv_neg)
-                extent["mean_fpv_ml_negatives"] = float(fpv_neg[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
+    if cls_thr is not None and gate_before is not None and cls_thr > gate_before:
+        for row in per_case.values():  # negatives the final gate stops: no false positive in predict
+            if not row["positive"] and row["cls_score"] < cls_thr and "fpv_ml_at_threshold" in row:
+                row["fpv_ml_without_gate"] = row["fpv_ml_at_threshold"]
+                row["fpv_ml_at_threshold"] = 0.0
+        if extent is not None and negatives:
+            stopped = {c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr}
+            fpv_neg = _negatives_fpv_curve(extent_tables, stopped, num_negatives)
+            extent["mean_fpv_ml_negatives_curve"] = _listed(fpv_neg)
+            extent["mean_fpv_ml_negatives"] = float(fpv_neg[int(np.argmin(np.abs(REFINE_THRESHOLDS - ext_thr)))])
 
     payload: dict[str, Any] = {
         "version": THRESHOLDS_VERSION,
         "run": Path(run_dir).name,
         "store": str(models.store),
         "test_cases": test,
+        "skipped_cases": skipped,
         "tta": bool(tta),
         "segmentation": {
             "threshold": float(seg_thr), "seed_threshold": float(seed_thr), "mean_dice": float(seg_dice),
@@ -310,10 +350,25 @@ def _sources(store: Path, cases: list[str]) -> dict[str, Any]:
         found = {s.case: s for s in discover(data, Path(prep["metadata"]) if prep.get("metadata") else None)}
     except PetctlError as exc:
         raise PetctlError(f"{exc} ({hint})") from None
-    missing = [c for c in cases if c not in found]
-    if missing:
-        raise PetctlError(f"{data}: test case {missing[0]} is not there any more ({hint})")
-    return {c: found[c] for c in cases}
+    return {c: found[c] for c in cases if c in found}  # a case not found: calibrate skips it, by name
+
+
+def _skip_reason(case: str, exc: BaseException) -> str:
+    """One line: why `case` was left out (the case's own name not repeated)."""
+    if isinstance(exc, CaseError):
+        text = exc.reason
+    else:
+        text = str(exc).strip() or type(exc).__name__
+        text = text[len(case) + 2:] if text.startswith(f"{case}: ") else text
+        if not isinstance(exc, PetctlError):
+            text = f"{type(exc).__name__}: {text}"
+    return " ".join(text.split())
+
+
+def _check_positives_left(store: Path, per_case: dict[str, dict[str, Any]], skipped: dict[str, str]) -> None:
+    if skipped and not any(r["positive"] for r in per_case.values()):
+        raise PetctlError(f"{store}: no test positive left to calibrate on ({len(skipped)} test case(s) skipped, "
+                          f"first {next(iter(skipped))}: {next(iter(skipped.values()))})")
 
 
 def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], ensemble: np.ndarray,

@@ -277,7 +277,8 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
                                                                             "gate_positives": cfg.gate_positives, "urine_veto": cfg.urine_veto,
                                                                             "negatives": cfg.calibrate_negatives, "resample": cfg.prob_resample}):
         thresholds = calibrate(run_dir, tta=cfg.tta, gate_margin=cfg.gate_margin, gate_positives=cfg.gate_positives,
-                               urine_veto=cfg.urine_veto, negatives=cfg.calibrate_negatives, resample=cfg.prob_resample)
+                               urine_veto=cfg.urine_veto, negatives=cfg.calibrate_negatives, resample=cfg.prob_resample,
+                               on_skip=lambda c, r: warn(f"{c}: {r}"))
         seg, cls = thresholds["segmentation"], thresholds["classifier"]
         ext = seg.get("extent") or {}
         registry.update_step(cfg.run, "calibrate", metrics={"seg_threshold": seg["threshold"], "seed_threshold": seg["seed_threshold"],
