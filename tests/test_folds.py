@@ -121,6 +121,33 @@ def test_concurrent_folds_are_refused_for_multi_node_launches(tmp_path: Path):
         train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r", home=tmp_path, launch=FoldLaunch(nodes=2, concurrent=2))
 
 
+def test_a_fold_failing_before_it_starts_is_not_taken_for_the_earlier_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fold an earlier launch stopped by signal keeps its registry step pending with that message;
+    when the next launch fails before the fold starts (an exit 1 that never reaches the registry),
+    the queue reports that failure, not a second preemption. A launch that does get stopped again
+    (a new attempt, the message written by it) still reads as preempted."""
+    import petctl.engine.launch as launch_mod
+    from petctl.engine.registry import Registry
+
+    registry = Registry(tmp_path)
+    registry.create_run("r", kind="train", config={})
+    registry.start_step("r", "train-seg-fold0", kind="train-seg")
+    registry.update_step("r", "train-seg-fold0", status="pending", message="stopped by signal at step 10; re-run to resume")
+    script = {"text": "import sys; sys.exit(1)"}
+    monkeypatch.setattr(launch_mod, "launch_command", lambda **kw: [sys.executable, "-c", script["text"]])
+    warned: list[str] = []
+    code = train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r", home=tmp_path, warn=warned.append, say=lambda m: None)
+    assert code == 1 and warned == ["seg fold0: training exited with status 1"]
+    script["text"] = (  # a new attempt that the signal stops: registered, checkpointed, and the launcher dies of it (-15)
+        "import os, signal; from petctl.engine.registry import Registry; r = Registry(" + repr(str(tmp_path)) + "); "
+        "r.start_step('r', 'train-seg-fold0', kind='train-seg'); "
+        "r.update_step('r', 'train-seg-fold0', status='pending', message='stopped by signal at step 12; re-run to resume'); "
+        "os.kill(os.getpid(), signal.SIGTERM)")
+    warned.clear()
+    code = train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r", home=tmp_path, warn=warned.append, say=lambda m: None)
+    assert code == 75 and warned == ["seg fold0: stopped by signal after saving its checkpoint; re-run the same command to resume"]
+
+
 @pytest.mark.parametrize("concurrent, ports", [(1, [29500, 29500, 29500]), (2, [29500, 29501, 29502])])
 def test_a_given_port_is_shifted_per_job_only_when_jobs_run_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    concurrent: int, ports: list[int]):

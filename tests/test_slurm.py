@@ -37,6 +37,7 @@ from petctl.engine.slurm import (
     JobStates,
     SlurmConfig,
     cancel_plan,
+    check_replaceable,
     parse_sacct,
     parse_scontrol,
     parse_squeue,
@@ -320,6 +321,20 @@ def test_cli_plan_writes_files_with_the_users_umask(tmp_path: Path):
     assert read_plan(folder)["jobs"][0]["job_id"] is None
 
 
+def test_cli_plan_sets_the_cycles_of_each_task_apart(tmp_path: Path):
+    """--cycles/--epochs set the segmentation's schedule and --cls-cycles/--cls-epochs the
+    classifier's, in the one train_config.json both training jobs copy; what is not given stays the preset's."""
+    from petctl.engine.config import preset
+
+    result = CliRunner().invoke(app, _plan_args(tmp_path, "--cycles", "2", "--epochs", "3", "--cls-epochs", "4"))
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "home/runs/r/slurm/train_config.json").read_text())
+    tiny = preset("cpu-tiny")
+    assert (written["num_cycles"], written["epochs_per_cycle"]) == (2, 3)
+    assert (written["cls_num_cycles"], written["cls_epochs_per_cycle"]) == (tiny.cls_num_cycles, 4) != (tiny.cls_num_cycles, tiny.cls_epochs_per_cycle)
+    assert read_plan(tmp_path / "home/runs/r/slurm")["config"]["cls_epochs"] == 4
+
+
 def test_cli_plan_passes_checked_calibrate_options(tmp_path: Path):
     result = CliRunner().invoke(app, _plan_args(tmp_path, "--calibrate-args", "--urine-veto --gate-margin 0.5"))
     assert result.exit_code == 0, result.output
@@ -419,6 +434,23 @@ def test_resubmit_refused_while_jobs_are_queued_and_cancel(planned):
     assert fake.calls == [["scancel", *[str(i) for i in range(101, 108)]]]
     assert registry.step("r1", "train-seg-fold0").status == "failed" and "cancelled" in registry.step("r1", "train-seg-fold0").message
     assert registry.step("r1", "prepare").status == "running"  # a running step stops (and records) itself
+
+
+def test_a_plan_is_replaced_only_when_its_submitted_jobs_have_left_the_queue(planned):
+    """Without --force a submitted plan is kept; with it, only once none of its jobs is queued or
+    running (the new plan.json would forget their ids while they go on writing to the run)."""
+    folder, registry = planned
+    check_replaceable(folder, "r1", force=False, runner=FakeSlurm())  # written, never submitted: replaceable
+    submit_plan(folder, registry, runner=FakeSlurm())
+    with pytest.raises(PetctlError, match="already submitted .*pass --force"):
+        check_replaceable(folder, "r1", force=False, runner=FakeSlurm())
+    queued = FakeSlurm(queue="104|PENDING\n999|RUNNING\n")
+    with pytest.raises(PetctlError) as err:
+        check_replaceable(folder, "r1", force=True, runner=queued)
+    assert str(err.value) == ("run r1 still has SLURM jobs queued or running (104); "
+                              "`petctl slurm cancel --run r1` them before --force replaces the plan")
+    check_replaceable(folder, "r1", force=True, runner=FakeSlurm(queue="999|RUNNING\n"))  # only another run's job left
+    check_replaceable(folder.parent / "nothing", "r1", force=False, runner=FakeSlurm())
 
 
 def test_submit_only_keeps_other_job_ids(planned):

@@ -87,27 +87,30 @@ def plan(
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (prepare --folds; array sizes).")] = 5,
     spacing: Annotated[Optional[str], typer.Option("--spacing", help="Store spacing x,y,z in mm (default: the preset's).")] = None,
     test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help="prepare --test-fraction (default: prepare's).")] = None,
-    cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle.")] = None,
+    cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of segmentation cycles.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's segmentation epochs per cycle.")] = None,
+    cls_cycles: Annotated[Optional[int], typer.Option("--cls-cycles", help="Override the preset's number of classifier cycles.")] = None,
+    cls_epochs: Annotated[Optional[int], typer.Option("--cls-epochs", help="Override the preset's classifier epochs per cycle.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop training after this many steps (smoke runs).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no or bf16.")] = "no",
     predict_input: Annotated[Optional[Path], typer.Option("--predict-input", help="NIfTI cases to predict at the end.")] = None,
     predict_output: Annotated[Optional[Path], typer.Option("--predict-output", help="Where predict writes the masks.")] = None,
     calibrate_args: Annotated[Optional[str], typer.Option("--calibrate-args", help="More options for the calibrate job, in one quoted string, e.g. '--urine-veto --gate-margin 0.5 --gate-positives detected' (what `petctl demo` calibrates with); checked against `petctl calibrate` now, not when the job starts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scripts instead of writing them.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a plan whose jobs were already submitted.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a plan whose jobs were already submitted and have all left the queue (jobs still queued or running are refused: cancel them first).")] = False,
     home: HomeOpt = None,
 ) -> None:
     """Render the chain's sbatch scripts and plan.json into HOME/runs/RUN/slurm/."""
     from petctl.console import console
-    from petctl.engine.slurm import SlurmConfig, plan_dir, read_plan, render_plan, submitted_ids, write_plan
+    from petctl.engine.slurm import SlurmConfig, check_replaceable, plan_dir, render_plan, write_plan
     from petctl.home import resolve_home
 
     cfg = SlurmConfig(
         run=run, data=_absolute(data), store=_absolute(store), home=_absolute(resolve_home(home)), workdir=os.getcwd(),
         preset=preset, num_folds=folds, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
         partition=partition, account=account, qos=qos, mem=mem, time=time_limit, constraint=constraint,
-        spacing=_spacing(spacing), test_fraction=test_fraction, cycles=cycles, epochs=epochs, max_steps=max_steps, mixed_precision=mixed_precision,
+        spacing=_spacing(spacing), test_fraction=test_fraction, cycles=cycles, epochs=epochs,
+        cls_cycles=cls_cycles, cls_epochs=cls_epochs, max_steps=max_steps, mixed_precision=mixed_precision,
         predict_input=_absolute(predict_input) if predict_input else None,
         predict_output=_absolute(predict_output) if predict_output else None,
         calibrate_args=_calibrate_args(calibrate_args, run),
@@ -118,11 +121,7 @@ def plan(
             typer.echo(f"# ==> {name} <==\n{text}")
         return
     folder = plan_dir(cfg.home, run)
-    if (folder / "plan.json").exists() and not force:
-        earlier = submitted_ids(read_plan(folder))
-        if earlier:
-            raise PetctlError(f"run {run} was already submitted (jobs {', '.join(earlier)}); "
-                              f"`petctl slurm cancel --run {run}` them, or pass --force to replace the plan")
+    check_replaceable(folder, run, force=force)
     write_plan(result, scripts, folder)
     _jobs_table(f"SLURM plan for run {run} → {folder}", [(j.name, j.array, j.after, j.filename) for j in result.jobs])
     console.print(f"submit with: petctl slurm submit --run {run}" + (f" --home {home}" if home else ""))

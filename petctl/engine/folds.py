@@ -113,9 +113,18 @@ def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds:
                                  mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)
             jobs.append(_Job(label=f"{t} {name}", step=f"train-{family}-{name}", cmd=cmd))
 
+    attempt_before: dict[str, tuple[int, str | None] | None] = {}
+
+    def attempt(step: str) -> tuple[int, str | None] | None:
+        record = registry.step(run, step)
+        return None if record is None else (record.attempts, record.started)
+
     def finished(job: _Job, code: int) -> int:
         record = registry.step(run, job.step)
-        if record is not None and record.status == "pending" and "stopped by signal" in (record.message or ""):
+        # only this launch's own attempt counts: a fold stopped by an earlier launch's signal that now
+        # fails before it starts keeps that older message, and must not read as preempted again
+        this_attempt = record is not None and attempt(job.step) != attempt_before.get(job.step)
+        if this_attempt and record.status == "pending" and "stopped by signal" in (record.message or ""):
             code = EXIT_PREEMPTED  # the launcher may have died of the signal; the fold checkpointed
         if code == EXIT_PREEMPTED:
             warn(f"{job.label}: stopped by signal after saving its checkpoint; re-run the same command to resume")
@@ -124,6 +133,7 @@ def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds:
         return code
 
     def started(job: _Job, slot: int) -> None:
+        attempt_before[job.step] = attempt(job.step)
         where = f" (slot {slot + 1}/{launch.concurrent})" if launch.concurrent > 1 else ""
         say(f"[bold]{job.label}[/]: {launch.processes} process(es) × {launch.nodes} node(s), preset {cfg.preset}{where}")
 

@@ -76,8 +76,11 @@ class SlurmConfig:
     test_fraction: float | None = None
     """prepare --test-fraction; None = prepare's default."""
     cycles: int | None = None
-    """Overrides of the preset's cycles and epochs per cycle (as `petctl train --cycles/--epochs`)."""
+    """Overrides of the preset's segmentation cycles and epochs per cycle (as `petctl train --task seg --cycles/--epochs`)."""
     epochs: int | None = None
+    cls_cycles: int | None = None
+    """The same for the classifier (as `petctl train --task cls --cycles/--epochs`)."""
+    cls_epochs: int | None = None
     max_steps: int | None = None
     """Stop each training task after this many steps (smoke runs)."""
     mixed_precision: str = "no"
@@ -231,8 +234,8 @@ def train_config_json(cfg: SlurmConfig) -> dict[str, Any]:
     """The preset with the plan's overrides, as `petctl train` builds it."""
     from petctl.engine.config import preset, with_overrides
 
-    return with_overrides(preset(cfg.preset), task="seg", cycles=cfg.cycles, epochs=cfg.epochs,
-                          mixed_precision=cfg.mixed_precision).to_json()
+    seg = with_overrides(preset(cfg.preset), task="seg", cycles=cfg.cycles, epochs=cfg.epochs, mixed_precision=cfg.mixed_precision)
+    return with_overrides(seg, task="cls", cycles=cfg.cls_cycles, epochs=cfg.cls_epochs).to_json()
 
 
 def plan_dir(home: str | os.PathLike[str], run: str) -> Path:
@@ -466,6 +469,24 @@ def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = Non
             raise PetctlError(f"submitted but could not release the held jobs {', '.join(ids.values())}: "
                               f"{_first_line(result.stderr)} (run `scontrol release` yourself)")
     return ids
+
+
+def check_replaceable(folder: Path, run: str, *, force: bool, runner: Runner = subprocess.run) -> None:
+    """`slurm plan` may write over an earlier plan only when that one was never submitted, or, with
+    `force`, when none of its jobs is still queued or running: the new plan.json forgets the old
+    job ids, so jobs still running would go on writing to the run unseen by `cancel` and `submit`."""
+    if not (folder / "plan.json").exists():
+        return
+    earlier = submitted_ids(read_plan(folder))
+    if not earlier:
+        return
+    if not force:
+        raise PetctlError(f"run {run} was already submitted (jobs {', '.join(earlier)}); "
+                          f"`petctl slurm cancel --run {run}` them, or pass --force to replace the plan")
+    active = _active(runner, earlier)
+    if active:
+        raise PetctlError(f"run {run} still has SLURM jobs queued or running ({', '.join(active)}); "
+                          f"`petctl slurm cancel --run {run}` them before --force replaces the plan")
 
 
 def _active(runner: Runner, ids: Sequence[str]) -> list[str]:
