@@ -287,6 +287,91 @@ def test_calibrate_leaves_out_an_unreadable_test_case_by_name(trained: Path, sto
     assert (run_dir / "thresholds.json").read_text() == written
 
 
+def test_no_gate_leaves_the_classifier_folds_alone(trained: Path):
+    """Without the gate the classifier folds are neither loaded nor checked: a classifier fold that
+    never checkpointed stops only a gated load, and the store comes from the segmentation folds."""
+    from petctl.engine.ensemble import RunModels
+    from petctl.errors import PetctlError
+
+    run_dir = _copy_run(trained, "r", "cls-unfinished")
+    (run_dir / "cls" / "fold7-x").mkdir()  # a classifier fold killed before its first checkpoint
+    with pytest.raises(PetctlError, match="fold7-x: no checkpoint"):
+        RunModels.load(run_dir, need_cls=True)
+    models = RunModels.load(run_dir, need_cls=False)
+    assert models.cls == [] and models.seg and models.store == RunModels.load(trained / "runs/r").store
+    _petctl(trained, "calibrate", "--run", "cls-unfinished", "--no-gate")
+    t = json.loads((run_dir / "thresholds.json").read_text())
+    assert t["classifier"] is None
+    assert not (run_dir / "calibration_roc.png").exists()  # the copied run's ROC (with the gate) no longer describes it
+
+
+def test_calibrate_refuses_pet_extent_options_without_the_pet_extent(trained: Path):
+    from petctl.engine import calibrate as cal
+    from petctl.errors import PetctlError
+
+    run_dir = _copy_run(trained, "r", "plain-options")
+    before = (run_dir / "thresholds.json").read_text()
+    for kw, name in (({"volume_budget_ml": 5.0}, "--volume-budget-ml"), ({"resample": "nearest"}, "--resample nearest"),
+                     ({"threshold_prior": None}, "--threshold-prior"), ({"negatives": False}, "--no-negatives")):
+        with pytest.raises(PetctlError, match=f"^{name} belongs to the PET extent's threshold choice"):
+            cal.calibrate(run_dir, pet_extent=False, **kw)
+    assert (run_dir / "thresholds.json").read_text() == before
+
+
+def test_a_test_split_without_negatives_measures_no_false_positive_volume(trained: Path, store: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """No test negative (or none left): the FPV over negatives is not measured (None, not 0.00 mL),
+    a volume budget is refused, and a NaN classifier score is that case's own line."""
+    from petctl.engine import calibrate as cal
+    from petctl.engine.ensemble import RunModels
+    from petctl.errors import PetctlError
+
+    run_dir = _copy_run(trained, "r", "no-negatives")
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())["cases"]
+    splits = json.loads((copy / "splits.json").read_text())
+    splits["test"] = [c for c in splits["test"] if manifest[c]["positive"]]
+    (copy / "splits.json").write_text(json.dumps(splits))
+    real_models = RunModels.load
+
+    def models_on_copy(*args, **kwargs):
+        models = real_models(*args, **kwargs)
+        models.store = copy
+        return models
+
+    monkeypatch.setattr(RunModels, "load", staticmethod(models_on_copy))
+    t = cal.calibrate(run_dir, gate=False)
+    ext = t["segmentation"]["extent"]
+    assert ext["mean_fpv_ml_negatives"] is None and ext["mean_fpv_ml_negatives_curve"] is None and ext["negatives_segmented"] is False
+    with pytest.raises(PetctlError, match="the test split has none$"):
+        cal.calibrate(run_dir, gate=False, volume_budget_ml=5.0)
+    # a NaN classifier score: that case is skipped by name; with it the only positive, nothing is left
+    monkeypatch.setattr(RunModels, "cls_score", lambda self, pet: float("nan"))
+    said: list[tuple[str, str]] = []
+    with pytest.raises(PetctlError, match="no test positive left"):
+        cal.calibrate(run_dir, on_skip=lambda c, r: said.append((c, r)))
+    assert said and all("the classifier scored it nan" in r for _, r in said)
+    assert [c for c, _ in said] == splits["test"]
+
+
+def test_gate_rule_text_says_when_the_detected_gate_fell_back_to_every_positive():
+    from petctl.engine.calibrate import gate_rule_text
+
+    base = {"margin": 0.5, "lowest_positive_score": 0.2, "gate_positive_score": 0.2, "gate_positives": "detected"}
+    assert gate_rule_text({**base, "gate_fell_back_to_all": True}) == "0.5 × the lowest test positive's score 0.2000"
+    assert gate_rule_text({**base, "gate_positive_score": 0.4}) == "0.5 × the lowest detected test positive's score 0.4000"
+
+
+def test_a_corrupt_thresholds_file_is_one_line(tmp_path: Path):
+    from petctl.engine.ensemble import read_thresholds
+    from petctl.errors import PetctlError
+
+    (tmp_path / "thresholds.json").write_text('{"version": 1, "segmen')
+    with pytest.raises(PetctlError, match="thresholds.json: cannot be read .*run `petctl calibrate --run"):
+        read_thresholds(tmp_path)
+
+
 def test_detected_gate_threshold_counts_only_found_positives():
     from petctl.engine.calibrate import detected_gate_threshold
 

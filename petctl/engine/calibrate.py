@@ -68,7 +68,7 @@ def gate_rule_text(cls: dict[str, Any]) -> str:
     detected = cls.get("gate_positives") == "detected"
     if margin == 1.0 and not detected:
         return "sensitivity 1.0"
-    which = "detected " if detected else ""
+    which = "detected " if detected and not cls.get("gate_fell_back_to_all") else ""
     score = cls.get("gate_positive_score", cls["lowest_positive_score"])
     return f"{margin:g} × the lowest {which}test positive's score {score:.4f}"
 
@@ -130,6 +130,11 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         raise PetctlError("the urine veto reads the CT of the input grid, as the PET extent does: keep --pet-extent to use --urine-veto")
     if not negatives and np.isfinite(volume_budget_ml):
         raise PetctlError("a volume budget weighs the test negatives' false-positive volume: keep --negatives to use --volume-budget-ml")
+    if not pet_extent:  # options of the PET extent's threshold choice, which --no-pet-extent would quietly ignore
+        given = [name for name, off in (("--volume-budget-ml", np.isfinite(volume_budget_ml)), ("--resample nearest", resample != "linear"),
+                                        ("--threshold-prior", threshold_prior != "preset"), ("--no-negatives", not negatives)) if off]
+        if given:
+            raise PetctlError(f"{given[0]} belongs to the PET extent's threshold choice: keep --pet-extent to use it")
     from petctl.engine.ensemble import RunModels
     from petctl.engine.metrics import (
         SEED_THRESHOLDS,
@@ -175,7 +180,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if gate and models.cls:  # first the gate: negatives it stops cost no segmentation here, as in predict
         for case in test:
             try:
-                per_case[case]["cls_score"] = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
+                score = models.cls_score(torch.from_numpy(store.load(case).image.read_all()[1]).float())
+                if not np.isfinite(score):
+                    raise PetctlError(f"{case}: the classifier scored it {score} (a NaN or infinite PET in the store?)")
+                per_case[case]["cls_score"] = float(score)
             except Exception as exc:  # noqa: BLE001 — one unreadable case is that case's line, the others go on
                 skip(case, exc)
         _check_positives_left(models.store, per_case, skipped)
@@ -247,7 +255,11 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     if pet_extent:
         pos = np.array([t for _, p, t in extent_tables if p])
         num_negatives = sum(not per_case[c]["positive"] for c in test)  # gated ones count with no false positive
-        fpv_neg = _negatives_fpv_curve(extent_tables, set(), num_negatives) if negatives else np.full(len(REFINE_THRESHOLDS), np.nan)
+        measured = negatives and num_negatives > 0  # no test negative (left): their FPV is not measured, not 0
+        if np.isfinite(volume_budget_ml) and not measured:
+            raise PetctlError(f"{models.store}: a volume budget weighs the test negatives' false-positive volume, "
+                              f"and the test split has none{' left' if skipped else ''}")
+        fpv_neg = _negatives_fpv_curve(extent_tables, set(), num_negatives) if measured else np.full(len(REFINE_THRESHOLDS), np.nan)
         dice_curve, fnv_curve = np.nanmean(pos[:, :, 0], axis=0), pos[:, :, 2].mean(axis=0)
         prior = models.seg[0].cfg.extent_threshold_prior if threshold_prior == "preset" else threshold_prior
         # not measured: no budget either (checked above), so FPV does not enter the choice
@@ -259,10 +271,10 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         extent = {
             "method": "pet_a50", "fraction": FRACTION, "grow_voxels": GROW_VOXELS, "shell_voxels": list(SHELL), "resample": resample,
             "thresholds": REFINE_THRESHOLDS.tolist(), "mean_dice_curve": _listed(dice_curve),
-            "negatives_segmented": negatives,
-            "mean_fpv_ml_negatives_curve": _listed(fpv_neg) if negatives else None, "mean_fnv_ml_curve": _listed(fnv_curve),
+            "negatives_segmented": measured,
+            "mean_fpv_ml_negatives_curve": _listed(fpv_neg) if measured else None, "mean_fnv_ml_curve": _listed(fnv_curve),
             "volume_budget_ml": float(volume_budget_ml) if np.isfinite(volume_budget_ml) else None, "budget_met": budget_met,
-            "mean_fpv_ml_negatives": float(fpv_neg[i]) if negatives else None, "mean_fnv_ml": float(fnv_curve[i]),
+            "mean_fpv_ml_negatives": float(fpv_neg[i]) if measured else None, "mean_fnv_ml": float(fnv_curve[i]),
             "best_dice_unconstrained": float(np.nanmax(dice_curve)),
             "rule": "best_mean_dice" if choice["threshold_prior"] is None else "one_standard_error_toward_prior", "threshold_prior": choice["threshold_prior"],
             "best_threshold": choice["best_threshold"], "best_dice": choice["best_dice"],
@@ -287,7 +299,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             if not row["positive"] and row["cls_score"] < cls_thr and "fpv_ml_at_threshold" in row:
                 row["fpv_ml_without_gate"] = row["fpv_ml_at_threshold"]
                 row["fpv_ml_at_threshold"] = 0.0
-        if extent is not None and negatives:
+        if extent is not None and extent["negatives_segmented"]:
             stopped = {c for c in test if not per_case[c]["positive"] and per_case[c]["cls_score"] < cls_thr}
             fpv_neg = _negatives_fpv_curve(extent_tables, stopped, num_negatives)
             extent["mean_fpv_ml_negatives_curve"] = _listed(fpv_neg)
@@ -324,6 +336,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
         payload["classifier"] = {
             "threshold": float(cls_thr), "margin": float(gate_margin), "lowest_positive_score": float(scores[labels].min()),
             "gate_positives": gate_positives,
+            # "detected" with no positive found at all: the gate fell back to every positive (the paper's)
+            "gate_fell_back_to_all": gate_positives == "detected" and detected is None,
             "gate_positive_score": float(detected[1]) if detected else float(scores[labels].min()),
             "positives_left_out": int(detected[2]) if detected else 0,
             "positives_below_threshold": int(((scores < cls_thr) & labels).sum()),
@@ -333,8 +347,8 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
             "models": [m.name for m in models.cls],
         }
     payload["seconds"] = round(time.perf_counter() - t0, 2)
+    plot_calibration(Path(run_dir), payload, fold_curves, THRESHOLDS)  # first: a failed plot leaves the thresholds as they were
     write_json_atomic(Path(run_dir) / "thresholds.json", payload)
-    plot_calibration(Path(run_dir), payload, fold_curves, THRESHOLDS)
     return payload
 
 
@@ -497,9 +511,10 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
                ylim=(0, min(top * 1.05, 4 * budget) if budget else top * 1.05))
         ax.legend(fontsize=7, loc="upper center")
     fig.tight_layout()
-    fig.savefig(run_dir / "calibration_dice.png", dpi=100)
-    plt.close(fig)
+    _save_figure(fig, run_dir / "calibration_dice.png")
     cls = payload.get("classifier")
+    if not cls:  # an ROC of an earlier calibration with the gate would no longer describe this one
+        (run_dir / "calibration_roc.png").unlink(missing_ok=True)
     if cls:
         from sklearn.metrics import roc_curve
 
@@ -515,5 +530,19 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
         ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="MIP classifier gate")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(run_dir / "calibration_roc.png", dpi=100)
+        _save_figure(fig, run_dir / "calibration_roc.png")
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a figure by temp file and rename (a reader never sees half a PNG), and close it."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
         plt.close(fig)
+        tmp.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """The trained models of a run, loaded for inference: segmentation folds and MIP classifiers.
 
-`RunModels.load(home, run)` finds each fold's `best` checkpoint (segmentation and classifier ×
-projection), rebuilds each network from the config saved beside it, and loads the weights with
+`RunModels.load(run_dir)` finds each fold's `best` checkpoint (its `last` when the fold never
+validated; segmentation and classifier × projection, the classifiers only when `need_cls`), rebuilds each network from the config saved beside it, and loads the weights with
 `weights_only=True`. `seg_probs` averages the folds' sigmoid probabilities by sliding window
 (gaussian blending, optional flip TTA, stitching on the CPU when asked); `cls_score` averages the
 classifiers' probabilities over folds and projections. Used by calibrate and predict.
@@ -59,7 +59,9 @@ class RunModels:
 
     @classmethod
     def load(cls, run_dir: Path, *, device: torch.device | None = None, need_cls: bool = True) -> "RunModels":
-        """Load every fold's best checkpoint (`seg/` and `cls/`, or `seg-merged/` and `cls-merged/` when present)."""
+        """Load every fold's best checkpoint (`seg/` and `cls/`, or `seg-merged/` and `cls-merged/` when present).
+        `need_cls=False` (no gate) leaves the classifier folds alone: they are neither loaded nor checked.
+        The store is the segmentation folds'."""
         from petctl.engine.classifier import build_classifier_for
         from petctl.engine.loop import find_checkpoint, load_checkpoint
         from petctl.engine.models import build_seg_model, channels_last
@@ -67,7 +69,7 @@ class RunModels:
         run_dir = Path(run_dir)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         out = cls(run_dir=run_dir, device=device)
-        for family in ("seg", "cls"):
+        for family in ("seg", "cls") if need_cls else ("seg",):
             folder = run_dir / f"{family}-merged" if (run_dir / f"{family}-merged").is_dir() else run_dir / family
             if not folder.is_dir():
                 continue
@@ -92,7 +94,8 @@ class RunModels:
                 entry = LoadedModel(fold_dir.name, int(config["fold"]), cfg, model, config.get("projection"),
                                     (best or {}).get("best_threshold"))
                 (out.seg if family == "seg" else out.cls).append(entry)
-                out.store = Path(config["store"])
+                if family == "seg":
+                    out.store = Path(config["store"])
         if not out.seg:
             raise PetctlError(f"{run_dir}: no trained segmentation folds; run `petctl train --task seg` first")
         if need_cls and not out.cls:
@@ -171,7 +174,10 @@ def read_thresholds(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "thresholds.json"
     if not path.exists():
         raise PetctlError(f"{path}: missing; run `petctl calibrate --run {Path(run_dir).name}` first")
-    data = json.loads(path.read_text())
-    if data.get("version") != 1 or "segmentation" not in data:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PetctlError(f"{path}: cannot be read ({exc}); run `petctl calibrate --run {Path(run_dir).name}` again") from None
+    if not isinstance(data, dict) or data.get("version") != 1 or "segmentation" not in data:
         raise PetctlError(f"{path}: unsupported or malformed thresholds file")
     return data

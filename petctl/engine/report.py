@@ -144,12 +144,18 @@ def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
 
 def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path, cfg: Any, thresholds: dict[str, Any],
                  evaluation: Any, timings: dict[str, float], train_cfg: Any, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    from petctl.engine.registry import write_text_atomic
+
     out = Path(out)
+    for name in ("test_cases.png", "lesion_detection.png"):  # drawn below only when there is a held-out evaluation
+        (out / name).unlink(missing_ok=True)
     seg, cls = _fold_metrics(run_dir / "seg"), _fold_metrics(run_dir / "cls")
     plot_training(out / "training_curves.png", seg, cls)
     for name in ("calibration_dice.png", "calibration_roc.png"):
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, out / name)
+        else:  # not drawn for this run (no classifier): an earlier demo's picture in OUT would not describe it
+            (out / name).unlink(missing_ok=True)
     s_thr, c_thr = thresholds["segmentation"], thresholds.get("classifier") or {}
     seg_row = "| segmentation (flip TTA; " if thresholds.get("tta") else "| segmentation ("  # calibrated (and predicted) on flip averages
     lines = [
@@ -203,7 +209,7 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         s = evaluation.summary
         pred_info = json.loads((out / "predictions" / "predictions.json").read_text())["written"]
         labels = [evaluation.cases[c].is_positive for c in evaluation.cases]
-        scores = [pred_info[c].get("cls_score", float("nan")) for c in evaluation.cases]
+        scores = [pred_info.get(c, {}).get("cls_score", float("nan")) for c in evaluation.cases]
         from petctl.engine.metrics import auroc
 
         from petctl.engine.evaluate import bootstrap_intervals
@@ -243,11 +249,12 @@ def write_report(out: Path, *, run_dir: Path, predict_run_dir: Path, data: Path,
         if shown:
             plot_test_cases(out / "test_cases.png", data, out / "predictions", shown)
     lines += ["", "## Timings", "", "| stage | seconds |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    lines += ["", "## Pictures", "", "![training curves](training_curves.png)", "", "![calibration](calibration_dice.png)",
-              "![classifier ROC](calibration_roc.png)", "", "![test cases](test_cases.png)", ""]
+    pictures = [("training curves", "training_curves.png"), ("calibration", "calibration_dice.png"),
+                ("classifier ROC", "calibration_roc.png"), ("test cases", "test_cases.png")]
     if evaluation is not None:
-        lines += ["![lesion detection by volume](lesion_detection.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+        pictures.append(("lesion detection by volume", "lesion_detection.png"))
+    lines += ["", "## Pictures", ""] + [f"![{title}]({name})\n" for title, name in pictures if (out / name).exists()]
+    write_text_atomic(out / "report.md", "\n".join(lines))
     return summary
 
 
