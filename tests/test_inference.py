@@ -77,6 +77,28 @@ def _copy_run(home: Path, src: str, dst: str) -> Path:
     return home / "runs" / dst
 
 
+def _store_with_test(store: Path, folder: Path, test: list[str]) -> Path:
+    """A copy of the store whose test split is `test`."""
+    shutil.copytree(store, folder)
+    splits = json.loads((folder / "splits.json").read_text())
+    (folder / "splits.json").write_text(json.dumps({**splits, "test": test}))
+    return folder
+
+
+def _models_on(monkeypatch: pytest.MonkeyPatch, store_of) -> None:
+    """`RunModels.load` hands out the run's models pointed at the store `store_of()` names."""
+    from petctl.engine.ensemble import RunModels
+
+    real = RunModels.load
+
+    def load(*args, **kwargs):
+        models = real(*args, **kwargs)
+        models.store = store_of()
+        return models
+
+    monkeypatch.setattr(RunModels, "load", staticmethod(load))
+
+
 def test_component_seed_calibrates_without_the_pet_extent(trained: Path):
     run_dir = _copy_run(trained, "r", "seeded")
     result = _petctl(trained, "calibrate", "--run", "seeded", "--component-seed", check=False)
@@ -124,21 +146,12 @@ def test_gate_over_detected_positives_ignores_a_positive_the_segmentation_misses
     from petctl.engine.store import CaseStore
 
     run_dir = _copy_run(trained, "r", "detected")
-    copy = tmp_path / "s"  # the store with a positive and a negative more in its test split (it has one of each)
-    shutil.copytree(store, copy)
-    splits = json.loads((copy / "splits.json").read_text())
-    manifest = json.loads((copy / "manifest.json").read_text())["cases"]
-    for positive in (True, False):
+    splits = json.loads((store / "splits.json").read_text())
+    manifest = json.loads((store / "manifest.json").read_text())["cases"]
+    for positive in (True, False):  # a positive and a negative more in the test split (it has one of each)
         splits["test"].append(next(c for c in sorted(manifest) if manifest[c]["positive"] == positive and c not in splits["test"]))
-    (copy / "splits.json").write_text(json.dumps(splits))
-    real_models = RunModels.load
-
-    def models_on_copy(*args, **kwargs):
-        models = real_models(*args, **kwargs)
-        models.store = copy
-        return models
-
-    monkeypatch.setattr(RunModels, "load", staticmethod(models_on_copy))
+    copy = _store_with_test(store, tmp_path / "s", splits["test"])
+    _models_on(monkeypatch, lambda: copy)
     positives = sorted(c for c in splits["test"] if manifest[c]["positive"])
     negatives = sorted(c for c in splits["test"] if not manifest[c]["positive"])
     assert len(positives) == 2 and len(negatives) == 2, splits["test"]
@@ -220,7 +233,6 @@ def test_calibrate_leaves_out_an_unreadable_test_case_by_name(trained: Path, sto
     from petctl.cli import app
     from petctl.engine import calibrate as cal
     from petctl.engine import nifti
-    from petctl.engine.ensemble import RunModels
     from petctl.engine.store import CaseStore
     from petctl.errors import CaseError, PetctlError
 
@@ -229,18 +241,11 @@ def test_calibrate_leaves_out_an_unreadable_test_case_by_name(trained: Path, sto
     splits = json.loads((store / "splits.json").read_text())
     extra = [next(c for c in sorted(manifest) if manifest[c]["positive"] == p and c not in splits["test"]) for p in (True, False)]
     bad_positive, bad_negative = extra
-    stores = {}
-    for name, test in (("with", splits["test"] + extra), ("without", splits["test"])):
-        stores[name] = tmp_path / name
-        shutil.copytree(store, stores[name])
-        (stores[name] / "splits.json").write_text(json.dumps({**splits, "test": test}))
+    stores = {name: _store_with_test(store, tmp_path / name, test) for name, test in (("with", splits["test"] + extra),
+                                                                                   ("without", splits["test"]))}
     which = {"store": stores["with"]}
-    real_models, real_store_load, real_load_case = RunModels.load, CaseStore.load, nifti.load_case
-
-    def models_on_copy(*args, **kwargs):
-        models = real_models(*args, **kwargs)
-        models.store = which["store"]
-        return models
+    _models_on(monkeypatch, lambda: which["store"])
+    real_store_load, real_load_case = CaseStore.load, nifti.load_case
 
     def store_load(self, case):
         if case == bad_negative:
@@ -252,7 +257,6 @@ def test_calibrate_leaves_out_an_unreadable_test_case_by_name(trained: Path, sto
             raise CaseError(src.case, "PET: not a gzip file")
         return real_load_case(src, **kw)
 
-    monkeypatch.setattr(RunModels, "load", staticmethod(models_on_copy))
     monkeypatch.setattr(CaseStore, "load", store_load)
     monkeypatch.setattr(nifti, "load_case", load_case)
     said: list[tuple[str, str]] = []
@@ -327,20 +331,11 @@ def test_a_test_split_without_negatives_measures_no_false_positive_volume(traine
     from petctl.errors import PetctlError
 
     run_dir = _copy_run(trained, "r", "no-negatives")
-    copy = tmp_path / "s"
-    shutil.copytree(store, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())["cases"]
-    splits = json.loads((copy / "splits.json").read_text())
+    manifest = json.loads((store / "manifest.json").read_text())["cases"]
+    splits = json.loads((store / "splits.json").read_text())
     splits["test"] = [c for c in splits["test"] if manifest[c]["positive"]]
-    (copy / "splits.json").write_text(json.dumps(splits))
-    real_models = RunModels.load
-
-    def models_on_copy(*args, **kwargs):
-        models = real_models(*args, **kwargs)
-        models.store = copy
-        return models
-
-    monkeypatch.setattr(RunModels, "load", staticmethod(models_on_copy))
+    copy = _store_with_test(store, tmp_path / "s", splits["test"])
+    _models_on(monkeypatch, lambda: copy)
     t = cal.calibrate(run_dir, gate=False)
     ext = t["segmentation"]["extent"]
     assert ext["mean_fpv_ml_negatives"] is None and ext["mean_fpv_ml_negatives_curve"] is None and ext["negatives_segmented"] is False
