@@ -44,6 +44,14 @@ def test_version_and_usage_error_exit_codes(tmp_path: Path):
     assert r.returncode == 2 and "Missing" in r.stderr + r.stdout and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_negative_seed_is_a_usage_error(tmp_path: Path):
+    runner = CliRunner()
+    for verb in (["synth", str(tmp_path / "raw")], ["demo", "--out", str(tmp_path / "d")], ["prepare", str(tmp_path), "--store", str(tmp_path / "s")]):
+        r = runner.invoke(app, [*verb, "--seed", "-1"])
+        assert r.exit_code == 2 and "--seed" in r.output, (verb, r.output)
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "d").exists()
+
+
 def test_synth_prepare_status_chain(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PETCTL_HOME", str(tmp_path / "home"))
     runner = CliRunner()

@@ -64,10 +64,10 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     # process per core with the preset's batch shared among them
     assert len(json.loads((out / "store" / "splits.json").read_text())["seg_folds"]) == 3
     assert not any("fold1" in s or "fold2" in s for s in steps), steps
-    processes = max(1, os.cpu_count() or 1)
+    processes = min(2, max(1, os.cpu_count() or 1))  # the cores, down to a divisor of cpu-tiny's batch of 2
     assert "1 of 3 folds trained" + (f", each segmentation fold on {processes} processes (DDP)" if processes > 1 else ",") in report
     seg_meta = json.loads((tmp_path / "home" / "runs" / "demo" / "seg" / "fold0" / "checkpoints" / "last" / "meta.json").read_text())
-    assert seg_meta["num_processes"] == processes and seg_meta["config"]["batch_size"] == max(1, round(2 / processes))
+    assert seg_meta["num_processes"] == processes and seg_meta["config"]["batch_size"] == 2 // processes
     assert len(seg_meta["rank_weight_digests"]) == processes and len(set(seg_meta["rank_weight_digests"])) == 1
     # the time budget (20 min by default) probed this machine and planned the epochs the folds trained
     budget = summary["budget"]
@@ -83,6 +83,10 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     written = json.loads((out / "predictions" / "predictions.json").read_text())["written"].values()
     assert all(r["tta"] is True for r in written)
     assert all("urine_vetoed_voxels" in r for r in written if not r["gated"])  # the demo's default veto, applied by predict
+    # a re-run in the same OUT resumes the same demo only: another seed is refused at once, in one line
+    again = subprocess.run([c for c in cmd if c != "--fresh"] + ["--seed", "5"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "holds a demo started with seed=0, and this run asks seed=5" in again.stderr, again.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == summary  # nothing of the finished demo touched
     # --hard-lesion-gain reached the segmentation folds (and not the classifier's own sampling)
     fold_meta = json.loads((home_run / "seg" / "fold0" / "checkpoints" / "last" / "meta.json").read_text())
     assert fold_meta["config"]["hard_lesion_gain"] == 2.0 and fold_meta["sampler_state"]
@@ -154,3 +158,75 @@ def test_training_curves_plot_per_epoch_and_read_metrics_from_before_per_epoch_c
     for name in ("curves.png", "progress.png", "progress_old.png"):
         img = mpimg.imread(tmp_path / name)
         assert img.shape[0] > 200 and float(np.std(img)) > 0.01  # drawn, not blank
+
+
+def test_a_rerun_resumes_only_the_same_demo(tmp_path: Path):
+    """demo.json in OUT keeps the options the results depend on: a re-run with another seed, cohort
+    size or budget is refused before any work (not minutes later by its folds); --workers may change.
+    A run of the home that belongs to another OUT is refused too."""
+    from dataclasses import replace
+
+    from petctl.engine.demo import DEMO_OPTIONS, DemoConfig, _check_resume, _result_options
+    from petctl.engine.registry import Registry
+    from petctl.errors import PetctlError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = DemoConfig(out=str(out))
+    registry = Registry(tmp_path / "home")
+    _check_resume(cfg, registry)  # a first run: nothing to compare
+    (out / DEMO_OPTIONS).write_text(json.dumps(_result_options(cfg)))
+    _check_resume(replace(cfg, workers=7, fresh=False), registry)
+    for change, text in ((dict(seed=7), "seed=0, and this run asks seed=7"), (dict(cases=50), "cases=192, and this run asks cases=50"),
+                         (dict(budget_min=40), "budget_min=20"), (dict(pet_clip=(5.0, 95.0)), "pet_clip=[0.0, 95.0]")):
+        with pytest.raises(PetctlError, match="add --fresh to start over") as err:
+            _check_resume(replace(cfg, **change), registry)
+        assert text in str(err.value)
+    registry.create_run("demo", kind="demo", config={"store": str((tmp_path / "other" / "store").resolve())})
+    with pytest.raises(PetctlError, match=f"run 'demo' belongs to another demo \\(its store {tmp_path / 'other' / 'store'}\\)"):
+        _check_resume(cfg, registry)
+    _check_resume(replace(cfg, out=str(tmp_path / "out2"), run="mine"), registry)  # another OUT with its own run
+
+
+def test_fresh_deletes_only_an_empty_folder_or_an_earlier_demo(tmp_path: Path):
+    from petctl.engine.demo import DemoConfig, _check_fresh_out
+    from petctl.errors import PetctlError
+
+    home = tmp_path / "home"
+    _check_fresh_out(DemoConfig(out=str(tmp_path / "new")), home)  # not there yet
+    (tmp_path / "empty").mkdir()
+    _check_fresh_out(DemoConfig(out=str(tmp_path / "empty")), home)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(PetctlError, match="is not an earlier demo's folder"):
+        _check_fresh_out(DemoConfig(out=str(project)), home)
+    (project / "report.md").write_text("# petctl demo report")
+    _check_fresh_out(DemoConfig(out=str(project)), home)  # an earlier demo's OUT
+    with pytest.raises(PetctlError, match="holds --data"):
+        _check_fresh_out(DemoConfig(out=str(project), data=str(project / "raw")), home)
+    with pytest.raises(PetctlError, match="holds the petctl home"):
+        _check_fresh_out(DemoConfig(out=str(tmp_path)), home)
+    assert (project / "notes.txt").exists()
+
+
+def test_demo_processes_divide_the_preset_s_batch(monkeypatch: pytest.MonkeyPatch):
+    from petctl.engine import folds
+    from petctl.engine.demo import DemoConfig, demo_launches
+    from petctl.errors import PetctlError
+
+    monkeypatch.setattr(folds, "gpu_count", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    three = demo_launches(DemoConfig(), 1, 4)  # 3 cores, a batch of 4: 2 processes of 2 patches, not 3 of 1
+    assert (three.seg.processes, three.seg_batch) == (2, 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert (demo_launches(DemoConfig(), 1, 4).seg.processes, demo_launches(DemoConfig(), 1, 4).seg_batch) == (4, 1)
+    with pytest.raises(PetctlError, match="--processes 3: .* batch of 4 patches, so they must divide it"):
+        demo_launches(DemoConfig(processes=3), 1, 4)
+
+
+def test_summary_json_has_no_nan():
+    from petctl.engine.demo import _json_safe
+
+    assert json.dumps(_json_safe({"auroc": float("nan"), "x": [1.0, float("inf")], "n": 3}), allow_nan=False) == \
+        '{"auroc": null, "x": [1.0, null], "n": 3}'

@@ -436,3 +436,21 @@ def test_status_unknown_run(cli: typer.Typer, registry: Registry) -> None:
     assert result.exit_code != 0
     assert result.exit_code == 2 and "no run 'nope'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_status_reads_a_time_without_a_zone_as_utc():
+    """A step time written without a zone (by hand, or by another tool) is read as UTC, as petctl
+    writes its own, so `petctl status` shows the duration instead of failing on naive − aware."""
+    from datetime import datetime, timezone
+
+    from petctl.commands.status import duration
+    from petctl.engine.registry import StepRecord
+
+    now = datetime(2024, 1, 1, 0, 5, tzinfo=timezone.utc)
+    running = StepRecord(run="r", step="s", kind="train-seg", status="running", created="2024-01-01T00:00:00",
+                         started="2024-01-01T00:00:00")
+    assert duration(running, now) == "5m00s…"
+    done = StepRecord(run="r", step="s", kind="train-seg", status="done", created="x",
+                      started="2024-01-01T00:00:00+00:00", ended="2024-01-01T00:01:30")
+    assert duration(done) == "1m30s"
+    assert duration(StepRecord(run="r", step="s", kind="k", status="done", created="x", started="yesterday")) == "-"

@@ -2,7 +2,7 @@
 
 synth → prepare → segmentation and classifier folds → calibrate → (retrain-merged) → gated
 ensemble predict of imagesTs → evaluate against labelsTs → OUT/report.md with PNGs. Every stage is
-real and visible in `petctl status`; a re-run resumes (use --fresh to start over).
+real and visible in `petctl status`; a re-run with the same options resumes (use --fresh to start over).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ def demo(
     run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "demo",
     cases: Annotated[int, typer.Option("--cases", help="Synthetic training cases.")] = 192,
     test_cases: Annotated[int, typer.Option("--test-cases", help="Synthetic held-out cases of new patients (imagesTs), predicted and evaluated; about half positive.")] = 32,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic cohort and the splits.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic cohort and the splits.")] = 0,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds of the split (the paper's 5).")] = 5,
     train_folds: Annotated[Optional[int], typer.Option("--train-folds", min=1, help="Train and ensemble only the first N folds (0 < N ≤ --folds; on CPU one fold on every core gets the most steps out of the budget; --all-folds trains every one).")] = 1,
     all_folds: Annotated[bool, typer.Option("--all-folds", help="Train every fold of the split (the paper).")] = False,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Held-out calibration split of the training cases.")] = 0.15,
     concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Folds trained at the same time (default: as many as train, up to one per CPU core or GPU).")] = None,
-    processes: Annotated[Optional[int], typer.Option("--processes", min=1, help="Processes (DDP) per segmentation fold, sharing the preset's batch (default: CPU cores / folds at a time; 1 on GPUs).")] = None,
+    processes: Annotated[Optional[int], typer.Option("--processes", min=1, help="Processes (DDP) per segmentation fold, sharing the preset's batch, so they must divide it (default: CPU cores / folds at a time, down to a divisor; 1 on GPUs).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
     pet_clip: Annotated[str, typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (0,95: the PET floor at the lesions' lowest uptake; 5,95: the paper's).")] = "0,95",
@@ -43,7 +43,7 @@ def demo(
     prob_resample: Annotated[str, typer.Option("--prob-resample", help="calibrate's and predict's resampling of the ensemble's probabilities to the input grid before lesions are detected: 'nearest' (a lesion's core keeps the value the net gave it on its own grid) or 'linear' (trilinear, which can average a narrow core under the threshold).")] = "nearest",
     tta: Annotated[bool, typer.Option("--tta", help="Calibrate and predict with flip test-time augmentation (3 extra passes per fold).")] = False,
     retrain_merged: Annotated[bool, typer.Option("--retrain-merged", help="Retrain with the test split merged in before predicting.")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT and the run first instead of resuming.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT (only an empty folder or an earlier demo's) and the run first instead of resuming.")] = False,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from rich.table import Table

@@ -40,7 +40,7 @@ def prepare(
     workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes.")] = 1,
     folds: Annotated[int, typer.Option("--folds", help="Number of cross-validation folds.")] = 5,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Fraction of cases held out as the test set.")] = 0.2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for splits and coordinate samples.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for splits and coordinate samples.")] = 0,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="CSV: case,patient,diagnosis or AutoPET's Subject ID,diagnosis.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="Clip percentiles low,high of the training foreground (the method: 5,95; nnU-Net: 0.5,99.5).")] = "5,95",
     pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="PET's own clip percentiles low,high (default: --clip); 0,99.5 keeps faint lesions above the floor.")] = None,

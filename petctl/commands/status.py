@@ -33,10 +33,12 @@ def _time(stamp: str | None) -> str:
 
 
 def _parse(stamp: str | None) -> datetime | None:
+    """An ISO-8601 time; one without a zone (hand-written, or another tool's) is taken as UTC, as petctl writes."""
     try:
-        return datetime.fromisoformat(stamp) if stamp else None
+        when = datetime.fromisoformat(stamp) if isinstance(stamp, str) and stamp else None
     except ValueError:
         return None
+    return when.replace(tzinfo=timezone.utc) if when is not None and when.tzinfo is None else when
 
 
 def format_duration(seconds: float) -> str:

@@ -16,7 +16,7 @@ import typer
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the cohort into.", show_default=False)],
     cases: Annotated[int, typer.Option("--cases", min=1, help="Number of training studies.")] = 24,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same voxels.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed; the same seed writes the same voxels.")] = 0,
     layout: Annotated[
         Literal["nnunet", "autopet"],
         typer.Option(

@@ -8,6 +8,7 @@ a report (report.md, PNGs) in OUT. Each stage is a registry step, visible in `pe
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -124,7 +125,7 @@ class DemoConfig:
     processes: int | None = None
     """Processes per segmentation fold (DDP); default: on CPU the cores shared among the folds trained
     at once (one fold on 2 cores: 2, one thread each), on GPUs 1. The preset's batch is split among
-    them, so a step still learns from the preset's patches (cpu-small: 2 × 2 for its 4). Classifier
+    them (so they must divide it), and a step still learns from the preset's patches (cpu-small: 2 × 2 for its 4). Classifier
     folds run one process each, one per core or GPU at a time."""
     concurrent: int | None = None
     """Folds trained at the same time; default: as many as train, up to one per CPU core (CPU) or
@@ -184,8 +185,12 @@ def demo_launches(cfg: DemoConfig, num_folds: int, batch_size: int) -> DemoLaunc
 
     units = gpu_count() or (os.cpu_count() or 1)  # GPUs, or single-threaded CPU processes
     concurrent = cfg.concurrent or max(1, min(num_folds, units // max(1, cfg.processes or 1)))
-    processes = cfg.processes or (1 if gpu_count() else max(1, units // concurrent))
-    seg_batch = max(1, round(batch_size / processes))
+    if cfg.processes and batch_size % cfg.processes:
+        raise PetctlError(f"--processes {cfg.processes}: a segmentation fold's processes share the preset's batch of "
+                          f"{batch_size} patches, so they must divide it")
+    # on CPU the cores a fold has, down to a divisor of the batch, so that a step learns from the preset's patches
+    processes = cfg.processes or (1 if gpu_count() else max(p for p in range(1, max(1, units // concurrent) + 1) if batch_size % p == 0))
+    seg_batch = batch_size // processes
     cls = FoldLaunch(processes=1, concurrent=cfg.concurrent or default_concurrency(1))
     return DemoLaunch(seg=FoldLaunch(processes=processes, concurrent=concurrent), cls=cls, seg_batch=seg_batch)
 
@@ -200,7 +205,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     from petctl.engine.folds import train_folds
     from petctl.engine.predict import PredictOptions, input_cases, predict, write_summary
     from petctl.engine.prepare import PrepareConfig, run as prepare
-    from petctl.engine.registry import Registry, step_context
+    from petctl.engine.registry import Registry, step_context, write_text_atomic
     from petctl.engine.report import write_report
     from petctl.engine.synth import make_cohort
 
@@ -208,10 +213,14 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     out = Path(cfg.out)
     registry = Registry(home)
     if cfg.fresh:
+        _check_fresh_out(cfg, Path(home))
         shutil.rmtree(out, ignore_errors=True)
         for run in (cfg.run, f"{cfg.run}-merged"):
             shutil.rmtree(Path(home) / "runs" / run, ignore_errors=True)
+    _check_resume(cfg, registry)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / DEMO_OPTIONS).exists():
+        write_text_atomic(out / DEMO_OPTIONS, json.dumps(_result_options(cfg), indent=2))
     train_cfg = with_overrides(get_preset(cfg.preset), hard_lesion_gain=cfg.hard_lesion_gain, lesion_dim=cfg.lesion_dim)
     timings: dict[str, float] = {}
     registry.create_run(cfg.run, kind="demo", config={**asdict(cfg), "store": str((out / "store").resolve())})
@@ -331,8 +340,74 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     if budget:
         summary["budget"] = budget
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     return summary
+
+
+DEMO_OPTIONS = "demo.json"
+"""In OUT: the options a demo's results depend on, written by its first run; a re-run (a resume)
+must ask for the same ones (`_check_resume`)."""
+_NOT_RESULTS = ("out", "fresh", "workers")  # options that do not change what the demo computes
+
+
+def _result_options(cfg: DemoConfig) -> dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULTS}))
+
+
+def _check_resume(cfg: DemoConfig, registry: Any) -> None:
+    """A re-run resumes what OUT and the run hold, so it must be the same demo: refuse (one line, before
+    any work) other options than OUT's first run took (another --seed would keep the old cohort and
+    then refuse its folds minutes later), or a run that belongs to another OUT (its folds trained on
+    another store)."""
+    out = Path(cfg.out)
+    path = out / DEMO_OPTIONS
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PetctlError(f"{path}: cannot be read ({exc}); re-run with --fresh to start over") from None
+        now = _result_options(cfg)
+        changed = [k for k in now if k in before and before[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise PetctlError(f"{out} holds a demo started with {k}={before[k]!r}, and this run asks {k}={now[k]!r}: "
+                              "re-run with its options to resume it, or add --fresh to start over (or choose another --out)")
+    try:
+        run = registry.run(cfg.run)
+    except PetctlError:
+        return  # no such run yet
+    theirs = (run.config or {}).get("store")
+    ours = str((out / "store").resolve())
+    if theirs and theirs != ours:
+        raise PetctlError(f"run {cfg.run!r} belongs to another demo (its store {theirs}): choose another --run, "
+                          f"or add --fresh to replace it")
+
+
+def _check_fresh_out(cfg: DemoConfig, home: Path) -> None:
+    """--fresh deletes OUT: only an empty folder or an earlier demo's, and never one holding the data or the home."""
+    out = Path(cfg.out).resolve()
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PetctlError(f"{cfg.out}: not a folder")
+    for name, inside in (("--data", Path(cfg.data).resolve() if cfg.data else None), ("the petctl home", Path(home).resolve())):
+        if inside is not None and (inside == out or out in inside.parents):
+            raise PetctlError(f"--fresh would delete {cfg.out}, which holds {name} ({inside}): choose another --out")
+    marks = (DEMO_OPTIONS, "budget.json", "summary.json", "report.md", "store", "raw/synth.json")
+    if any(out.iterdir()) and not any((out / m).exists() for m in marks):
+        raise PetctlError(f"--fresh would delete {cfg.out}, which is not an earlier demo's folder (no {DEMO_OPTIONS}, "
+                          "store/ or report.md in it): choose another --out")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null (JSON has no NaN; a held-out AUROC without negatives is one)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launches: DemoLaunch, *, elapsed_s: float,
@@ -352,7 +427,8 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     path = Path(cfg.out) / "budget.json"
     try:
         plan = json.loads(path.read_text()) if path.exists() else None
-        plan = plan if isinstance(plan, dict) and {"seg_epochs", "cls_epochs", "fits"} <= plan.keys() else None
+        needed = {"seg_epochs", "cls_epochs", "fits", "budget_min", "step_s", "estimate_s", "preset_seg_epochs", "preset_cls_epochs"}
+        plan = plan if isinstance(plan, dict) and needed <= plan.keys() else None
     except (OSError, ValueError):
         plan = None  # unreadable: plan again
     if plan is None:
@@ -380,7 +456,9 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
                 "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
                 "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": seg_rounds,
                 "cls_rounds": cls_rounds, "infer_scans": infer_scans * len(folds), "seg_processes": procs}
-        path.write_text(json.dumps(plan, indent=2))
+        from petctl.engine.registry import write_text_atomic
+
+        write_text_atomic(path, json.dumps(plan, indent=2))
     seg, cls = plan["seg_epochs"], plan["cls_epochs"]
     (say if plan["fits"] else warn)(describe_plan(plan))
     train_cfg = with_overrides(with_overrides(train_cfg, epochs=seg), task="cls", epochs=cls)
@@ -448,6 +526,8 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
         if run < planned:
             replan.update(seg_steps_run=run, seg_steps_planned=planned)
         plan = {**plan, "cls_epochs": cls, "cls_replan": replan}
-        (Path(cfg.out) / "budget.json").write_text(json.dumps(plan, indent=2))
+        from petctl.engine.registry import write_text_atomic
+
+        write_text_atomic(Path(cfg.out) / "budget.json", json.dumps(plan, indent=2))
     say(describe_replan(plan))
     return with_overrides(train_cfg, task="cls", epochs=plan["cls_epochs"]), plan
