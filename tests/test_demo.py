@@ -14,8 +14,13 @@ import pytest
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     env = {**os.environ, "PETCTL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
+    import timm
+    import torch
+
+    weights = tmp_path / "test_resnet_in1k.pth"  # the classifier starts from local timm weights the test makes
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
     cmd = [sys.executable, "-m", "petctl", "demo", "--preset", "cpu-tiny", "--cases", "10", "--test-cases", "3", "--folds", "3",
-           "--test-fraction", "0.2", "--tta", "--hard-lesion-gain", "2", "--lesion-dim", "0.25",
+           "--test-fraction", "0.2", "--tta", "--hard-lesion-gain", "2", "--lesion-dim", "0.25", "--cls-pretrained", str(weights),
            "--out", str(out), "--fresh"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -91,6 +96,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):
     fold_meta = json.loads((home_run / "seg" / "fold0" / "checkpoints" / "last" / "meta.json").read_text())
     assert fold_meta["config"]["hard_lesion_gain"] == 2.0 and fold_meta["sampler_state"]
     assert fold_meta["config"]["lesion_dim"] == 0.25  # and --lesion-dim
+    assert fold_meta["config"]["cls_pretrained"] == str(weights)  # --cls-pretrained, in the one config every fold reads
+    cls_meta = json.loads((home_run / "cls" / "fold0-x" / "checkpoints" / "last" / "meta.json").read_text())
+    assert cls_meta["config"]["cls_pretrained"] == str(weights) and cls_meta["config"]["pretrained"] is None
 
 
 def test_demo_config_rejects_more_trained_folds_than_the_split_has():

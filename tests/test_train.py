@@ -312,3 +312,35 @@ def test_the_deadline_pace_cuts_only_what_does_not_fit_and_gives_steps_back():
     late = LoopConfig(num_cycles=1, epochs_per_cycle=10, lr=1e-3, deadline=now - 5.0)
     assert deadline_end(late, 100, 0.5, 400) == 320  # past it: the floor
     assert deadline_end(late, 390, 0.5, 400) == 391  # past the floor already: the next step
+
+
+def test_classifier_folds_start_from_local_timm_weights(store: Path, tmp_path: Path):
+    """`train --task cls --pretrained PATH` starts the classifier from a local timm state dict (here
+    ImageNet-shaped weights of the cpu-tiny preset's test_resnet: 3 channels, 1000 classes, made by
+    the test): the first conv summed to the MIP's channel, the head replaced; the segmentation's own
+    `pretrained` stays unset. A missing file is one line before anything starts."""
+    import timm
+    import torch
+
+    from petctl.engine.config import cpu_tiny, with_overrides
+
+    torch.manual_seed(5)
+    imagenet = timm.create_model("test_resnet", pretrained=False).state_dict()
+    path = tmp_path / "test_resnet_in1k.pth"
+    torch.save(imagenet, path)
+    cfg = with_overrides(cpu_tiny(), task="cls", pretrained=str(path))
+    assert cfg.cls_pretrained == str(path) and cfg.pretrained is None
+    assert with_overrides(cpu_tiny(), task="seg", pretrained="swin.pt").cls_pretrained is None
+
+    missing = _train(store, tmp_path, "--task", "cls", "--pretrained", str(tmp_path / "nope.pth"), "--max-steps", "1")
+    assert missing.returncode == 2 and "--pretrained" in missing.stderr and "no such file" in missing.stderr
+    result = _train(store, tmp_path, "--task", "cls", "--pretrained", str(path), "--max-steps", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fold = tmp_path / "home/runs/t/cls/fold0-x"
+    assert json.loads((fold / "train_config.json").read_text())["cls_pretrained"] == str(path)
+    model_state, _, _ = load_checkpoint(fold / "checkpoints/last")
+    stem = model_state["conv1.0.weight"]
+    summed = imagenet["conv1.0.weight"].sum(dim=1, keepdim=True)
+    fresh = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=1).state_dict()["conv1.0.weight"]
+    # one optimizer step away from the loaded weights, far from any fresh initialisation
+    assert (stem - summed).abs().max() < 0.05 < (fresh - summed).abs().max()

@@ -44,7 +44,7 @@ def train(
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no or bf16.")] = "no",
     run: Annotated[str, typer.Option("--run", help="Registry run name.")] = "default",
     merged: Annotated[bool, typer.Option("--merged", help="Use the merged folds (test set folded in).")] = False,
-    pretrained: Annotated[Optional[Path], typer.Option("--pretrained", help="Local Swin-UNETR checkpoint (BTCV layout).")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option("--pretrained", help="Local weights to start from (never downloaded): with --task seg a Swin-UNETR checkpoint (BTCV layout); with --task cls a timm state dict of the preset's classifier model (e.g. its ImageNet weights), the first conv summed to the MIP's one channel and the head replaced.")] = None,
     cycles: Annotated[Optional[int], typer.Option("--cycles", help="Override the preset's number of cycles (of the --task).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the preset's epochs per cycle (of the --task).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps (smoke runs).")] = None,
@@ -63,6 +63,8 @@ def train(
 
     if task not in ("seg", "cls"):
         raise PetctlError(f"--task must be seg or cls (got {task!r})")
+    if pretrained is not None and not pretrained.is_file():
+        raise PetctlError(f"--pretrained {pretrained}: no such file")
     splits_path = store / "splits.json"
     if not splits_path.exists():
         raise PetctlError(f"{store}: no splits.json; run `petctl prepare` first")

@@ -201,13 +201,14 @@ def cpu_tiny() -> TrainConfig:
 def with_overrides(cfg: TrainConfig, *, task: str = "seg", cycles: int | None = None, epochs: int | None = None,
                    mixed_precision: str | None = None, pretrained: str | None = None,
                    hard_lesion_gain: float | None = None, lesion_dim: float | None = None) -> TrainConfig:
-    """A preset with the command line's overrides (`petctl train`, `petctl slurm plan`): cycles
-    and epochs set the counts of `task` (the classifier's for "cls"); None leaves a field as is."""
+    """A preset with the command line's overrides (`petctl train`, `petctl slurm plan`): cycles,
+    epochs and pretrained weights set those of `task` (the classifier's for "cls": `cls_pretrained`,
+    a local timm state dict); None leaves a field as is."""
     if task not in ("seg", "cls"):
         raise PetctlError(f"task must be seg or cls (got {task!r})")
     cycle_fields = ("num_cycles", "epochs_per_cycle") if task == "seg" else ("cls_num_cycles", "cls_epochs_per_cycle")
     overrides = {k: v for k, v in {cycle_fields[0]: cycles, cycle_fields[1]: epochs, "mixed_precision": mixed_precision,
-                                    "pretrained": pretrained, "hard_lesion_gain": hard_lesion_gain,
+                                    "pretrained" if task == "seg" else "cls_pretrained": pretrained, "hard_lesion_gain": hard_lesion_gain,
                                     "lesion_dim": lesion_dim}.items() if v is not None}
     return replace(cfg, **overrides)
 

@@ -90,6 +90,9 @@ class DemoConfig:
     None: the preset's."""
     lesion_dim: float | None = None
     """Segmentation training's lesion dimming (`TrainConfig.lesion_dim`); None: the preset's."""
+    cls_pretrained: str | None = None
+    """A local timm state dict the classifier folds start from (`TrainConfig.cls_pretrained`; for
+    cpu-small the ImageNet weights of timm's resnet10t); None: from scratch, as the measured demos."""
     calibrate_negatives: bool = False
     """calibrate also segments the test split's negatives, for the FPV curve over them (`calibrate
     --negatives`). Off: without a volume budget that curve does not move the threshold, the held-out
@@ -222,6 +225,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     if not (out / DEMO_OPTIONS).exists():
         write_text_atomic(out / DEMO_OPTIONS, json.dumps(_result_options(cfg), indent=2))
     train_cfg = with_overrides(get_preset(cfg.preset), hard_lesion_gain=cfg.hard_lesion_gain, lesion_dim=cfg.lesion_dim)
+    train_cfg = with_overrides(train_cfg, task="cls", pretrained=cfg.cls_pretrained)
     timings: dict[str, float] = {}
     registry.create_run(cfg.run, kind="demo", config={**asdict(cfg), "store": str((out / "store").resolve())})
 
