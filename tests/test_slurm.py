@@ -323,12 +323,16 @@ def test_cli_plan_writes_files_with_the_users_umask(tmp_path: Path):
 
 def test_cli_plan_sets_the_cycles_of_each_task_apart(tmp_path: Path):
     """--cycles/--epochs set the segmentation's schedule and --cls-cycles/--cls-epochs the
-    classifier's, in the one train_config.json both training jobs copy; what is not given stays the preset's."""
+    classifier's, as --pretrained/--cls-pretrained set each one's starting weights, in the one
+    train_config.json both training jobs copy; what is not given stays the preset's."""
     from petctl.engine.config import preset
 
-    result = CliRunner().invoke(app, _plan_args(tmp_path, "--cycles", "2", "--epochs", "3", "--cls-epochs", "4"))
+    (tmp_path / "in1k.pth").write_bytes(b"weights")
+    result = CliRunner().invoke(app, _plan_args(tmp_path, "--cycles", "2", "--epochs", "3", "--cls-epochs", "4",
+                                                "--cls-pretrained", str(tmp_path / "in1k.pth")))
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "home/runs/r/slurm/train_config.json").read_text())
+    assert written["cls_pretrained"] == str((tmp_path / "in1k.pth").resolve()) and written["pretrained"] is None
     tiny = preset("cpu-tiny")
     assert (written["num_cycles"], written["epochs_per_cycle"]) == (2, 3)
     assert (written["cls_num_cycles"], written["cls_epochs_per_cycle"]) == (tiny.cls_num_cycles, 4) != (tiny.cls_num_cycles, tiny.cls_epochs_per_cycle)

@@ -81,6 +81,10 @@ class SlurmConfig:
     cls_cycles: int | None = None
     """The same for the classifier (as `petctl train --task cls --cycles/--epochs`)."""
     cls_epochs: int | None = None
+    pretrained: str | None = None
+    """Local weights the segmentation folds start from (`petctl train --task seg --pretrained`), absolute."""
+    cls_pretrained: str | None = None
+    """Local timm weights the classifier folds start from (`petctl train --task cls --pretrained`), absolute."""
     max_steps: int | None = None
     """Stop each training task after this many steps (smoke runs)."""
     mixed_precision: str = "no"
@@ -234,8 +238,9 @@ def train_config_json(cfg: SlurmConfig) -> dict[str, Any]:
     """The preset with the plan's overrides, as `petctl train` builds it."""
     from petctl.engine.config import preset, with_overrides
 
-    seg = with_overrides(preset(cfg.preset), task="seg", cycles=cfg.cycles, epochs=cfg.epochs, mixed_precision=cfg.mixed_precision)
-    return with_overrides(seg, task="cls", cycles=cfg.cls_cycles, epochs=cfg.cls_epochs).to_json()
+    seg = with_overrides(preset(cfg.preset), task="seg", cycles=cfg.cycles, epochs=cfg.epochs, mixed_precision=cfg.mixed_precision,
+                         pretrained=cfg.pretrained)
+    return with_overrides(seg, task="cls", cycles=cfg.cls_cycles, epochs=cfg.cls_epochs, pretrained=cfg.cls_pretrained).to_json()
 
 
 def plan_dir(home: str | os.PathLike[str], run: str) -> Path:
