@@ -144,13 +144,23 @@ def test_all_positive_cohort() -> None:
     assert any("no negative cases" in w for w in splits.warnings)
 
 
-@pytest.mark.parametrize(
-    ("num_pos", "num_neg"),
-    [(1, 10), (2, 10)],  # 2: one goes to the test set, leaving 1 for the seg folds
-)
-def test_too_few_positive_patients_refused(num_pos: int, num_neg: int) -> None:
+def test_too_few_positive_patients_refused() -> None:
     with pytest.raises(PetctlError, match="at least 2 patients with lesions"):
-        make_splits(cohort(num_pos, num_neg), seed=0)
+        make_splits(cohort(1, 10), seed=0)
+
+
+def test_two_positive_patients_both_stay_for_the_segmentation_folds() -> None:
+    """With 2 patients with lesions, drawing one for the test set would leave the segmentation folds
+    one (which they refuse): both stay, the negatives still give the test set its share, and a
+    warning says the test set has no positive."""
+    cases = cohort(2, 10, seed=3)
+    splits = make_splits(cases, seed=0)
+    positive = {c.case for c in cases if c.positive}
+    assert splits.test and not positive & set(splits.test)
+    assert {c for f in splits.seg_folds for c in f.val} == positive and len(splits.seg_folds) == 2
+    assert any("only 2 patients with lesions" in w for w in splits.warnings)
+    three = make_splits(cohort(3, 10, seed=3), seed=0)  # 3: one can go to the test set
+    assert any(c.positive and c.case in three.test for c in cohort(3, 10, seed=3))
 
 
 @pytest.mark.parametrize(

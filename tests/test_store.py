@@ -74,3 +74,22 @@ def test_case_ids_cannot_escape(tmp_path: Path, bad: str):
 
     with pytest.raises(PetctlError):
         CaseStore(tmp_path).case_path(bad)
+
+
+def test_a_missing_data_file_is_an_error_not_zeros(case_store: CaseStore):
+    """The image's (and a case with lesions, its label's) data file is opened when the case is: a
+    store copied in part fails there, in one line, instead of handing out patches of zeros; a file
+    replaced after the case was opened keeps being read whole from the one opened."""
+    from petctl.errors import PetctlError
+
+    path = case_store.case_path("c1")
+    before = case_store.read_patch("c1", (30, 10, 40), (8, 8, 8))[0]
+    (path / "image" / "c" / "0" / "0" / "0" / "0").rename(path / "image.bak")
+    assert np.array_equal(case_store.read_patch("c1", (30, 10, 40), (8, 8, 8))[0], before)  # opened already
+    fresh = CaseStore(case_store.root)
+    with pytest.raises(PetctlError, match="image: its data file 0 is missing .*run `petctl prepare` again"):
+        fresh.load("c1")
+    (path / "image.bak").rename(path / "image" / "c" / "0" / "0" / "0" / "0")
+    (path / "label" / "c" / "0" / "0" / "0").unlink()  # c1 has lesions: its label must be there
+    with pytest.raises(PetctlError, match="label: its data file 0 is missing"):
+        CaseStore(case_store.root).load("c1")

@@ -117,7 +117,8 @@ def make_splits(
     """Split `cases` into a held-out test set and four K-fold sets, grouped by patient.
 
     The test set holds about `test_fraction` of the cases, drawn per stratum (patients with
-    lesions, patients without), with at least one patient from each stratum that has two or more.
+    lesions, patients without), with at least one patient from each stratum that can spare one:
+    two patients with lesions stay for the segmentation folds, one without for the classifier's.
     Fold sets get fewer than `num_folds` folds when there are fewer patients (said in `warnings`).
     `PetctlError` when fewer than 2 patients with lesions are left for the segmentation folds.
     """
@@ -127,6 +128,10 @@ def make_splits(
     test_patients = _draw_test_patients(cases, test_fraction, rng)
     train_cases = [c for c in cases if c.patient not in test_patients]
     test = sorted(c.case for c in cases if c.patient in test_patients)
+    with_lesions = {c.patient for c in cases if c.positive}
+    if test_fraction > 0 and len(with_lesions) == 2:
+        notes.append("only 2 patients with lesions: both stay for the segmentation folds, so the test set has no positive "
+                     "(calibrate needs one)")
     if not any(not c.positive for c in cases):
         notes.append("the cohort has no negative cases: classifier folds have one class")
 
@@ -170,8 +175,9 @@ def _draw_test_patients(cases: Sequence[SplitCase], test_fraction: float, rng: n
     """Whole patients for the test set, drawn separately from each stratum (with lesions, without).
 
     In each stratum, patients are visited in a seeded order and taken while that brings the
-    stratum's test case count closer to `test_fraction` of its cases. A stratum with at least two
-    patients gives at least one and keeps at least one for training.
+    stratum's test case count closer to `test_fraction` of its cases. A stratum gives at least one
+    patient when it can keep enough for training: two with lesions (the segmentation folds need
+    two), one without.
     """
     if test_fraction == 0.0:
         return set()
@@ -183,13 +189,14 @@ def _draw_test_patients(cases: Sequence[SplitCase], test_fraction: float, rng: n
     chosen: set[str] = set()
     for stratum in (True, False):
         patients = sorted(p for p in sizes if positive[p] is stratum)
-        if len(patients) < 2:
+        keep = 2 if stratum else 1
+        if len(patients) < keep + 1:
             continue
         order = [patients[i] for i in rng.permutation(len(patients))]
         target = test_fraction * sum(sizes[p] for p in patients)
         taken, count = [order[0]], sizes[order[0]]
         for p in order[1:]:
-            if len(taken) == len(patients) - 1:
+            if len(taken) == len(patients) - keep:
                 break
             if abs(count + sizes[p] - target) < abs(count - target):
                 taken.append(p)

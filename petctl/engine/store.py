@@ -167,12 +167,14 @@ class CaseStore:
             return hit
         path = self.case_path(case)
         meta = _read_json(path / "zarr.json")
+        lesion_coords = ShardReader(path / "lesion_coords").read_all()
         stored = StoredCase(
             case=case,
             attrs=meta.get("attributes", {}),
-            image=ShardReader(path / "image"),
-            label=ShardReader(path / "label"),
-            lesion_coords=ShardReader(path / "lesion_coords").read_all(),
+            image=ShardReader(path / "image", required=True),
+            # an empty label may have no data file (zarr-python leaves an all-fill shard out); a case with lesions must have one
+            label=ShardReader(path / "label", required=len(lesion_coords) > 0),
+            lesion_coords=lesion_coords,
             body_coords=ShardReader(path / "body_coords").read_all(),
         )
         self._open[case] = stored
@@ -252,8 +254,11 @@ class ShardReader:
     with a clear error rather than misread.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, required: bool = False) -> None:
+        """`required`: the array always has a data file (`CaseStore.save` writes one for the image and
+        the label), so it is opened now, and a missing one is an error rather than read as all fill."""
         self.path = Path(path)
+        self._required = required
         meta = _read_json(self.path / "zarr.json")
         self.shape = tuple(int(s) for s in meta["shape"])
         self.dtype = np.dtype(_DTYPES[meta["data_type"]]).newbyteorder("<")
@@ -288,10 +293,15 @@ class ShardReader:
         self._index: list[tuple[int, int]] | None = None
         self._view: memoryview | None = None
         self._has_empty = True
+        if required:  # mapped now: a case replaced later keeps being read whole from the file opened here
+            self._open()
 
     def _open(self) -> None:
         if self._index is not None:
             return
+        if self._required and not self._chunk_file.exists():
+            raise PetctlError(f"{self.path}: its data file {self._chunk_file.name} is missing (a store copied in part, or the "
+                              "case rewritten while read); run `petctl prepare` again")
         if not self._chunk_file.exists():
             self._index = [(_EMPTY, 0)] * int(np.prod(self._grid))
             self._has_empty = True
