@@ -93,3 +93,20 @@ def test_a_missing_data_file_is_an_error_not_zeros(case_store: CaseStore):
     (path / "label" / "c" / "0" / "0" / "0").unlink()  # c1 has lesions: its label must be there
     with pytest.raises(PetctlError, match="label: its data file 0 is missing"):
         CaseStore(case_store.root).load("c1")
+
+
+@pytest.mark.parametrize("damage", ["index_byte", "truncated"])
+def test_a_damaged_shard_is_an_error_not_garbage(case_store: CaseStore, damage: str):
+    """The shard index's CRC32C (written with it) is checked when the shard is opened, and a shard
+    cut short is refused: one line naming the file, instead of chunks read from wrong offsets."""
+    from petctl.errors import PetctlError
+
+    shard = case_store.case_path("c1") / "image" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    if damage == "index_byte":
+        data[-10] ^= 0xFF  # inside the index, before its CRC
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PetctlError, match="damaged shard .*run `petctl prepare` again"):
+        CaseStore(case_store.root).load("c1")

@@ -313,8 +313,23 @@ class ShardReader:
         if self._sharded:
             n = int(np.prod(self._grid))
             nbytes = 16 * n + (4 if self._index_crc else 0)
-            raw = np.frombuffer(self._mm[size - nbytes : size - nbytes + 16 * n], dtype="<u8").reshape(n, 2)
-            self._index = [(int(o), int(b)) for o, b in raw]  # plain ints: no numpy scalars per chunk read
+            index_bytes = self._mm[size - nbytes : size - nbytes + 16 * n] if size >= nbytes else b""
+            problem = None
+            if size < nbytes:
+                problem = f"{size} bytes, shorter than its index ({nbytes})"
+            elif self._index_crc:
+                import google_crc32c
+
+                if google_crc32c.value(index_bytes) != int.from_bytes(self._mm[size - 4 : size], "little"):
+                    problem = "its index fails its CRC32C"
+            if problem is None:
+                raw = np.frombuffer(index_bytes, dtype="<u8").reshape(n, 2)
+                self._index = [(int(o), int(b)) for o, b in raw]  # plain ints: no numpy scalars per chunk read
+                if any(o != _EMPTY and o + b > size - nbytes for o, b in self._index):
+                    problem = "its index points past its data"
+            if problem is not None:
+                self.close()
+                raise PetctlError(f"{self._chunk_file}: damaged shard ({problem}); run `petctl prepare` again")
         else:
             self._index = [(0, size)]
         self._has_empty = any(o == _EMPTY for o, _ in self._index)
