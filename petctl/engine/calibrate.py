@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from petctl.engine.figures import save_figure
 from petctl.errors import CaseError, PetctlError
 
 THRESHOLDS_VERSION = 1
@@ -511,7 +512,7 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
                ylim=(0, min(top * 1.05, 4 * budget) if budget else top * 1.05))
         ax.legend(fontsize=7, loc="upper center")
     fig.tight_layout()
-    _save_figure(fig, run_dir / "calibration_dice.png")
+    save_figure(fig, run_dir / "calibration_dice.png")
     cls = payload.get("classifier")
     if not cls:  # an ROC of an earlier calibration with the gate would no longer describe this one
         (run_dir / "calibration_roc.png").unlink(missing_ok=True)
@@ -530,19 +531,4 @@ def plot_calibration(run_dir: Path, payload: dict[str, Any], fold_curves: dict[s
         ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="MIP classifier gate")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        _save_figure(fig, run_dir / "calibration_roc.png")
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    """Write a figure by temp file and rename (a reader never sees half a PNG), and close it."""
-    import os
-
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        save_figure(fig, run_dir / "calibration_roc.png")

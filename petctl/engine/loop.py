@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
+from petctl.engine.figures import save_figure
 from petctl.errors import PetctlError
 
 EXIT_PREEMPTED = 75
@@ -468,10 +469,7 @@ def plot_progress(path: Path, history: list[dict[str, Any]], selection_name: str
     axes[2].plot(curve["x"], curve["lr"], ".-")
     axes[2].set(title=f"learning rate ({unit} end)", xlabel=unit, yscale="log")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
 
 
 def fit_task(build_task, cfg: LoopConfig, out_dir: Path, *, mixed_precision: str, timeout_s: int,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from petctl.engine.cohort import CaseSource, discover, is_valid_case_id
+from petctl.engine.figures import save_figure
 from petctl.errors import CaseError, PetctlError
 
 
@@ -231,13 +232,7 @@ def preview_png(path: Path, pet: np.ndarray, mask: np.ndarray, affine: np.ndarra
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 def rank_share(total: int, rank: int, world_size: int) -> int:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from petctl.engine.figures import save_figure
+
 
 def _fold_metrics(folder: Path) -> dict[str, dict[str, Any]]:
     out = {}
@@ -72,8 +74,7 @@ def plot_training(path: Path, seg: dict[str, dict[str, Any]], cls: dict[str, dic
             if ax.has_data():
                 ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_test_cases(path: Path, data: Path, predictions: Path, cases: list[str]) -> None:
@@ -102,8 +103,7 @@ def plot_test_cases(path: Path, data: Path, predictions: Path, cases: list[str])
             ax.set_title(f"{case}\n{label}", fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_lesion_detection(path: Path, bins: list[Any]) -> None:
@@ -122,8 +122,7 @@ def plot_lesion_detection(path: Path, bins: list[Any]) -> None:
     ax.set(xticks=x, xticklabels=[b.label for b in bins], ylim=(0, 1.12), ylabel="lesions detected",
            title="held-out lesions detected, by lesion volume")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def _folds_text(cfg: Any) -> str:
