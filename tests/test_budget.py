@@ -241,7 +241,10 @@ def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, **dem
         return step_s
 
     monkeypatch.setattr(budget, "probe_seg_step", probe)
-    monkeypatch.setattr(trainer, "read_fold", lambda store, fold: ([f"t{i}" for i in range(65)], [f"v{i}" for i in range(17)]))
+    def read_fold(store, fold, merged=False):  # the merged folds train on the test split's 12 besides
+        return [f"t{i}" for i in range(77 if merged else 65)], [f"v{i}" for i in range(17)]
+
+    monkeypatch.setattr(trainer, "read_fold", read_fold)
     said, warned = [], []
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(out=str(tmp_path), **demo)
@@ -322,6 +325,27 @@ def test_a_stretch_outside_one_to_two_is_refused():
     for bad in (0.9, 2.5):
         with pytest.raises(PetctlError, match="--stretch must be within 1..2"):
             DemoConfig(stretch=bad)
+
+
+def test_tta_and_the_merged_retrain_are_counted_in_the_plan(tmp_path: Path, monkeypatch):
+    """--tta segments each scan four times and --retrain-merged's second training runs longer epochs
+    (training + test cases): both plan fewer epochs than the plain demo on the same machine."""
+    plain = _fit(tmp_path / "plain", monkeypatch, 0.20)[1]
+    tta = _fit(tmp_path / "tta", monkeypatch, 0.20, tta=True)[1]
+    assert tta["infer_scans"] == 4 * plain["infer_scans"] == 4 * 46 * 2
+    assert tta["seg_epochs"] < plain["seg_epochs"] and tta["estimate_s"] <= 1200 * (1 - HEADROOM)
+    twice = _fit(tmp_path / "twice", monkeypatch, 0.15, retrain_merged=True)[1]
+    merged = _fit(tmp_path / "merged", monkeypatch, 0.15, retrain_merged=True, stretch=1.0)[1]
+    assert twice["seg_rounds"] == 2 * plain["seg_rounds"] and twice["estimate_s"] <= 1200 * (1 - HEADROOM)
+    assert merged["seg_epochs"] <= 12 and merged["estimate_s"] <= 1200 * (1 - HEADROOM)
+    # the estimate counts the merged epochs' 77 cases, not the fold's 65: more than twice one training
+    from petctl.engine.budget import fit_epochs
+    from petctl.engine.sampling import batches_per_epoch
+
+    one = fit_epochs(budget_s=1200, elapsed_s=115.0, step_s=0.15, seg_epochs=twice["seg_epochs"], cls_epochs=twice["cls_epochs"],
+                     seg_steps_per_epoch=batches_per_epoch(65, 1, 16, 4, 0), num_val_cases=17, seg_rounds=1, cls_rounds=2, infer_scans=92,
+                     batch_size=4, min_share=1.0)
+    assert twice["seg_stage_estimate_s"] > 2 * one.seg_stage_s
 
 
 def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):

@@ -248,6 +248,34 @@ def test_out_must_be_empty_or_an_earlier_synth_output(tmp_path: Path) -> None:
         make_cohort(tmp_path / "x", 2, layout="dicom")
 
 
+def test_an_interrupted_run_is_cleared_and_redone_by_the_next(tmp_path: Path) -> None:
+    from petctl.engine.synth import cohort_complete
+
+    out = tmp_path / "cut"
+
+    def stop_after_two(case: str) -> None:
+        if case == "synth_0001":
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) after two studies are on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        make_cohort(out, 4, scale=0.25, on_case=stop_after_two)
+    assert len(list((out / "labelsTr").iterdir())) >= 2
+    assert json.loads((out / "synth.json").read_text())["complete"] is False
+    assert not cohort_complete(out)  # the demo synthesizes again instead of preparing half a cohort
+    (out / "keep.txt").write_text("user file")
+    again = make_cohort(out, 3, scale=0.25)  # no --fresh needed: the marker says the files are synth's
+    assert cohort_complete(out) and json.loads((out / "synth.json").read_text())["num_cases"] == 3
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in again.case_ids]
+    assert (out / "keep.txt").exists()
+    # A marker of the first format (written only at a run's end, without "complete") is a finished run.
+    marker = json.loads((out / "synth.json").read_text())
+    del marker["complete"]
+    (out / "synth.json").write_text(json.dumps({**marker, "version": 1}))
+    assert cohort_complete(out)
+    (out / "synth.json").write_text("{not json")
+    assert not cohort_complete(out)
+
+
 def test_cli_synth(tmp_path: Path) -> None:
     from petctl.cli import app
 

@@ -2,7 +2,7 @@
 
 Whole-body CT (HU) and PET (SUV) studies with physiological uptake (brain, heart, kidneys,
 bladder, sometimes brown fat or bowel) and, in about half the patients, FDG-avid lesions with
-their labels. Same seed, same voxels. OUT must be empty, new, or an earlier synth output.
+their labels. Same seed, same voxels. OUT must be empty, new, or an earlier synth output (finished or interrupted: it is cleared first).
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     from petctl.engine.prepare import PrepareConfig, run as prepare
     from petctl.engine.registry import Registry, step_context, write_text_atomic
     from petctl.engine.report import write_report
-    from petctl.engine.synth import make_cohort
+    from petctl.engine.synth import cohort_complete, make_cohort
 
     t_demo = time.perf_counter()
     out = Path(cfg.out)
@@ -236,7 +236,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     # data
     t = stage("data")
     data = Path(cfg.data) if cfg.data else out / "raw"
-    if cfg.data is None and not (data / "synth.json").exists():
+    if cfg.data is None and not cohort_complete(data):  # none yet, or an interrupted one (make_cohort clears it)
         with step_context(registry, cfg.run, "synth", kind="synth", config={"cases": cfg.cases, "test_cases": cfg.test_cases, "seed": cfg.seed}):
             summary = make_cohort(data, num_cases=cfg.cases, seed=cfg.seed, num_test_cases=cfg.test_cases, workers=cfg.workers)
             say(f"synthesized {len(summary.case_ids)} training + {len(summary.test_case_ids)} test cases → {data}")
@@ -436,6 +436,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     except (OSError, ValueError):
         plan = None  # unreadable: plan again
     if plan is None:
+        infer_scans *= 4 if cfg.tta else 1  # flip TTA: each scan through each fold 4 times (counted whole: the passes dominate)
         seg_cfg = train_cfg.with_image_channels(3 if cfg.pet_wide else 2)
         train, val = read_fold(store, folds[0])
         trainings = 2 if cfg.retrain_merged else 1
@@ -446,9 +447,15 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         seg, procs = launches.seg, max(1, launches.seg.processes)
         seg_rounds, cls_rounds = rounds(len(folds), seg), rounds(len(train_cfg.cls_projections) * len(folds), launches.cls)
         step_s = probe_seg_step(seg_cfg, concurrent=min(seg.concurrent, len(folds)) * procs)  # as the folds run
+
+        def steps_per_epoch(num_train: int) -> int:
+            return batches_per_epoch(num_train, procs, train_cfg.patches_per_scan, train_cfg.batch_size, train_cfg.num_workers)
+
+        seg_steps = steps_per_epoch(len(train))
+        if cfg.retrain_merged:  # the merged folds train on the test split too: the two trainings' mean epoch
+            seg_steps = -(-(seg_steps + steps_per_epoch(len(read_fold(store, folds[0], merged=True)[0]))) // 2)
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
-                         cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=batches_per_epoch(
-                             len(train), procs, train_cfg.patches_per_scan, train_cfg.batch_size, train_cfg.num_workers),
+                         cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=seg_steps,
                          num_val_cases=-(-len(val) // procs), seg_rounds=seg_rounds, cls_rounds=cls_rounds,
                          infer_scans=infer_scans * len(folds), batch_size=train_cfg.batch_size, seg_processes=procs,
                          max_share=cfg.stretch)

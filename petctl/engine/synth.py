@@ -32,7 +32,9 @@ DIAGNOSES = ("LYMPHOMA", "MELANOMA", "LUNG_CANCER")
 NEGATIVE = "NEGATIVE"
 MARKER = "synth.json"
 MARKER_FORMAT = "petctl-synth"
-MARKER_VERSION = 1
+MARKER_VERSION = 2
+"""2: the marker is written when a run starts, with `"complete": false`, and again at its end with
+`"complete": true`, so an interrupted run's OUT is recognised (and cleared) by the next one."""
 
 _TRAIN, _TEST = 0, 1
 _OUTPUT_NAMES = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "dataset.json", "metadata.csv", "Metadata.csv", MARKER)
@@ -630,16 +632,28 @@ def _study_folder(seed: int, study: _Study) -> str:
     )
 
 
+def read_marker(out: Path) -> dict | None:
+    """The `synth.json` of an earlier synth run in `out` (finished or not), or None."""
+    try:
+        marker = json.loads((Path(out) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+
+
+def cohort_complete(out: Path) -> bool:
+    """True when `out` holds a synth run that finished (a version-1 marker was only written at the end)."""
+    marker = read_marker(out)
+    return marker is not None and marker.get("complete", True) is True
+
+
 def _prepare_out(out: Path) -> None:
-    """Create `out`, or clear the outputs of an earlier synth run there; refuse anything else."""
+    """Create `out`, or clear the outputs of an earlier synth run there, finished or interrupted;
+    refuse anything else."""
     if out.exists() and not out.is_dir():
         raise PetctlError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        try:
-            marker = json.loads((out / MARKER).read_text())
-        except (OSError, json.JSONDecodeError):
-            marker = None
-        if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        if read_marker(out) is None:
             raise PetctlError(f"{out}: OUT exists and is not empty (and is not an earlier `petctl synth` output)")
         for entry in out.iterdir():
             if entry.name in _OUTPUT_NAMES or (entry.is_dir() and entry.name.startswith("PETCT_")):
@@ -676,8 +690,14 @@ def make_cohort(
         raise PetctlError(f"scale must be between 0.25 and 4, not {scale}")
     if layout == "autopet" and num_test_cases:
         raise PetctlError("a held-out test split is written in the nnunet layout only")
+    from petctl.engine.registry import write_json_atomic
+
     out = Path(out)
     _prepare_out(out)
+    # Marks OUT as this run's before any volume is written: an interrupted run is cleared by the next.
+    started = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "complete": False, "seed": seed, "layout": layout,
+               "scale": scale, "num_cases": num_cases, "num_test_cases": num_test_cases}
+    write_json_atomic(out / MARKER, started)
     train = _plan(seed, _TRAIN, num_cases, 0, 0)
     num_patients = len({s.patient for s in train})
     test = _plan(seed, _TEST, num_test_cases, num_cases, num_patients) if num_test_cases else []
@@ -712,6 +732,7 @@ def make_cohort(
     marker = {
         "format": MARKER_FORMAT,
         "version": MARKER_VERSION,
+        "complete": True,
         "seed": seed,
         "layout": layout,
         "scale": scale,
@@ -719,7 +740,7 @@ def make_cohort(
         "num_test_cases": num_test_cases,
         "cases": records,
     }
-    (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    write_json_atomic(out / MARKER, marker)
     return CohortSummary(
         out=out,
         case_ids=tuple(s.case for s in train),
