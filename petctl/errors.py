@@ -23,3 +23,22 @@ class CaseError(PetctlError):
         super().__init__(f"{case}: {reason}")
         self.case = case
         self.reason = reason
+
+
+def case_reason(case: str, exc: BaseException, limit: int = 300) -> str:
+    """Why `case` was skipped, as one line without the case's own name (its line puts it in front).
+
+    A `CaseError` gives its reason; any other error its message with a leading "case: " dropped, and
+    one that is not a `PetctlError` (a reader's bug, MemoryError) its type's name in front, so the
+    line says what broke. Whitespace (a traceback-like multi-line message) collapses to single
+    spaces and a long message is cut at `limit` characters.
+    """
+    if isinstance(exc, CaseError):
+        text = exc.reason
+    else:
+        text = str(exc).strip()
+        text = text[len(case) + 2:] if text.startswith(f"{case}: ") else text
+        if not isinstance(exc, PetctlError):
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -443,3 +443,101 @@ def torch_cpu():
     import torch
 
     return torch.device("cpu")
+
+
+def test_a_skipped_case_is_one_line_saying_why_without_its_own_name_twice():
+    """calibrate and predict share `case_reason`: the case's line is `case: reason`, whatever raised."""
+    from petctl.errors import CaseError, PetctlError, case_reason
+
+    assert case_reason("c1", CaseError("c1", "PET and CT grids differ")) == "PET and CT grids differ"
+    assert case_reason("c1", PetctlError("c1: store shard missing")) == "store shard missing"
+    assert case_reason("c1", PetctlError("store shard missing")) == "store shard missing"
+    # not petctl's own error: the type says what broke; a multi-line message stays one line
+    assert case_reason("c1", ValueError("bad header\n  at byte 348\n")) == "ValueError: bad header at byte 348"
+    assert case_reason("c1", MemoryError()) == "MemoryError"
+    long = case_reason("c1", RuntimeError("x" * 1000))
+    assert len(long) == 300 and long.endswith("…") and long.startswith("RuntimeError: xxx")
+    assert "\n" not in case_reason("c1", OSError("a\nb"))
+
+
+def test_predict_reads_no_ground_truth_and_takes_a_bare_folder_as_it_is(hostile: dict, random_run: Path, tmp_path: Path):
+    """A labelsTs beside imagesTs is not read (a label of values 0/1/2 or on another grid costs no
+    prediction); in a bare folder each CASE_0000 is one case whatever its suffix, the PET is found
+    under either suffix, and stray files (`.part`, a backup) are not cases."""
+    from petctl.engine.predict import PredictOptions, input_cases, predict
+
+    images = hostile["data"] / "imagesTr"
+    ds = tmp_path / "ds"
+    (ds / "imagesTs").mkdir(parents=True)
+    (ds / "labelsTs").mkdir()
+    for c in ("0000", "0001"):
+        shutil.copy(images / f"oblique_{c}.nii.gz", ds / "imagesTs" / f"o_{c}.nii.gz")
+    pet = _load(ds / "imagesTs" / "o_0001.nii.gz")
+    _save(np.full(pet.shape, 2, np.uint8), pet.affine, ds / "labelsTs" / "o.nii.gz")  # not a 0/1 label
+    (ds / "results.csv").write_text("model,dice\nbest,0.8\n")  # not metadata: predict reads no CSV
+    result = predict(random_run, ds, tmp_path / "out", PredictOptions(gate=False))
+    assert set(result.written) == {"o"} and not result.skipped
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for case, name, (ct_end, pet_end) in (("oblique", "a", (".nii", ".nii")), ("qsform", "b", (".nii", ".nii.gz"))):
+        for c, end in (("0000", ct_end), ("0001", pet_end)):
+            nib.save(_load(images / f"{case}_{c}.nii.gz"), str(bare / f"{name}_{c}{end}"))
+    shutil.copy(images / "oblique_0000.nii.gz", bare / "a_0000.nii.gz")  # a second copy of a's CT
+    (bare / "c_0000.nii.gz.part").write_bytes(b"half a download")
+    (bare / "notes.txt").write_text("x")
+    found = input_cases(bare)
+    assert [c.case for c in found] == ["a", "b"]
+    assert found[0].ct.name == "a_0000.nii.gz" and found[1].pet.name == "b_0001.nii.gz"
+    one = input_cases(bare / "b_0000.nii")
+    assert one[0].pet == bare / "b_0001.nii.gz"
+
+
+def test_a_mask_does_not_carry_the_pets_display_window_nor_a_qform_it_never_had(hostile: dict, random_run: Path, tmp_path: Path):
+    from petctl.engine.predict import PredictOptions, predict
+
+    images = hostile["data"] / "imagesTr"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(images / "oblique_0000.nii.gz", folder / "x_0000.nii.gz")
+    pet = _load(images / "oblique_0001.nii.gz")
+    img = nib.Nifti1Image(np.asarray(pet.dataobj, np.float32), pet.affine)
+    img.set_sform(pet.affine, code=1)
+    img.set_qform(None, code=0)  # the scanner wrote no qform
+    img.header["cal_min"], img.header["cal_max"], img.header["descrip"] = 0, 20, b"SUV"
+    nib.save(img, str(folder / "x_0001.nii.gz"))
+    result = predict(random_run, folder, tmp_path / "out", PredictOptions(gate=False, save_probabilities="float32"))
+    assert set(result.written) == {"x"}
+    for name, what in (("x.nii.gz", b"petctl mask"), ("x_prob.nii.gz", b"petctl probability")):
+        mask = _load(tmp_path / "out" / name)
+        assert float(mask.header["cal_max"]) == 0 and mask.header["descrip"].tobytes().rstrip(b"\0") == what
+        assert int(mask.header["qform_code"]) == 0 and int(mask.header["sform_code"]) == 1
+        assert np.allclose(mask.affine, pet.affine, atol=1e-5)
+
+
+def test_autopet_studies_are_one_case_each_and_a_stray_csv_is_not_metadata(hostile: dict, tmp_path: Path, caplog):
+    """A study's SUV.nii.gz beside SUV.nii and SUV.nii.gz.bak is one case (not three of one id); two
+    folders whose names clean to the same id keep the first and name the second; a lone CSV of other
+    columns is not the cohort's metadata, and a metadata CSV that is not UTF-8 is one line."""
+    from petctl.engine.cohort import discover
+    from petctl.errors import PetctlError
+
+    images = hostile["data"] / "imagesTr"
+    root = tmp_path / "autopet"
+    for patient, study in (("PETCT_1", "study 1"), ("PETCT_1", "study_1"), ("PETCT_2", "s")):
+        folder = root / patient / study
+        folder.mkdir(parents=True)
+        shutil.copy(images / "oblique_0000.nii.gz", folder / "CTres.nii.gz")
+        shutil.copy(images / "oblique_0001.nii.gz", folder / "SUV.nii.gz")
+    shutil.copy(images / "oblique_0001.nii.gz", root / "PETCT_2" / "s" / "SUV.nii.gz.bak")
+    nib.save(_load(images / "oblique_0001.nii.gz"), str(root / "PETCT_2" / "s" / "SUV.nii"))
+    (root / "results.csv").write_text("model,dice\nbest,0.8\n")
+    with caplog.at_level(logging.WARNING):
+        cases = discover(root)
+    assert [c.case for c in cases] == ["PETCT_1_study_1", "PETCT_2_s"]
+    assert cases[0].pet.parent.name == "study 1" and cases[1].pet.name == "SUV.nii.gz"
+    assert any("case id PETCT_1_study_1 is taken by" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+    (root / "results.csv").unlink()
+    (root / "Metadata.csv").write_bytes("Subject ID,diagnosis\nPETCT_1,Lymphom K\xf6ln\n".encode("latin-1"))
+    with pytest.raises(PetctlError, match=r"Metadata.csv: metadata CSV is not UTF-8 \(byte \d+\); save it as UTF-8"):
+        discover(root)

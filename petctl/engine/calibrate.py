@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from petctl.engine.figures import save_figure
-from petctl.errors import CaseError, PetctlError
+from petctl.errors import PetctlError, case_reason
 
 THRESHOLDS_VERSION = 1
 VOLUME_BUDGET_ML = float("inf")
@@ -167,7 +167,7 @@ def calibrate(run_dir: Path, *, on_case: Callable[[str], None] | None = None, ga
     skipped: dict[str, str] = {}
 
     def skip(case: str, exc: BaseException) -> None:
-        skipped[case] = _skip_reason(case, exc)
+        skipped[case] = case_reason(case, exc)
         per_case.pop(case, None)
         if on_skip:
             on_skip(case, skipped[case])
@@ -366,18 +366,6 @@ def _sources(store: Path, cases: list[str]) -> dict[str, Any]:
     except PetctlError as exc:
         raise PetctlError(f"{exc} ({hint})") from None
     return {c: found[c] for c in cases if c in found}  # a case not found: calibrate skips it, by name
-
-
-def _skip_reason(case: str, exc: BaseException) -> str:
-    """One line: why `case` was left out (the case's own name not repeated)."""
-    if isinstance(exc, CaseError):
-        text = exc.reason
-    else:
-        text = str(exc).strip() or type(exc).__name__
-        text = text[len(case) + 2:] if text.startswith(f"{case}: ") else text
-        if not isinstance(exc, PetctlError):
-            text = f"{type(exc).__name__}: {text}"
-    return " ".join(text.split())
 
 
 def _check_positives_left(store: Path, per_case: dict[str, dict[str, Any]], skipped: dict[str, str]) -> None:

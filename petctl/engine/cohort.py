@@ -40,10 +40,11 @@ def is_valid_case_id(case: str) -> bool:
     return bool(_CASE_ID.match(case)) and ".." not in case
 
 
-def discover(data: Path, metadata: Path | None = None, *, split: str = "Tr") -> list[CaseSource]:
+def discover(data: Path, metadata: Path | None = None, *, split: str = "Tr", with_metadata: bool = True) -> list[CaseSource]:
     """List the cases in `data` (nnU-Net raw or AutoPET layout), sorted by case id.
 
     `split` is "Tr" (imagesTr/labelsTr) or "Ts" (imagesTs/labelsTs) for nnU-Net layouts.
+    `with_metadata=False` reads no metadata CSV unless `metadata` names one (predict needs only the files).
     Raises PetctlError when the folder holds neither layout.
     """
     data = Path(data)
@@ -51,13 +52,13 @@ def discover(data: Path, metadata: Path | None = None, *, split: str = "Tr") -> 
         raise PetctlError(f"{data}: not a folder")
     if (data / f"images{split}").is_dir():
         cases = _discover_nnunet(data, split)
-    elif any(data.glob("*/*/SUV.nii*")):
+    elif autopet_studies(data):
         cases = _discover_autopet(data)
     else:
         raise PetctlError(
             f"{data}: neither nnU-Net raw layout (images{split}/) nor AutoPET layout (PATIENT/STUDY/SUV.nii.gz)"
         )
-    meta_path = metadata or _default_metadata(data)
+    meta_path = metadata or (_default_metadata(data) if with_metadata else None)
     meta = _read_metadata(meta_path)
     if meta:
         unmatched = sorted(c.case for c in cases if (meta.get(c.case) or meta.get(c.patient)) is None)
@@ -71,7 +72,8 @@ def discover(data: Path, metadata: Path | None = None, *, split: str = "Tr") -> 
     return sorted(cases, key=lambda c: c.case)
 
 
-def _nifti(base: Path) -> Path | None:
+def nifti_path(base: Path) -> Path | None:
+    """`base` + .nii.gz, else `base` + .nii, where one exists."""
     for ending in _NIFTI_ENDINGS:
         p = base.with_name(base.name + ending)
         if p.exists():
@@ -111,9 +113,9 @@ def _discover_nnunet(data: Path, split: str) -> list[CaseSource]:
             ids.add(m.group(1))
     cases = []
     for case in ids:
-        ct = _nifti(images / f"{case}_{ct_ch:04d}")
-        pet = _nifti(images / f"{case}_{pet_ch:04d}")
-        label = _nifti(labels / case) if labels.is_dir() else None
+        ct = nifti_path(images / f"{case}_{ct_ch:04d}")
+        pet = nifti_path(images / f"{case}_{pet_ch:04d}")
+        label = nifti_path(labels / case) if labels.is_dir() else None
         cases.append(
             CaseSource(
                 case=case,
@@ -127,17 +129,29 @@ def _discover_nnunet(data: Path, split: str) -> list[CaseSource]:
     return cases
 
 
+def autopet_studies(data: Path) -> list[Path]:
+    """PATIENT/STUDY folders of an AutoPET cohort: those holding SUV.nii.gz or SUV.nii (not a backup
+    or partial copy beside it), sorted."""
+    return [s for s in sorted(Path(data).glob("*/*/")) if s.is_dir() and nifti_path(s / "SUV") is not None]
+
+
 def _discover_autopet(data: Path) -> list[CaseSource]:
-    cases = []
-    for suv in sorted(data.glob("*/*/SUV.nii*")):
-        study = suv.parent
+    """One case per study folder; two folders whose names map to the same case id (characters
+    outside A-Z a-z 0-9 . _ - become _) keep the first and name the other in a warning."""
+    import logging
+
+    cases: dict[str, CaseSource] = {}
+    for study in autopet_studies(data):
         patient = study.parent.name
-        case = f"{patient}_{study.name}"
-        case = re.sub(r"[^A-Za-z0-9._-]", "_", case)
-        ct = _nifti(study / "CTres") or _nifti(study / "CT") or study / "CTres.nii.gz"
-        seg = _nifti(study / "SEG")
-        cases.append(CaseSource(case=case, ct=ct, pet=suv, label=seg, patient=patient, diagnosis=None))
-    return cases
+        case = re.sub(r"[^A-Za-z0-9._-]", "_", f"{patient}_{study.name}")
+        if case in cases:
+            logging.getLogger(__name__).warning("%s: case id %s is taken by %s; this study is left out (rename one folder)",
+                                                study, case, Path(cases[case].pet).parent)
+            continue
+        ct = nifti_path(study / "CTres") or nifti_path(study / "CT") or study / "CTres.nii.gz"
+        cases[case] = CaseSource(case=case, ct=ct, pet=nifti_path(study / "SUV"), label=nifti_path(study / "SEG"), patient=patient,
+                                 diagnosis=None)
+    return list(cases.values())
 
 
 def _default_metadata(data: Path) -> Path | None:
@@ -145,7 +159,14 @@ def _default_metadata(data: Path) -> Path | None:
         if (data / name).exists():
             return data / name
     found = sorted(data.glob("*.csv"))
-    return found[0] if len(found) == 1 else None
+    if len(found) != 1:
+        return None
+    try:  # a lone CSV of other columns (results, notes) is not the cohort's metadata: left alone
+        with found[0].open(newline="", encoding="utf-8-sig") as fh:
+            header = {f.strip().lower() for f in next(csv.reader(fh), [])}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return found[0] if "case" in header or "subject id" in header else None
 
 
 def _read_metadata(path: Path | None) -> dict[str, tuple[str, str | None]]:
@@ -155,6 +176,15 @@ def _read_metadata(path: Path | None) -> dict[str, tuple[str, str | None]]:
     path = Path(path)
     if not path.exists():
         raise PetctlError(f"{path}: metadata CSV not found")
+    try:
+        return _parse_metadata(path)
+    except UnicodeDecodeError as exc:
+        raise PetctlError(f"{path}: metadata CSV is not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise PetctlError(f"{path}: metadata CSV is malformed ({exc})") from None
+
+
+def _parse_metadata(path: Path) -> dict[str, tuple[str, str | None]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = {f.strip().lower(): f for f in (reader.fieldnames or [])}

@@ -17,9 +17,10 @@ set), each writing its own summary and merging it into predictions.json (`write_
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import torch
 
 from petctl.engine.cohort import CaseSource, discover, is_valid_case_id
 from petctl.engine.figures import save_figure
-from petctl.errors import CaseError, PetctlError
+from petctl.errors import CaseError, PetctlError, case_reason
 
 
 @dataclass(frozen=True)
@@ -53,28 +54,34 @@ class PredictResult:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+_CT_FILE = re.compile(r"^(.*)_0000\.nii(\.gz)?$")
+
+
 def input_cases(path: Path) -> list[CaseSource]:
-    """Cases of an nnU-Net folder (imagesTs, else imagesTr), an AutoPET folder, or one CT file + its PET."""
+    """Cases of an nnU-Net folder (imagesTs, else imagesTr), an AutoPET folder, or one CT file + its PET.
+
+    A bare folder of CASE_0000 / CASE_0001 files lists each CASE once (.nii.gz or .nii, either for
+    either channel); other files there (a `.part`, a backup) are not cases. No metadata CSV is read.
+    """
+    from petctl.engine.cohort import autopet_studies, nifti_path
+
     path = Path(path)
     if path.is_file():
-        name = path.name
-        for suffix in (".nii.gz", ".nii"):
-            if name.endswith("_0000" + suffix):
-                case = name[: -len("_0000" + suffix)]
-                return [CaseSource(case, path, path.with_name(f"{case}_0001{suffix}"), None, case, None)]
-        raise PetctlError(f"{path}: a single-case input must be the CT file CASE_0000.nii.gz (its PET CASE_0001 beside it)")
+        m = _CT_FILE.match(path.name)
+        if not m:
+            raise PetctlError(f"{path}: a single-case input must be the CT file CASE_0000.nii.gz (its PET CASE_0001 beside it)")
+        case = m.group(1)
+        pet = nifti_path(path.with_name(f"{case}_0001")) or path.with_name(f"{case}_0001{'.nii' + (m.group(2) or '')}")
+        return [CaseSource(case, path, pet, None, case, None)]
     if (path / "imagesTs").is_dir():
-        return discover(path, split="Ts")
+        return discover(path, split="Ts", with_metadata=False)
     if (path / "imagesTr").is_dir():
-        return discover(path, split="Tr")
-    if any(path.glob("*/*/SUV.nii*")):
-        return discover(path)
-    if any(path.glob("*_0000.nii*")):
-        # a bare folder of CASE_0000/CASE_0001 files
-        cases = []
-        for ct in sorted(path.glob("*_0000.nii*")):
-            cases.extend(input_cases(ct))
-        return cases
+        return discover(path, split="Tr", with_metadata=False)
+    if autopet_studies(path):
+        return discover(path, with_metadata=False)
+    cts = {m.group(1) for p in path.glob("*_0000.nii*") if (m := _CT_FILE.match(p.name))}
+    if cts:  # a bare folder of CASE_0000/CASE_0001 files
+        return [input_cases(nifti_path(path / f"{case}_0000"))[0] for case in sorted(cts)]
     raise PetctlError(f"{path}: no cases found (nnU-Net imagesTs/imagesTr, AutoPET layout, or CASE_0000/0001 files)")
 
 
@@ -89,17 +96,24 @@ def _safe_output(out_dir: Path, case: str, suffix: str, inputs: set[Path]) -> Pa
     return target
 
 
-def _save_nifti(data: np.ndarray, reference: Any, path: Path, dtype: Any) -> None:
+def _save_nifti(data: np.ndarray, reference: Any, path: Path, dtype: Any, what: str = "mask") -> None:
     import nibabel as nib
 
     header = reference.header.copy()
     header.set_data_dtype(dtype)
+    # not the PET's: its display window (a 0/1 mask under cal_max 20 looks black) and description
+    header["cal_min"], header["cal_max"] = 0, 0
+    header["descrip"] = f"petctl {what}".encode()
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header=header)
-    # each form as the reference has it (they may differ); an uncoded one takes the affine, coded 1
-    qform, qcode = reference.get_qform(coded=True)
-    sform, scode = reference.get_sform(coded=True)
-    img.set_qform(reference.affine if not qcode else qform, code=int(qcode) or 1)
-    img.set_sform(reference.affine if not scode else sform, code=int(scode) or 1)
+    # each form as the reference has it, coded or not (a qform written where the input had none would
+    # be a second, shear-free approximation of its sform); neither coded: both from the affine, coded 1
+    qcode, scode = int(reference.header["qform_code"]), int(reference.header["sform_code"])
+    if qcode or scode:
+        img.set_qform(reference.get_qform(), code=qcode)
+        img.set_sform(reference.get_sform(), code=scode)
+    else:
+        img.set_qform(reference.affine, code=1)
+        img.set_sform(reference.affine, code=1)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nii.gz")
     try:
         nib.save(img, str(tmp))
@@ -153,7 +167,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
         t0 = time.perf_counter()
         try:
             mask_path = _safe_output(output, src.case, ".nii.gz", inputs)
-            loaded = load_case(src, need_label=False)
+            loaded = load_case(replace(src, label=None), need_label=False)  # a ground truth beside it is not read
             image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
             pet, affine = (loaded.pet if options.preview or extent else None), loaded.affine
             ct = loaded.ct if veto is not None else None
@@ -189,21 +203,16 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
                 prob_path = _safe_output(output, src.case, "_prob.nii.gz", inputs)
                 p = probs if probs is not None else np.zeros(geometry.original_shape, np.float32)
                 if options.save_probabilities == "uint8":
-                    _save_nifti(np.rint(np.clip(p, 0, 1) * 255), reference, prob_path, np.uint8)
+                    _save_nifti(np.rint(np.clip(p, 0, 1) * 255), reference, prob_path, np.uint8, "probability x255")
                 else:
-                    _save_nifti(p, reference, prob_path, np.float32)
+                    _save_nifti(p, reference, prob_path, np.float32, "probability")
             if options.preview:
                 preview_png(_safe_output(output, src.case, "_preview.png", inputs), pet, mask, affine, src.case, record)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             result.written[src.case] = record
-        except CaseError as exc:
-            result.skipped[src.case] = exc.reason
-            if on_skip:
-                on_skip(src.case, exc.reason)
         except Exception as exc:  # any one case's failure (MemoryError, a bad header…) is that case's, not the batch's
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            result.skipped[src.case] = reason
-            if on_skip:
+            result.skipped[src.case] = reason = case_reason(src.case, exc)
+            if on_skip is not None:
                 on_skip(src.case, reason)
         if on_case:
             on_case(src.case)

@@ -125,7 +125,8 @@ def scan_case(src: CaseSource, parts_dir: str) -> dict[str, Any]:
     except BaseException:  # a full disk must not leave a partial part file taking space
         tmp.unlink(missing_ok=True)
         raise
-    _, canon_affine = to_canonical(np.empty((1, 1, 1)), loaded.affine)
+    # shape and spacing both in the canonical (RAS) axis order, from a view that holds no voxels
+    canon, canon_affine = to_canonical(np.broadcast_to(np.uint8(0), loaded.pet.shape), loaded.affine, contiguous=False)
     voxel_ml = float(abs(np.linalg.det(loaded.affine[:3, :3]))) / 1000.0
     lesion_voxels = int(label.sum()) if label is not None else 0
     return {
@@ -134,7 +135,7 @@ def scan_case(src: CaseSource, parts_dir: str) -> dict[str, Any]:
         "diagnosis": src.diagnosis,
         "positive": lesion_voxels > 0,
         "spacing": list(spacing_of(canon_affine)),
-        "shape": [int(s) for s in loaded.pet.shape],
+        "shape": [int(s) for s in canon.shape],
         "lesion_volume_ml": lesion_voxels * voxel_ml,
         "ct_resampled": loaded.ct_resampled,
     }
