@@ -181,3 +181,23 @@ def test_train_on_several_machines_takes_each_machine_s_rank_and_the_main_addres
     cmd = seen[0]
     assert cmd[cmd.index("--num_machines") + 1] == "2" and cmd[cmd.index("--machine_rank") + 1] == "1"
     assert cmd[cmd.index("--main_process_ip") + 1] == "node1" and cmd[cmd.index("--main_process_port") + 1] == "29400"
+    # accelerate starts processes // nodes on each machine: 3 over 2 machines would silently train 2
+    odd = runner.invoke(app, [*base[:-4], "--processes", "3", "--nodes", "2", "--machine-rank", "0", "--main-address", "node1",
+                              "--main-port", "29400"])
+    assert odd.exit_code == 2 and "--processes 3 must be a multiple of --nodes 2" in odd.output
+
+
+def test_the_ranks_get_time_to_save_after_a_term(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """torchrun's agent SIGKILLs its ranks 30 s after a TERM unless told otherwise; the launch gives
+    them the 110 s that SLURM's USR1 leaves (a value the user set is kept)."""
+    import petctl.engine.folds as folds
+
+    envs: list[dict[str, str]] = []
+    monkeypatch.setattr(folds, "run_pool", lambda jobs, slot_env, **k: envs.extend(slot_env) or 0)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r", home=tmp_path) == 0
+    assert envs and all(e["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "110" for e in envs)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    envs.clear()
+    assert train_folds(preset("cpu-tiny"), tmp_path, "seg", [0], run="r2", home=tmp_path) == 0
+    assert all(e["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300" for e in envs)

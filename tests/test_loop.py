@@ -49,10 +49,11 @@ class _Toy:
         return {"selection": 0.5 + 0.1 * self.validations}
 
 
-def _run(task: _Toy, out: Path, stop: _Stop, cycles: int = 2) -> int:
+def _run(task: _Toy, out: Path, stop: _Stop, cycles: int = 2, **loop: Any) -> int:
     from accelerate import Accelerator
 
-    return run_cycles(task, LoopConfig(num_cycles=cycles, epochs_per_cycle=1, lr=0.05), out, Accelerator(cpu=True), StepRef(), stop,
+    cfg = LoopConfig(**{"num_cycles": cycles, "epochs_per_cycle": 1, "lr": 0.05, **loop})
+    return run_cycles(task, cfg, out, Accelerator(cpu=True, gradient_accumulation_steps=cfg.grad_accum), StepRef(), stop,
                       {"toy": True}, "toy")
 
 
@@ -84,3 +85,42 @@ def test_a_resume_under_another_schedule_is_refused(tmp_path: Path, monkeypatch:
         _run(_Toy(stop, steps_per_epoch=4), tmp_path, stop)
     with pytest.raises(PetctlError, match=r"num_cycles 2 → 3"):
         _run(_Toy(stop), tmp_path, stop, cycles=3)
+
+    # the optimizer's own numbers: its state dict would silently bring the old learning rate back
+    with pytest.raises(PetctlError, match=r"another schedule \(lr 0.05 → 0.01\)"):
+        _run(_Toy(stop), tmp_path, stop, lr=0.01)
+
+
+def test_a_resume_into_another_network_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+    assert _run(_Toy(stop, signal_in_validation=True), tmp_path, stop) == EXIT_PREEMPTED
+    stop.signal = None
+    other = _Toy(stop)
+    other.model = torch.nn.Linear(2, 3)  # another preset's net in the same fold folder
+    with pytest.raises(PetctlError) as err:
+        _run(other, tmp_path, stop)
+    text = str(err.value)
+    assert "\n" not in text and "toy: cannot resume from" in text and "its network differs from this config's" in text
+
+
+def test_a_rerun_with_the_same_max_steps_trains_no_further(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+    for _ in range(3):
+        task = _Toy(stop)
+        assert _run(task, tmp_path, stop, max_steps=2) == 0
+        _, _, meta = load_checkpoint(find_checkpoint(tmp_path / "checkpoints" / "last"))
+        assert meta["position"]["global_step"] == 2
+    assert task.steps == 0  # the re-runs took none
+
+
+def test_grad_accum_must_divide_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate counts the accumulation over the whole run: 3 batches a cycle under grad_accum 2
+    would put cycle 2's updates off its schedule. A divisor trains, with updates at the cycle's ends."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+    with pytest.raises(PetctlError, match=r"toy: grad_accum 2 does not divide a cycle's 3 batches"):
+        _run(_Toy(stop), tmp_path / "a", stop, grad_accum=2)
+    task = _Toy(stop, steps_per_epoch=4)
+    assert _run(task, tmp_path / "b", stop, grad_accum=2) == 0 and task.steps == 8

@@ -78,6 +78,8 @@ def train(
     if nodes > 1 and (main_address is None or main_port is None):
         raise PetctlError(f"--nodes {nodes}: run this command on every machine with its own --machine-rank (0 … {nodes - 1}) "
                           "and the same --main-address (the rank-0 machine) and --main-port")
+    if processes % nodes:  # accelerate starts processes // nodes on each machine: the rest would silently not run
+        raise PetctlError(f"--processes {processes} must be a multiple of --nodes {nodes} (the same number of processes on every machine)")
     if not 0 <= machine_rank < nodes:
         raise PetctlError(f"--machine-rank must be 0 … {nodes - 1} for --nodes {nodes} (got {machine_rank})")
     launch = FoldLaunch(processes=processes, nodes=nodes, machine_rank=machine_rank, main_address=main_address, port=main_port,

@@ -23,6 +23,12 @@ from petctl.engine.config import TrainConfig
 from petctl.errors import PetctlError
 
 
+ELASTIC_SHUTDOWN_S = 110
+"""Seconds torchrun gives its ranks after a TERM before it kills them: SLURM's USR1 comes 120 s
+before the time limit (the sbatch scripts' `--signal=B:USR1@120`), and a rank may be in the middle of
+a whole-body validation case when it arrives."""
+
+
 @dataclass(frozen=True)
 class FoldLaunch:
     """How each fold's process tree is started."""
@@ -92,6 +98,9 @@ def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds:
     run_dir = Path(home) / "runs" / run
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not has_cuda()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # torchrun's agent, TERMed with the launcher's group, SIGKILLs the ranks after this many seconds
+    # (its default 30): a rank saving `last` after a long validation needs longer
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(ELASTIC_SHUTDOWN_S))
     if deadline is not None:
         env[DEADLINE_ENV] = repr(float(deadline))
     if cpu and (launch.processes > 1 or launch.nodes > 1):

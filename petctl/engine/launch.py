@@ -87,9 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from petctl.engine.config import TrainConfig
     from petctl.errors import PetctlError
 
-    cfg = TrainConfig.from_json(json.loads(Path(args.config).read_text()))
     common = dict(run=args.run, home=Path(args.home) if args.home else None, merged=args.merged, max_steps=args.max_steps)
     try:
+        try:
+            cfg = TrainConfig.from_json(json.loads(Path(args.config).read_text()))
+        except (OSError, ValueError, TypeError) as exc:  # missing, not JSON, or fields of another version
+            raise PetctlError(f"{args.config}: cannot read the training config ({type(exc).__name__}: {exc})") from None
         if args.task == "cls":
             from petctl.engine.classifier import fit_cls
 

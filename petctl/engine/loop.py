@@ -203,11 +203,19 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     is_main = accelerator.is_main_process
     model = task.model
     optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_cycle = max(1, task.steps_per_epoch * cfg.epochs_per_cycle // cfg.grad_accum)
+    batches_per_cycle = task.steps_per_epoch * cfg.epochs_per_cycle
+    if batches_per_cycle % cfg.grad_accum:
+        # accelerate steps the optimizer every grad_accum batches counted over the whole run: a cycle of
+        # another length would end mid-accumulation and the next cycle's updates fall off its schedule
+        raise PetctlError(f"{label}: grad_accum {cfg.grad_accum} does not divide a cycle's {batches_per_cycle} batches "
+                          f"({task.steps_per_epoch} a rank's epoch × {cfg.epochs_per_cycle} epochs); choose a divisor")
+    steps_per_cycle = max(1, batches_per_cycle // cfg.grad_accum)
     scheduler = make_scheduler(optimizer, steps_per_cycle, cfg.num_cycles, lr_min_ratio=cfg.lr_min_ratio)
     # what the saved position and scheduler mean: a resume under other numbers would run another schedule
+    # (the optimizer's own numbers too: its state dict would bring back the old ones silently)
     schedule = {"steps_per_epoch": task.steps_per_epoch, "num_cycles": cfg.num_cycles, "epochs_per_cycle": cfg.epochs_per_cycle,
-                "grad_accum": cfg.grad_accum, "num_processes": accelerator.num_processes}
+                "grad_accum": cfg.grad_accum, "num_processes": accelerator.num_processes, "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay, "lr_min_ratio": cfg.lr_min_ratio}
     position = Position()
     history: list[dict[str, Any]] = []
     epochs: list[dict[str, Any]] = []  # one record per finished epoch: the training curve between validations
@@ -216,15 +224,21 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     resume = find_checkpoint(ckpt_dir / "last")
     if resume is not None:
         model_state, state, meta = load_checkpoint(resume)
-        model.load_state_dict(model_state)
+        _check_resumable(meta.get("schedule"), schedule, resume, label)  # before any state is loaded
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as exc:  # another architecture, size or channel count: not this fold's net
+            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+            raise PetctlError(f"{label}: cannot resume from {resume}: its network differs from this config's ({first[:160]}); "
+                              f"re-run with its settings, or remove {resume.parent} to start the fold over") from None
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         if state.get("rng_torch") is not None:
             torch.set_rng_state(state["rng_torch"])
-        _check_resumable(meta.get("schedule"), schedule, resume, label)
         position = Position(**meta["position"])
+        accelerator.step = position.global_step  # accelerate's accumulation counter: updates stay on the cycle's steps
         history = meta.get("history", [])
         epochs = meta.get("epochs", [])
         best_metric = meta.get("best_metric") if meta.get("best_metric") is not None else -math.inf
@@ -276,6 +290,9 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     t_steps = 0.0  # seconds spent in training steps in this run (validation and checkpoints left out)
     t_paced = 0.0  # of them, after the run's first DEADLINE_WARMUP steps: the deadline's pace
     steps_this_run = 0
+    if cfg.max_steps is not None and position.global_step >= cfg.max_steps and position.cycle < cfg.num_cycles:
+        _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # a re-run with the same --max-steps: none more
+        return 0
     while position.cycle < cfg.num_cycles:
         losses: list[float] = []
         t_cycle = time.perf_counter()
