@@ -374,12 +374,30 @@ def test_mip_batch_equals_per_volume(axis: str) -> None:
 
 def test_resize_mip() -> None:
     out = resize_mip(torch.full((2, 1, 40, 30), 3.0))
-    assert out.shape == (2, 1, 224, 352)
+    assert out.shape == (2, 1, 352, 224)
     torch.testing.assert_close(out, torch.full_like(out, 3.0))
     assert resize_mip(torch.zeros(1, 1, 40, 30, dtype=torch.float16)).dtype == torch.float16
     assert resize_mip(torch.ones(1, 1, 8, 8, dtype=torch.uint8), (4, 4)).dtype == torch.float32
-    gradient = torch.linspace(0, 1, 352).expand(1, 1, 224, 352)
-    assert torch.equal(resize_mip(gradient), gradient)  # already the classifier's size
+    gradient = torch.linspace(0, 1, 224).expand(1, 1, 352, 224)
+    assert torch.equal(resize_mip(gradient), gradient)  # already the classifier's size (the presets' H, W)
+
+
+def test_shrinking_a_mip_keeps_every_thin_hot_spot_at_its_peak() -> None:
+    """600 rows of a paper-preset coronal MIP to 352: bilinear sampling alone kept 15-100 % of a
+    one-row hot spot (and a lesion's label MIP fell under 0.5, an empty map target)."""
+    for row in range(200, 220):
+        img = torch.zeros(1, 1, 600, 294)
+        img[0, 0, row, 100:105] = 1.0
+        out = resize_mip(img, (352, 224))
+        assert out.shape == (1, 1, 352, 224) and float(out.max()) == 1.0, row
+    # one axis shrinks, the other grows: the maximum over the shrunk axis, then bilinear
+    img = torch.zeros(1, 1, 100, 50)
+    img[0, 0, 37, :] = 2.0
+    out = resize_mip(img, (40, 80))
+    assert out.shape == (1, 1, 40, 80) and torch.allclose(out.amax(dim=2), torch.full((1, 1, 80), 2.0))
+    # an enlarged MIP (cpu-small's 160 × 96 from ~134 × 92) is plain bilinear, as before
+    small = torch.rand(1, 1, 134, 92)
+    torch.testing.assert_close(resize_mip(small, (160, 96)), torch.nn.functional.interpolate(small, (160, 96), mode="bilinear"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

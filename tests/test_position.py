@@ -96,6 +96,31 @@ def test_inference_appends_positions_unflipped_under_tta(tmp_path: Path):
     np.testing.assert_allclose(models.seg_probs(image, tta=True), (3 * ramp + ramp[::-1]) / 4, atol=1e-5)
 
 
+def test_a_volume_thinner_than_the_patch_gets_the_positions_training_gave_its_margin(tmp_path: Path):
+    """A stored volume of 10 voxels in x under 16³ patches: the sliding window pads it, and the net
+    must see x-ramps running on past ±1 there (training reads such a box past the edge), not zeros."""
+    models = _models(tmp_path)
+    image = torch.zeros(2, 10, 20, 7)  # x and z thinner than the patch, y not
+    ramp = torch.sigmoid(4.0 * position_grid((10, 20, 7))[0]).numpy()
+    for probs in (models.seg_probs(image), predict_volume(models.seg[0].model, image, models.seg[0].cfg, torch.device("cpu"))):
+        assert probs.shape == (10, 20, 7)
+        np.testing.assert_allclose(probs, ramp, atol=1e-5)  # the volume's own positions, not the padding's
+    np.testing.assert_allclose(models.seg_probs(image, tta=True), (3 * ramp + ramp[::-1]) / 4, atol=1e-5)
+
+    class _Seen(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.x = x[:, 2].detach().clone()
+            return x[:, :1]
+
+    seen = _Seen()
+    models.seg[0] = LoadedModel("fold0", 0, models.seg[0].cfg, seen)
+    models.seg_probs(image)
+    # the window of x: 3 voxels of padding before the 10, 3 after, the ramp unbroken across them
+    expected = position_grid((10, 20, 7), (-3, 0, -4), (16, 16, 16))[0]
+    assert tuple(seen.x.shape[1:]) == (16, 16, 16)
+    assert any(torch.allclose(w, expected) for w in seen.x)
+
+
 def test_inference_checks_image_channels_without_the_positions(tmp_path: Path):
     models = _models(tmp_path)
     with pytest.raises(PetctlError, match="takes 2 image channels but the image has 5"):

@@ -84,6 +84,12 @@ def test_patch_start_without_and_with_jitter():
     assert ((centre >= starts) & (centre < starts + 96)).all()  # the centre voxel stays in the patch
     with pytest.raises(ValueError):
         patch_start(centre, (8, 8, 8), 0.25)
+    # at the docstring's limit, 0.5, an even size could shift the centre one voxel out of the patch
+    for size in ((32, 33, 2), (1, 2, 3)):
+        starts = np.array([patch_start(centre, size, 0.5, rng) for _ in range(2000)])
+        assert ((centre >= starts) & (centre < starts + np.array(size))).all(), size
+    starts = np.array([patch_start(centre, (32, 32, 32), 0.5, rng) for _ in range(2000)])
+    assert (starts - (centre - 16)).min() == -15 and (starts - (centre - 16)).max() == 16  # the whole reach that keeps it
 
 
 @pytest.mark.parametrize("num_cases,world", [(6, 2), (7, 2), (3, 4), (1, 1)])

@@ -118,7 +118,7 @@ class RunModels:
 
         from petctl.engine.config import POSITION_CHANNELS
         from petctl.engine.models import torch_threads
-        from petctl.engine.position import position_grid
+        from petctl.engine.position import pad_to_patch, position_grid
 
         models = models or self.seg
         for m in models:  # a store re-prepared with(out) --pet-wide after training: one line, not a conv shape error
@@ -127,7 +127,8 @@ class RunModels:
                 raise PetctlError(f"{self.run_dir}: seg {m.name} takes {image_channels} image channels but the image has "
                                   f"{image_cxyz.shape[0]}; the store was prepared with another plan (--pet-wide) than it was trained on")
         x = image_cxyz[None].to(self.device)
-        positions = position_grid(image_cxyz.shape[1:])[None].to(self.device) if any(m.cfg.position_channels for m in models) else None
+        shape = tuple(int(n) for n in image_cxyz.shape[1:])
+        grids: dict[tuple, torch.Tensor] = {}  # one position grid per padding (folds of one patch size share it)
         flips = [()] + ([(2,), (3,), (4,)] if tta else [])
 
         def one_fold(m: LoadedModel) -> np.ndarray:
@@ -136,14 +137,18 @@ class RunModels:
             total: torch.Tensor | None = None
             with torch.no_grad():
                 for flip in flips:
-                    inp = torch.flip(x, flip) if flip else x
+                    inp, before = pad_to_patch(torch.flip(x, flip) if flip else x, m.cfg.patch_size)
                     if m.cfg.position_channels:  # unflipped, as training appends them after augmentation
-                        inp = torch.cat([inp, positions], 1)
+                        key = (before, tuple(inp.shape[2:]))
+                        if key not in grids:
+                            grids[key] = position_grid(shape, tuple(-b for b in before), key[1])[None].to(self.device)
+                        inp = torch.cat([inp, grids[key]], 1)
                     logits = sliding_window_inference(
                         inp, roi_size=m.cfg.patch_size, sw_batch_size=m.cfg.sw_batch_size, predictor=m.model,
                         overlap=m.cfg.sw_overlap, mode="gaussian", padding_mode="constant",
                         sw_device=self.device, device=torch.device("cpu") if stitch_on_cpu else self.device,
                     )
+                    logits = logits[..., before[0]:before[0] + shape[0], before[1]:before[1] + shape[1], before[2]:before[2] + shape[2]]
                     probs = torch.sigmoid(logits.float())
                     probs = torch.flip(probs, flip) if flip else probs
                     total = probs if total is None else total + probs

@@ -50,10 +50,13 @@ def mip_batch(volumes_bxyz: torch.Tensor, axis: str) -> torch.Tensor:
     return _project(volumes_bxyz, axis).unsqueeze(1).contiguous()
 
 
-def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (224, 352)) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of (B, 1, H, W) MIPs to the classifier's (H, W) size.
+def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (352, 224)) -> torch.Tensor:
+    """Resize (B, 1, H, W) MIPs to the classifier's (H, W) size.
 
-    Integer inputs are converted to float32; float inputs keep their dtype.
+    Along an axis that shrinks, each output pixel first takes the maximum of the pixels it covers (a
+    MIP of the MIP: bilinear sampling alone would skip a one-slice hot spot or lesion between its
+    samples, or keep a fraction of it); then bilinear (align_corners=False) to the exact size. An
+    enlarged axis is plain bilinear. Integer inputs are converted to float32; float inputs keep their dtype.
     """
     if img_b1hw.ndim != 4:
         raise ValueError(f"resize_mip needs (B, 1, H, W) images (got shape {tuple(img_b1hw.shape)})")
@@ -61,4 +64,9 @@ def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (224, 352)) -> to
         img_b1hw = img_b1hw.float()
     if tuple(img_b1hw.shape[-2:]) == tuple(size):
         return img_b1hw
+    pooled = tuple(min(have, want) for have, want in zip(img_b1hw.shape[-2:], size))
+    if pooled != tuple(img_b1hw.shape[-2:]):
+        img_b1hw = F.adaptive_max_pool2d(img_b1hw, pooled)
+        if pooled == tuple(size):
+            return img_b1hw
     return F.interpolate(img_b1hw, size=tuple(size), mode="bilinear", align_corners=False)

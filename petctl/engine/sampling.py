@@ -90,7 +90,9 @@ def patch_start(
         if rng is None:
             raise ValueError("patch_start: jitter needs an rng")
         reach = np.floor(size * jitter).astype(np.int64)
-        start = start + rng.integers(-reach, reach + 1)
+        # the centre sits at size // 2 in the patch: a shift in [-(size - 1 - size // 2), size // 2] keeps it in
+        low, high = np.minimum(reach, size - 1 - size // 2), np.minimum(reach, size // 2)
+        start = start + rng.integers(-low, high + 1)
     return tuple(int(s) for s in start)  # type: ignore[return-value]
 
 
