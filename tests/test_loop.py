@@ -124,3 +124,25 @@ def test_grad_accum_must_divide_a_cycle(tmp_path: Path, monkeypatch: pytest.Monk
         _run(_Toy(stop), tmp_path / "a", stop, grad_accum=2)
     task = _Toy(stop, steps_per_epoch=4)
     assert _run(task, tmp_path / "b", stop, grad_accum=2) == 0 and task.steps == 8
+
+
+def test_a_signal_at_an_epochs_last_step_keeps_the_epochs_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped on the last batch of an epoch, the epoch is recorded (its steps and loss) before `last` is saved."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+
+    class _LastStep(_Toy):
+        def loss(self, model, batch, generator, device):
+            if self.steps == 2:  # the third (last) batch of the first epoch
+                self.stop.signal = 10
+            return super().loss(model, batch, generator, device)
+
+    assert _run(_LastStep(stop), tmp_path, stop) == EXIT_PREEMPTED
+    _, _, meta = load_checkpoint(find_checkpoint(tmp_path / "checkpoints" / "last"))
+    assert meta["position"] == {"cycle": 0, "epoch": 1, "step_in_epoch": 0, "global_step": 3}
+    assert [(e["epoch"], e["steps"]) for e in meta["epochs"]] == [(1, 3)] and math.isfinite(meta["epochs"][0]["train_loss"])
+    stop.signal = None
+    resumed = _Toy(stop)
+    assert _run(resumed, tmp_path, stop) == 0 and resumed.steps == 3  # cycle 2 only
+    epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
+    assert [(e["epoch"], e["steps"]) for e in epochs] == [(1, 3), (2, 3)]

@@ -282,6 +282,16 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
     def stop_at() -> float:  # the loop step a deadline's cut ends training at (grad_accum 1: loop steps = optimizer steps)
         return factor.total_steps if factor.cut is not None else math.inf
 
+    def stop_here() -> int | None:
+        """After a step: a signal on any rank saves `last` and stops; so does reaching --max-steps."""
+        if dist.any_rank(accelerator, stop.signal is not None):
+            return preempted("")
+        if cfg.max_steps is not None and position.global_step >= cfg.max_steps:
+            checkpoint("last", None)
+            _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
+            return 0
+        return None
+
     planned_steps = cfg.num_cycles * cfg.epochs_per_cycle * task.steps_per_epoch
     if cfg.deadline is not None and cfg.grad_accum != 1:
         raise PetctlError("a training deadline needs one batch per optimizer step (grad_accum 1)")
@@ -328,12 +338,9 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                     accelerator.print(f"{label} cycle {position.cycle + 1}/{cfg.num_cycles} epoch {position.epoch + 1}/{cfg.epochs_per_cycle} "
                                       f"step {position.global_step}/{factor.total_steps} loss {np.mean(losses[-10:]):.4f} "
                                       f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
-                if dist.any_rank(accelerator, stop.signal is not None):
-                    return preempted("")
-                if cfg.max_steps is not None and position.global_step >= cfg.max_steps:
-                    checkpoint("last", None)
-                    _record_done(report, history, cfg, position, max_steps=cfg.max_steps)  # else it stays "running"
-                    return 0
+                # at an epoch's last step the epoch's record comes first (a stop there would lose it)
+                if position.step_in_epoch < task.steps_per_epoch and (code := stop_here()) is not None:
+                    return code
                 if (cfg.deadline is not None and position.cycle == cfg.num_cycles - 1
                         and steps_this_run >= DEADLINE_WARMUP + DEADLINE_CHECK and position.global_step % DEADLINE_CHECK == 0):
                     end = deadline_end(cfg, position.global_step, t_paced / (steps_this_run - DEADLINE_WARMUP), planned_steps)
@@ -350,6 +357,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                            "lr": float(scheduler.get_last_lr()[0]), "steps": len(epoch_losses), **sampler_summary})
             position.epoch += 1
             position.step_in_epoch = 0
+            if (code := stop_here()) is not None:
+                return code
         # the bare module (see Task.validate); a signal during validation (minutes for the paper's
         # preset) saves `last` with this cycle's training done, so a resume validates it at once
         val = task.validate(accelerator.unwrap_model(model), accelerator,
