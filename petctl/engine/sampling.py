@@ -6,8 +6,9 @@ Three layers, from pure to stateful:
   sampled voxels, so a case's tiny lesions are seen as often as its big ones (or, with
   `lesion_size_power` p > 0, with weight voxels ** p, so big lesions are seen more often).
   With `hard_lesion_gain` g > 0 a component's weight is also multiplied by 1 + g·h, where h is how
-  much of it the net missed in the patches centred on it so far (`update_hardness`): hard-example
-  mining per lesion, so a large hot lesion the net calls physiology is shown again until it is not.
+  much the net missed in the patches centred on it so far (`update_hardness`; the recall of a patch
+  is over all its lesion voxels, so a neighbour found or missed in the same patch counts too):
+  hard-example mining per lesion, so a large hot lesion the net calls physiology is shown again until it is not.
 - `SegPatchDataset` streams patches from a `CaseStore`: each epoch the case list is shuffled the
   same way on every rank, padded to a multiple of the world size and dealt out `[rank::world]`;
   within a rank, DataLoader workers split the cases again. A case is opened once and yields

@@ -119,7 +119,8 @@ class SegTask:
         return self.loss_fn(logits, label)
 
     def _record_recall(self, batch: Any, logits: torch.Tensor, label: torch.Tensor) -> None:
-        """Per lesion-centred patch: the share of its (augmented) lesion voxels the net scores > 0.5."""
+        """Per lesion-centred patch: the share of its (augmented) lesion voxels the net scores > 0.5,
+        credited to the centred component (every lesion voxel in the patch counts, the neighbours' too)."""
         with torch.no_grad():
             positive = label > 0.5
             hits = ((logits.detach() > 0) & positive).flatten(1).sum(1)
