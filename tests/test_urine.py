@@ -144,10 +144,33 @@ def test_calibration_scores_the_masks_after_the_veto(body):
 def test_settings_round_trip_and_refusals():
     veto = UrineVeto()
     assert UrineVeto.from_json(veto.to_json()) == veto and UrineVeto.from_json(None) is None
-    legacy = {k: v for k, v in veto.to_json().items() if k != "median"}  # a thresholds.json from before the median
-    assert UrineVeto.from_json(legacy) == UrineVeto(median=False)
+    legacy = {k: v for k, v in veto.to_json().items() if k not in ("median", "whole_voxel_ball")}  # a thresholds.json from before both
+    assert UrineVeto.from_json(legacy) == UrineVeto(median=False, whole_voxel_ball=False)
     for bad in ({"water_hu": (20.0, -30.0)}, {"fraction": 0.0}, {"min_ml": -1.0}):
         with pytest.raises(PetctlError, match="urine veto"):
             UrineVeto(**bad)
     with pytest.raises(ValueError, match="differ in shape"):
         drop_urine_components(np.ones((2, 2, 2), bool), np.ones((3, 2, 2), bool))
+
+
+def test_the_opening_reaches_a_voxel_along_an_axis_coarser_than_its_radius():
+    """4 mm ball on 4.2 mm slices: before, the slices' axis kept only the centre voxel, so a sheet of
+    water one slice thick (a partial-volume shell between fat and soft tissue) survived the opening."""
+    from petctl.engine.urine import _ball
+
+    assert _ball(4.0, (4.2, 4.2, 4.6), whole_voxel=False).sum() == 1  # the old ball: no opening at all
+    ball = _ball(4.0, (4.2, 4.2, 4.6))
+    assert ball.shape == (3, 3, 3) and ball[1, 1, :].all() and ball[:, 1, 1].all() and not ball[0, 0, 0]
+    for spacing in ((4.0, 4.0, 6.0), (3.0, 3.0, 3.0), (2.0, 2.0, 3.0), (1.5, 1.5, 5.0)):  # finer axes: as before
+        fine = [s <= 4.0 for s in spacing]
+        a, b = _ball(4.0, spacing), _ball(4.0, spacing, whole_voxel=False)
+        if all(fine):
+            assert np.array_equal(a, b), spacing
+    spacing = (4.2, 4.2, 4.6)
+    ct = np.full((40, 40, 30), -100.0, np.float32)
+    ct[5:35, 5:35, 15] = 0.0  # one slice of water, ~17 mL
+    ct[10:30, 10:30, 3:10] = 0.0  # a bladder, ~57 mL
+    new = water_region(ct, spacing, UrineVeto(smooth_mm=0.0, median=False))
+    old = water_region(ct, spacing, UrineVeto(smooth_mm=0.0, median=False, whole_voxel_ball=False))
+    assert old[:, :, 15].any() and not new[:, :, 15].any()  # the sheet falls away only with the whole-voxel ball
+    assert new[11:29, 11:29, 4:9].all()  # the bladder stays (less its box's edge lines, which no ball reaches)

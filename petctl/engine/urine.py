@@ -60,6 +60,10 @@ class UrineVeto:
     fraction: float = FRACTION
     median: bool = True
     """A 3-voxel median along each axis in turn before the smoothing (`median3`)."""
+    whole_voxel_ball: bool = True
+    """The opening's ball reaches at least one voxel along every axis. Before (False, what a
+    thresholds.json without the key was calibrated with), an axis coarser than `open_mm` (the
+    synthetic cohort's 4.2-5 mm slices) kept only the centre voxel: the opening did nothing along it."""
 
     def __post_init__(self) -> None:
         lo, hi = self.water_hu
@@ -79,13 +83,17 @@ class UrineVeto:
             return None
         return cls(water_hu=(float(d["water_hu"][0]), float(d["water_hu"][1])), smooth_mm=float(d["smooth_mm"]),
                    open_mm=float(d["open_mm"]), min_ml=float(d["min_ml"]), fraction=float(d["fraction"]),
-                   median=bool(d.get("median", False)))  # recorded before the median: none
+                   median=bool(d.get("median", False)),  # recorded before the median: none
+                   whole_voxel_ball=bool(d.get("whole_voxel_ball", False)))  # before it: the ball as it was
 
 
-def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """A boolean ellipsoid of `radius_mm` on a grid of `spacing` (at least one voxel each way)."""
+def _ball(radius_mm: float, spacing: Sequence[float], whole_voxel: bool = True) -> np.ndarray:
+    """A boolean ellipsoid of `radius_mm` on a grid of `spacing`. `whole_voxel`: an axis coarser than
+    the radius gets a semi-axis of one voxel (the neighbours either side); without it such an axis
+    keeps only the centre voxel (the ball of calibrations before `UrineVeto.whole_voxel_ball`)."""
     radii = [max(1, int(round(radius_mm / s))) for s in spacing]
-    axes = np.meshgrid(*[np.arange(-r, r + 1) * s / radius_mm for r, s in zip(radii, spacing)], indexing="ij")
+    reach = [max(radius_mm, s) if whole_voxel else radius_mm for s in spacing]
+    axes = np.meshgrid(*[np.arange(-r, r + 1) * s / q for r, s, q in zip(radii, spacing, reach)], indexing="ij")
     return sum(a**2 for a in axes) <= 1.0
 
 
@@ -110,7 +118,7 @@ def water_region(ct_hu: np.ndarray, spacing: Sequence[float], veto: UrineVeto = 
         ct = ndimage.gaussian_filter(ct, [veto.smooth_mm / s for s in spacing])
     region = (ct >= veto.water_hu[0]) & (ct <= veto.water_hu[1])
     if veto.open_mm > 0 and region.any():
-        region = ndimage.binary_opening(region, _ball(veto.open_mm, spacing))
+        region = ndimage.binary_opening(region, _ball(veto.open_mm, spacing, veto.whole_voxel_ball))
     labels, n = ndimage.label(region)
     if n == 0:
         return region
