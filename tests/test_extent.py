@@ -122,3 +122,17 @@ def test_one_standard_error_rule_takes_the_prior_when_the_test_split_cannot_tell
     fpv = np.array([9.0, 6.0, 1.0, 1.0])
     budgeted = choose_extent_threshold(t, noisy, fpv, zeros, budget_ml=5.0, prior=0.6)
     assert budgeted["best_threshold"] == 0.75 and budgeted["threshold"] == 0.75 and budgeted["budget_met"]
+
+
+def test_settings_that_would_flood_the_neighbourhood_are_refused():
+    """scipy dilates by 0 iterations until nothing changes: a shell of (0, 6) from an edited
+    thresholds.json would make the 'ring' everything; refused in one line instead."""
+    from petctl.errors import PetctlError
+
+    pet = np.ones((12, 12, 12), np.float32)
+    probs = np.zeros_like(pet)
+    probs[6, 6, 6] = 1.0
+    for bad in ({"shell": (0, 6)}, {"shell": (4, 4)}, {"grow": -1}, {"fraction": 0.0}, {"fraction": 1.5}):
+        with pytest.raises(PetctlError, match="PET extent: needs 0 < shell"):
+            pet_extent_mask(pet, probs, 0.5, **bad)
+    assert pet_extent_mask(pet, probs, 0.5, grow=0).sum() == 1

@@ -378,7 +378,7 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
                        positive: bool, veto: Any = None, resample: str = "linear") -> tuple[np.ndarray, np.ndarray]:
     """One case on its input grid (the probabilities resampled by `resample`): the PET extent's (Dice,
     FPV, FNV) per REFINE_THRESHOLDS (after the urine veto, when given), and the plain threshold's Dice per THRESHOLDS."""
-    from petctl.engine.evaluate import voxel_volume_ml
+    from petctl.engine.evaluate import affine_voxel_ml
     from petctl.engine.extent import REFINE_THRESHOLDS, extent_curves
     from petctl.engine.geometry import CaseGeometry, spacing_of, to_original
     from petctl.engine.metrics import THRESHOLDS, dice_sweep
@@ -389,7 +389,7 @@ def _input_grid_curves(case: str, source: Any, geometry_json: dict[str, Any], en
     if bool(label.any()) != positive:
         raise PetctlError(f"{case}: its NIfTI label {'holds no' if positive else 'holds a'} lesion but the store says otherwise (was the cohort changed after prepare?)")
     probs = to_original(np.asarray(ensemble, np.float32), CaseGeometry.from_json(geometry_json), mode=resample)
-    voxel_ml = voxel_volume_ml(spacing_of(loaded.affine))
+    voxel_ml = affine_voxel_ml(loaded.affine)
     if veto is None or not bool((probs >= float(REFINE_THRESHOLDS.min())).any()):  # nothing the veto could drop
         curves = extent_curves(label, loaded.pet, probs, voxel_ml, REFINE_THRESHOLDS)
     else:

@@ -277,6 +277,12 @@ def voxel_volume_ml(zooms: Iterable[float]) -> float:
     return math.prod(spacing) / 1000.0
 
 
+def affine_voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL from a NIfTI affine: |det| of its 3×3 part, right for a sheared grid
+    too (the product of the column lengths, `voxel_volume_ml(spacing_of(affine))`, is not)."""
+    return abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
@@ -437,7 +443,7 @@ def read_label(case: str, role: str, path: Path) -> tuple[np.ndarray, np.ndarray
         raise CaseError(case, f"{role}: {exc.reason}") from None
     # the voxel sizes of the affine every other stage uses (calibrate, predict): they equal the
     # header's pixdim on a well-formed file, and a pixdim of 0 (nibabel reads it as 1) cannot shrink the volumes
-    return mask, affine, voxel_volume_ml(spacing_of(affine))
+    return mask, affine, affine_voxel_ml(affine)
 
 
 def _misalignment(gt_mask: np.ndarray, gt_affine: np.ndarray, pred_mask: np.ndarray, pred_affine: np.ndarray) -> str | None:

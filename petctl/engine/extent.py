@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from petctl.engine.urine import FRACTION as URINE_FRACTION
+from petctl.errors import PetctlError
 
 FRACTION = 0.5
 GROW_VOXELS = 3
@@ -40,6 +41,11 @@ def pet_extent_mask(pet: np.ndarray, probs: np.ndarray, threshold: float, *, fra
 
     if pet.shape != probs.shape:
         raise ValueError(f"PET {pet.shape} and probabilities {probs.shape} differ in shape")
+    # scipy's dilation by 0 iterations runs until nothing changes (the whole box): an edited
+    # thresholds.json with such a shell would redraw every lesion over its whole neighbourhood
+    if not (0 < int(shell[0]) < int(shell[1]) and int(grow) >= 0 and 0.0 < float(fraction) <= 1.0):
+        raise PetctlError(f"PET extent: needs 0 < shell[0] < shell[1], grow ≥ 0 and fraction in (0, 1] "
+                          f"(got shell {tuple(shell)}, grow {grow}, fraction {fraction})")
     detected = np.asarray(probs) >= threshold
     out = np.zeros(detected.shape, bool)
     if not detected.any():
