@@ -73,8 +73,23 @@ app.command("status", help=status.__doc__)(user_errors(status.status))
 app.add_typer(slurm.app, name="slurm", help=slurm.__doc__)
 
 
+EXIT_TERMINATED = 128 + 15
+
+
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_TERMINATED)
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line, not a traceback."""
+    """Console-script entry point: user errors become one line, not a traceback.
+
+    A SIGTERM (a SLURM time limit, `scancel`, `kill`) becomes `SystemExit(143)` where nothing else
+    handles it, so the registry step under way is marked failed instead of left "running"
+    (training's launch pool installs its own handler while folds run)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_term)
     try:
         code = app(standalone_mode=False)
         raise SystemExit(code if isinstance(code, int) else 0)

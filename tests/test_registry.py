@@ -81,11 +81,19 @@ def test_start_step_creates_run_and_counts_attempts(registry: Registry) -> None:
     assert again.created == failed.created
 
 
-def test_mark_pending_keeps_a_running_step(registry: Registry) -> None:
+def test_mark_pending_keeps_a_step_running_under_its_job_and_takes_over_a_dead_attempt(registry: Registry,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     pending = registry.mark_pending("r", "cls-fold1", kind="train-cls", slurm_job_id="77_1")
     assert (pending.status, pending.attempts, pending.slurm_job_id) == ("pending", 0, "77_1")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
     registry.start_step("r", "cls-fold1", kind="train-cls")
-    assert registry.mark_pending("r", "cls-fold1", kind="train-cls").status == "running"
+    assert registry.step("r", "cls-fold1").slurm_job_id == "77_1"
+    assert registry.mark_pending("r", "cls-fold1", kind="train-cls", slurm_job_id="77_1").status == "running"
+    # the attempt of job 77 was SIGKILLed and left "running"; a resubmission as job 90 takes the step over
+    again = registry.mark_pending("r", "cls-fold1", kind="train-cls", slurm_job_id="90_1")
+    assert (again.status, again.slurm_job_id) == ("pending", "90_1")
 
 
 def test_create_run_exist_ok(registry: Registry) -> None:
@@ -304,6 +312,7 @@ def test_step_context_success_and_failure(registry: Registry) -> None:
         (SystemExit(0), "done", None),
         (SystemExit(None), "done", None),
         (SystemExit(3), "failed", "SystemExit: exit status 3"),
+        (SystemExit(143), "failed", "stopped by SIGTERM (a time limit, scancel or kill)"),
         (KeyboardInterrupt(), "failed", "KeyboardInterrupt"),
     ],
 )
@@ -420,6 +429,45 @@ def test_status_json(cli: typer.Typer, registry: Registry) -> None:
     }
     assert steps["cls-fold0"]["message"] == "CUDA out of memory"
     assert steps["seg-fold0"]["metrics"]["dice"] == pytest.approx(0.712345)
+
+
+def test_status_json_is_strict_json_without_nan(cli: typer.Typer, registry: Registry) -> None:
+    registry.start_step("r", "seg-fold0", kind="train-seg")
+    registry.update_step("r", "seg-fold0", metrics={"dice": float("nan"), "loss": float("inf"), "steps": 3})
+    result = _invoke(cli, "--home", str(registry.home), "--json")
+    assert result.exit_code == 0 and "NaN" not in result.output and "Infinity" not in result.output
+    metrics = json.loads(result.output)["runs"][0]["steps"][0]["metrics"]
+    assert metrics == {"dice": None, "loss": None, "steps": 3}
+
+
+def test_a_sigterm_marks_the_step_under_way_failed(tmp_path: Path) -> None:
+    """A SLURM time limit or scancel TERMs calibrate or prepare: the CLI turns it into exit 143 and
+    the step is recorded failed, not left "running" forever."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import petctl.cli as cli\n"
+        "from petctl.engine.registry import Registry, step_context\n"
+        "def app(standalone_mode=False):\n"
+        "    with step_context(Registry(Path(sys.argv[1])), 'r', 'calibrate', kind='calibrate'):\n"
+        "        print('started', flush=True)\n"
+        "        time.sleep(120)\n"
+        "cli.app = app\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "home")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    record = Registry(tmp_path / "home").step("r", "calibrate")
+    assert record is not None and (record.status, record.message) == ("failed", "stopped by SIGTERM (a time limit, scancel or kill)")
 
 
 def test_status_survives_corrupt_step(cli: typer.Typer, registry: Registry) -> None:

@@ -437,7 +437,8 @@ def test_resubmit_refused_while_jobs_are_queued_and_cancel(planned):
     assert cancel_plan(folder, registry, runner=fake) == [str(i) for i in range(101, 108)]
     assert fake.calls == [["scancel", *[str(i) for i in range(101, 108)]]]
     assert registry.step("r1", "train-seg-fold0").status == "failed" and "cancelled" in registry.step("r1", "train-seg-fold0").message
-    assert registry.step("r1", "prepare").status == "running"  # a running step stops (and records) itself
+    prepare = registry.step("r1", "prepare")  # running when cancelled: a dead job's step must not stay "running"
+    assert prepare.status == "failed" and prepare.message == "cancelled (SLURM job 101)"
 
 
 def test_a_plan_is_replaced_only_when_its_submitted_jobs_have_left_the_queue(planned):
@@ -455,6 +456,41 @@ def test_a_plan_is_replaced_only_when_its_submitted_jobs_have_left_the_queue(pla
                               "`petctl slurm cancel --run r1` them before --force replaces the plan")
     check_replaceable(folder, "r1", force=True, runner=FakeSlurm(queue="999|RUNNING\n"))  # only another run's job left
     check_replaceable(folder.parent / "nothing", "r1", force=False, runner=FakeSlurm())
+
+
+def test_a_registry_that_cannot_take_the_submitted_jobs_cancels_them(planned, monkeypatch):
+    """The jobs are held when the registry is written: if it fails (a corrupt run.json, a lock
+    timeout, a full disk) they are cancelled, not left held, unrecorded, for a later release to run twice."""
+    folder, registry = planned
+
+    def broken(*a, **k):
+        raise PetctlError("r1: run.json is not valid JSON")
+
+    monkeypatch.setattr(registry, "create_run", broken)
+    fake = FakeSlurm()
+    with pytest.raises(PetctlError) as err:
+        submit_plan(folder, registry, runner=fake)
+    assert str(err.value).startswith("could not record the submitted jobs (PetctlError: r1: run.json is not valid JSON); "
+                                     "cancelled the jobs already submitted (101, 102")
+    assert ["scancel", *[str(i) for i in range(101, 108)]] in fake.calls
+    assert not any(c[:2] == ["scontrol", "release"] for c in fake.calls)
+    assert all(not j.get("job_id") for j in read_plan(folder)["jobs"])
+
+
+def test_a_failed_squeue_is_not_an_empty_queue(planned):
+    folder, registry = planned
+    submit_plan(folder, registry, runner=FakeSlurm())
+
+    class Down(FakeSlurm):
+        def __call__(self, argv, **kwargs):
+            if argv[0] == "squeue":
+                return subprocess.CompletedProcess(argv, 1, "", "slurm_load_jobs error: Unable to contact slurm controller\n")
+            return super().__call__(argv, **kwargs)
+
+    with pytest.raises(PetctlError, match=r"cannot list the SLURM jobs \(squeue, exit status 1: slurm_load_jobs error"):
+        check_replaceable(folder, "r1", force=True, runner=Down())
+    with pytest.raises(PetctlError, match="cannot list the SLURM jobs"):
+        submit_plan(folder, registry, runner=Down())
 
 
 def test_submit_only_keeps_other_job_ids(planned):

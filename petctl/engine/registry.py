@@ -536,13 +536,14 @@ class Registry:
     ) -> StepRecord:
         """Register a planned step (e.g. a submitted SLURM job that has not started yet).
 
-        A step that is already running is left as it is: a fast job may start before its
-        submitter gets round to registering it.
+        A step already running under this very job is left as it is (a job that started before its
+        submitter registered it); one running under another job id, or none, is an attempt that died
+        without a word (SIGKILL, a node lost) and becomes pending under the new job.
         """
         self._ensure_run(run, kind)
 
         def change(old: StepRecord | None) -> StepRecord:
-            if old is not None and old.status == "running":
+            if old is not None and old.status == "running" and slurm_job_id is not None and old.slurm_job_id == slurm_job_id:
                 return old
             fresh = self._fresh(run, step, kind, config, old)
             return dataclasses.replace(fresh, slurm_job_id=slurm_job_id)
@@ -612,6 +613,8 @@ def step_context(
     except SystemExit as exc:
         if exc.code in (None, 0):
             registry.finish_step(run, step)
+        elif exc.code == 143:  # petctl's CLI turns a SIGTERM into this exit
+            _record_failure(registry, run, step, "stopped by SIGTERM (a time limit, scancel or kill)")
         else:
             _record_failure(registry, run, step, f"SystemExit: exit status {exc.code}")
         raise

@@ -460,14 +460,18 @@ def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = Non
             note = _cancel_ids(runner, list(ids.values())) if ids else ""
             raise PetctlError(f"sbatch refused {job['name']}: {_first_line(result.stderr or result.stdout)}{note}")
         ids[job["name"]] = result.stdout.strip().split(";")[0]
-    registry.create_run(cfg.run, kind="train", config={"store": cfg.store, "preset": cfg.preset, "slurm": str(folder)})
-    if any(name.endswith("-merged") for name in ids):
-        registry.create_run(cfg.merged_run, kind="train", config={"store": cfg.store, "parent": cfg.run}, parent=cfg.run)
-    for job in selected:  # with `only`, the other jobs keep their earlier ids
-        job["job_id"] = ids[job["name"]]
-        for s in job["steps"]:
-            registry.mark_pending(s["run"], s["step"], kind=s["kind"], slurm_job_id=step_job_id(job["job_id"], s["task"]))
-    write_json_atomic(folder / "plan.json", plan)
+    try:  # the jobs are held: a registry or plan.json that cannot take them must not leave them unrecorded
+        registry.create_run(cfg.run, kind="train", config={"store": cfg.store, "preset": cfg.preset, "slurm": str(folder)})
+        if any(name.endswith("-merged") for name in ids):
+            registry.create_run(cfg.merged_run, kind="train", config={"store": cfg.store, "parent": cfg.run}, parent=cfg.run)
+        for job in selected:  # with `only`, the other jobs keep their earlier ids
+            job["job_id"] = ids[job["name"]]
+            for s in job["steps"]:
+                registry.mark_pending(s["run"], s["step"], kind=s["kind"], slurm_job_id=step_job_id(job["job_id"], s["task"]))
+        write_json_atomic(folder / "plan.json", plan)
+    except Exception as exc:
+        note = _cancel_ids(runner, list(ids.values())) if ids else ""
+        raise PetctlError(f"could not record the submitted jobs ({type(exc).__name__}: {_first_line(str(exc))}){note}") from None
     if ids:
         result = _slurm(runner, ["scontrol", "release", ",".join(ids.values())])
         if result.returncode != 0:
@@ -498,7 +502,10 @@ def _active(runner: Runner, ids: Sequence[str]) -> list[str]:
     """The ones of `ids` (plain or array job ids) that squeue still lists."""
     if not ids:
         return []
-    listed = parse_squeue(_slurm(runner, ["squeue", "-h", "-r", "-o", "%i|%T", "-u", _user()], timeout_s=30).stdout)
+    result = _slurm(runner, ["squeue", "-h", "-r", "-o", "%i|%T", "-u", _user()], timeout_s=30)
+    if result.returncode != 0:  # an empty answer from a squeue that failed is not "none running"
+        raise PetctlError(f"cannot list the SLURM jobs (squeue, exit status {result.returncode}: {_first_line(result.stderr or result.stdout)})")
+    listed = parse_squeue(result.stdout)
     bases = {job.split("_")[0] for job in listed}
     return [i for i in ids if i in bases]
 
@@ -511,7 +518,8 @@ def _cancel_ids(runner: Runner, ids: Sequence[str]) -> str:
 
 
 def cancel_plan(folder: Path, registry: Any, *, runner: Runner = subprocess.run) -> list[str]:
-    """scancel every submitted job of the plan; steps still pending are marked failed ("cancelled")."""
+    """scancel every submitted job of the plan; its steps still pending or running are marked failed
+    ("cancelled"; a training rank that saves its checkpoint on the way out marks its step pending again)."""
     plan = read_plan(folder)
     ids = submitted_ids(plan)
     if not ids:
@@ -522,7 +530,7 @@ def cancel_plan(folder: Path, registry: Any, *, runner: Runner = subprocess.run)
     for job in plan["jobs"]:
         for s in job["steps"] if job.get("job_id") else ():
             record = registry.step(s["run"], s["step"])
-            if record is not None and record.status == "pending":
+            if record is not None and record.status in ("pending", "running"):
                 registry.fail_step(s["run"], s["step"], f"cancelled (SLURM job {step_job_id(job['job_id'], s['task'])})")
     return ids
 
