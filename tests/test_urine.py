@@ -153,12 +153,12 @@ def test_settings_round_trip_and_refusals():
         drop_urine_components(np.ones((2, 2, 2), bool), np.ones((3, 2, 2), bool))
 
 
-def test_the_opening_reaches_a_voxel_along_an_axis_coarser_than_its_radius():
-    """4 mm ball on 4.2 mm slices: before, the slices' axis kept only the centre voxel, so a sheet of
-    water one slice thick (a partial-volume shell between fat and soft tissue) survived the opening."""
+def test_the_whole_voxel_ball_reaches_a_voxel_along_an_axis_coarser_than_its_radius():
+    """4 mm ball on 4.2 mm slices: the default ball keeps only the centre voxel along such an axis, so
+    a sheet of water one slice thick survives its opening; `whole_voxel_ball` opens it away."""
     from petctl.engine.urine import _ball
 
-    assert _ball(4.0, (4.2, 4.2, 4.6), whole_voxel=False).sum() == 1  # the old ball: no opening at all
+    assert _ball(4.0, (4.2, 4.2, 4.6), whole_voxel=False).sum() == 1  # the default ball there: no opening at all
     ball = _ball(4.0, (4.2, 4.2, 4.6))
     assert ball.shape == (3, 3, 3) and ball[1, 1, :].all() and ball[:, 1, 1].all() and not ball[0, 0, 0]
     for spacing in ((4.0, 4.0, 6.0), (3.0, 3.0, 3.0), (2.0, 2.0, 3.0), (1.5, 1.5, 5.0)):  # finer axes: as before
@@ -170,7 +170,7 @@ def test_the_opening_reaches_a_voxel_along_an_axis_coarser_than_its_radius():
     ct = np.full((40, 40, 30), -100.0, np.float32)
     ct[5:35, 5:35, 15] = 0.0  # one slice of water, ~17 mL
     ct[10:30, 10:30, 3:10] = 0.0  # a bladder, ~57 mL
-    new = water_region(ct, spacing, UrineVeto(smooth_mm=0.0, median=False))
-    old = water_region(ct, spacing, UrineVeto(smooth_mm=0.0, median=False, whole_voxel_ball=False))
+    new = water_region(ct, spacing, UrineVeto(smooth_mm=0.0, median=False, whole_voxel_ball=True))
+    old = water_region(ct, spacing, UrineVeto(smooth_mm=0.0, median=False))  # the default: the ball calibrations used
     assert old[:, :, 15].any() and not new[:, :, 15].any()  # the sheet falls away only with the whole-voxel ball
     assert new[11:29, 11:29, 4:9].all()  # the bladder stays (less its box's edge lines, which no ball reaches)
