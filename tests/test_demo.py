@@ -234,7 +234,7 @@ def test_demo_processes_divide_the_preset_s_batch(monkeypatch: pytest.MonkeyPatc
 
 
 def test_summary_json_has_no_nan():
-    from petctl.engine.demo import _json_safe
+    from petctl.engine.registry import json_safe
 
-    assert json.dumps(_json_safe({"auroc": float("nan"), "x": [1.0, float("inf")], "n": 3}), allow_nan=False) == \
+    assert json.dumps(json_safe({"auroc": float("nan"), "x": [1.0, float("inf")], "n": 3}), allow_nan=False) == \
         '{"auroc": null, "x": [1.0, null], "n": 3}'

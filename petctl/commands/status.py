@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from petctl.engine.registry import Registry, RegistryWarning, RunRecord, StepRecord
+from petctl.engine.registry import Registry, RegistryWarning, RunRecord, StepRecord, json_safe
 from petctl.home import resolve_home
 
 MAX_METRICS = 4
@@ -112,18 +111,6 @@ def collect(registry: Registry, run: str | None = None) -> list[tuple[RunRecord,
     return [(record, registry.steps(record.run)) for record in records]
 
 
-def _finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float as None: `--json` is for scripts, and strict JSON
-    parsers (jq, JavaScript) refuse a bare NaN (a training step's selection before any validation)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def as_json(home: Path, runs: Sequence[tuple[RunRecord, list[StepRecord]]]) -> dict[str, Any]:
     return {
         "home": str(home),
@@ -174,7 +161,7 @@ def status(
         warnings.simplefilter("ignore", RegistryWarning)  # unreadable files show as rows instead
         runs = collect(registry, run)
     if json_out:
-        typer.echo(json.dumps(_finite(as_json(home_dir, runs)), indent=2, allow_nan=False))
+        typer.echo(json.dumps(json_safe(as_json(home_dir, runs)), indent=2, allow_nan=False))
         return
     if not runs:
         typer.echo(f"No runs in {home_dir}.")

@@ -8,7 +8,6 @@ a report (report.md, PNGs) in OUT. Each stage is a registry step, visible in `pe
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -208,7 +207,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     from petctl.engine.folds import train_folds
     from petctl.engine.predict import PredictOptions, input_cases, predict, write_summary
     from petctl.engine.prepare import PrepareConfig, run as prepare
-    from petctl.engine.registry import Registry, step_context, write_text_atomic
+    from petctl.engine.registry import Registry, json_safe, step_context, write_text_atomic
     from petctl.engine.report import write_report
     from petctl.engine.synth import cohort_complete, make_cohort
 
@@ -344,7 +343,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     if budget:
         summary["budget"] = budget
-    write_text_atomic(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+    write_text_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False))
     return summary
 
 
@@ -401,17 +400,6 @@ def _check_fresh_out(cfg: DemoConfig, home: Path) -> None:
     if any(out.iterdir()) and not any((out / m).exists() for m in marks):
         raise PetctlError(f"--fresh would delete {cfg.out}, which is not an earlier demo's folder (no {DEMO_OPTIONS}, "
                           "store/ or report.md in it): choose another --out")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities as null (JSON has no NaN; a held-out AUROC without negatives is one)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], launches: DemoLaunch, *, elapsed_s: float,

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import functools
 import json
+import math
 import logging
 import os
 import random
@@ -208,6 +209,19 @@ _UPDATABLE = frozenset(f.name for f in dataclasses.fields(StepRecord)) - {"run",
 
 # --------------------------------------------------------------------------------------------
 # Files: atomic writes, lock-free reads, lock files
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None (JSON has no NaN, and strict parsers, jq or
+    JavaScript, refuse Python's bare NaN): a held-out AUROC without negatives, a selection before
+    any validation."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
