@@ -179,6 +179,14 @@ def test_demo_launches_one_fold_on_every_core_and_the_classifier_one_process_per
     assert (gpus.seg, gpus.seg_batch, gpus.cls) == (FoldLaunch(processes=1, concurrent=2), 4, FoldLaunch(processes=1, concurrent=4))
     with pytest.raises(PetctlError, match="--processes must be at least 1"):
         DemoConfig(processes=0)
+    # one "xy" classifier job: the lone process takes both cores as threads; x and y keep one core each
+    monkeypatch.setattr(folds, "gpu_count", lambda: 0)
+    assert demo_launches(DemoConfig(), 1, 4, cls_jobs=1).cls == FoldLaunch(processes=1, concurrent=1, threads=2)
+    assert demo_launches(DemoConfig(), 1, 4, cls_jobs=2).cls == FoldLaunch(processes=1, concurrent=2)
+    assert demo_launches(DemoConfig(concurrent=2), 1, 4, cls_jobs=1).cls == FoldLaunch(processes=1, concurrent=2)
+    for bad in (("xx",), ("x", "x"), ("w",)):
+        with pytest.raises(PetctlError, match="--cls-projections"):
+            DemoConfig(cls_projections=bad)
 
 
 @pytest.mark.parametrize("bad", [dict(budget_s=0), dict(step_s=0.0), dict(seg_epochs=0), dict(batch_size=0), dict(min_share=0.0),
@@ -248,7 +256,8 @@ def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, **dem
     said, warned = [], []
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(out=str(tmp_path), **demo)
-    train_cfg = replace(preset("cpu-small"), batch_size=launches.seg_batch)  # as the demo sets it
+    # as the demo sets it; the classifier a model per view unless asked, as these plans were measured with
+    train_cfg = replace(preset("cpu-small"), batch_size=launches.seg_batch, cls_projections=cfg.cls_projections or ("x", "y"))
     folds = [0, 1] if launches.seg.processes == 1 else [0]
     train_cfg, plan = fit_budget(cfg, train_cfg, tmp_path / "store", folds, launches, elapsed_s=115.0, infer_scans=46, say=said.append,
                                  warn=warned.append)
@@ -346,6 +355,20 @@ def test_tta_and_the_merged_retrain_are_counted_in_the_plan(tmp_path: Path, monk
                      seg_steps_per_epoch=batches_per_epoch(65, 1, 16, 4, 0), num_val_cases=17, seg_rounds=1, cls_rounds=2, infer_scans=92,
                      batch_size=4, min_share=1.0)
     assert twice["seg_stage_estimate_s"] > 2 * one.seg_stage_s
+
+
+def test_one_classifier_on_both_views_costs_its_views_on_its_threads(tmp_path: Path, monkeypatch):
+    """An "xy" classifier epoch is two views' work on the lone job's two threads (1.46× one's pace)."""
+    from petctl.engine.budget import DemoCost
+    from petctl.engine.demo import CLS_THREAD_GAIN, DemoLaunch
+    from petctl.engine.folds import FoldLaunch
+
+    xy = DemoLaunch(seg=FoldLaunch(processes=1, concurrent=2), cls=FoldLaunch(processes=1, concurrent=1, threads=2), seg_batch=4)
+    plain = _fit(tmp_path / "plain", monkeypatch, 0.20)[1]
+    both = _fit(tmp_path / "xy", monkeypatch, 0.20, launches=xy, cls_projections=("xy",))[1]
+    assert plain["cls_epoch_cost"] == DemoCost().cls_epoch
+    assert both["cls_epoch_cost"] == pytest.approx(DemoCost().cls_epoch * 2 / (1 + CLS_THREAD_GAIN), abs=1e-3)
+    assert both["estimate_s"] <= 1200 * (1 - HEADROOM)
 
 
 def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):

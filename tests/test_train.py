@@ -261,6 +261,56 @@ def test_lesion_map_classifier_learns_from_the_projected_masks_and_reloads(store
     assert any(not torch.equal(states[0.0][k], states[1.0][k]) for k in states[0.0])
 
 
+def test_one_classifier_on_both_views_trains_scores_and_reloads(store: Path, tmp_path: Path, monkeypatch):
+    """`cls_projections=("xy",)`: one model per fold learns from every scan's x and y MIPs (a batch of
+    cls_batch_size views, half as many scans) and scores a scan by the mean of its views."""
+    from dataclasses import replace
+
+    from petctl.engine.classifier import ClsTask, build_classifier_for, fit_cls, pet_mip
+    from petctl.engine.ensemble import LoadedModel, RunModels
+    from petctl.engine.mip import mip_batch, resize_mip
+    from petctl.engine.store import CaseStore
+    from petctl.engine.trainer import read_fold
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = replace(cpu_tiny(), cls_projections=("xy",), cls_batch_size=4)
+    train, val = read_fold(store, 0, task="cls")
+
+    class _Acc:
+        process_index, num_processes = 0, 1
+
+    task = ClsTask(cfg, store, "xy", train, val, _Acc())
+    assert task.views == ("x", "y") and task.cases_per_batch == 2 and task.steps_per_epoch == -(-len(train) // 2)
+    batch = next(task.batches(0))
+    seen = []
+    model = build_classifier_for(cfg)
+    forward = model.forward
+    model.forward = lambda x, **k: (seen.append(x.shape), forward(x, **k))[1]
+    task.loss(model, batch, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert len(batch) == 2 and seen[-1][0] == 4  # two scans × two views
+
+    out = tmp_path / "xy"
+    assert fit_cls(cfg, store, 0, "xy", out, max_steps=2) == 0
+    state, _, meta = load_checkpoint(find_checkpoint(out / "checkpoints" / "last"))
+    assert meta["config"]["projection"] == "xy"
+    model = build_classifier_for(TrainConfig.from_json(meta["config"]))
+    model.load_state_dict(state)
+    model.eval()
+    case = CaseStore(store).list()[0]
+    pet = torch.from_numpy(CaseStore(store).load(case).image.read_all()[1]).float()
+    with torch.no_grad():
+        views = [float(torch.sigmoid(model(resize_mip(mip_batch(pet[None], a), cfg.cls_img_size)))[0, 0]) for a in ("x", "y")]
+        assert torch.allclose(pet_mip(CaseStore(store), case, "x", cfg.cls_img_size, torch.device("cpu")),
+                              resize_mip(mip_batch(pet[None], "x"), cfg.cls_img_size)[0])
+    models = RunModels(run_dir=tmp_path, seg=[], cls=[LoadedModel("fold0-xy", 0, cfg, model, "xy")])
+    assert models.cls_score(pet) == pytest.approx(sum(views) / 2, abs=1e-6)
+    for bad in (("xx",), ("w",), ("x", "x"), ()):
+        with pytest.raises(PetctlError, match="cls_projections"):
+            replace(cpu_tiny(), cls_projections=bad)
+    with pytest.raises(PetctlError, match="a projection is one or more distinct axes"):
+        fit_cls(cfg, store, 0, "xw", tmp_path / "bad")
+
+
 def test_mip_of_augmented_volume_keeps_layout(store: Path):
     from petctl.engine.classifier import pet_mip
     from petctl.engine.store import CaseStore

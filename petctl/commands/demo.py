@@ -38,6 +38,7 @@ def demo(
     calibrate_negatives: Annotated[bool, typer.Option("--calibrate-negatives/--no-calibrate-negatives", help="calibrate also segments the test split's negatives, for the FPV curve over them (off: the threshold does not depend on them, and the held-out imagesTs negatives measure the FPV).")] = False,
     hard_lesion_gain: Annotated[Optional[float], typer.Option("--hard-lesion-gain", help="Segmentation training's hard-example mining: a lesion's weight in lesion-centred draws is 1 + GAIN × the share of it the nets missed so far (0: off; default: the preset's).")] = None,
     lesion_dim: Annotated[Optional[float], typer.Option("--lesion-dim", help="Segmentation training's lesion dimming: the probability that a patch's lesions are made fainter (their uptake above the tissue around them × U(0.5, 1); 0: off; default: the preset's).")] = None,
+    cls_projections: Annotated[Optional[str], typer.Option("--cls-projections", help="The classifier's MIP projections, comma-separated: x,y (a model each, the paper's) or xy (one model on both views of each scan); default: the preset's (x,y).")] = None,
     cls_pretrained: Annotated[Optional[Path], typer.Option("--cls-pretrained", exists=True, dir_okay=False, help="A local timm state dict the classifier folds start from (never downloaded; for cpu-small the ImageNet weights of timm's resnet10t); default: from scratch.")] = None,
     budget: Annotated[float, typer.Option("--budget", min=0, help="Minutes the demo may take on a CPU machine: a few timed training steps size the epochs to end 5% inside it (never below 2/5 of the preset's; 0: the preset's epochs whatever the time).")] = 20.0,
     stretch: Annotated[float, typer.Option("--stretch", min=1, max=2, help="With a budget, a machine fast enough for the preset trains up to this share of its epochs (1.25: 15 segmentation and 16 classifier epochs of cpu-small's 12 and 13) to use the budget; 1: never more than the preset's.")] = 1.25,
@@ -59,6 +60,7 @@ def demo(
                      clip=percentile_pair(clip), pet_clip=percentile_pair(pet_clip, "--pet-clip") if pet_clip else None,
                      hot_background=hot_background, pet_wide=pet_wide, tta=tta, gate_margin=gate_margin, gate_positives=gate_positives,
                      urine_veto=urine_veto, calibrate_negatives=calibrate_negatives, prob_resample=prob_resample, hard_lesion_gain=hard_lesion_gain, lesion_dim=lesion_dim,
+                     cls_projections=tuple(p.strip() for p in cls_projections.split(",")) if cls_projections else None,
                      cls_pretrained=str(cls_pretrained.resolve()) if cls_pretrained else None, budget_min=budget, stretch=stretch, retrain_merged=retrain_merged, fresh=fresh)
     summary = run_demo(cfg, resolve_home(home), say=console.print, warn=warning_line)
     table = Table(title="petctl demo")

@@ -54,6 +54,9 @@ def train(
     lesion_dim: Annotated[Optional[float], typer.Option(
         "--lesion-dim", help="Lesion dimming: the probability that a patch's lesions are made fainter (their uptake above the "
                              "tissue around them × U(0.5, 1); 0: off; default: the preset's).")] = None,
+    projections: Annotated[Optional[str], typer.Option(
+        "--projections", help="With --task cls: the MIP projections, comma-separated, a model each: x,y (the paper's) or xy "
+                              "(one model on both views of each scan); default: the preset's (x,y).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
 ) -> None:
     from petctl.console import console, error_line
@@ -71,7 +74,8 @@ def train(
     splits = json.loads(splits_path.read_text())
     folds = _folds(fold, len(splits[f"{'merged_' if merged else ''}{task}_folds"]))
     cfg = with_overrides(get_preset(preset), task=task, cycles=cycles, epochs=epochs, mixed_precision=mixed_precision,
-                         pretrained=str(pretrained) if pretrained else None, hard_lesion_gain=hard_lesion_gain, lesion_dim=lesion_dim)
+                         pretrained=str(pretrained) if pretrained else None, hard_lesion_gain=hard_lesion_gain, lesion_dim=lesion_dim,
+                         projections=tuple(p.strip() for p in projections.split(",")) if projections else None)
     home_path = resolve_home(home)
     if nodes < 1 or processes < 1:
         raise PetctlError(f"--nodes and --processes must be at least 1 (got {nodes}, {processes})")

@@ -1,9 +1,12 @@
 """MIP classifier folds: a timm image model scores PET maximum-intensity projections (1 logit).
 
-One model per fold and projection axis (x, y; z optional). Each training scan's PET volume is
-augmented in 3-D first (flips, zoom, rotation, intensity — the same batched augmentation as
-segmentation), then projected and resized, so the projection sees a physically plausible view.
-Selection per cycle is the AUROC over the fold's validation scans (positives and negatives).
+One model per fold and projection: an axis (x, y; z optional), or several axes ("xy") that one
+model learns from together — each batch then holds `cls_batch_size` views, every view of
+`cls_batch_size // views` scans, and a scan's score is the mean of its views' probabilities. Each
+training view's PET volume is augmented in 3-D first (flips, zoom, rotation, intensity — the same
+batched augmentation as segmentation; each view its own draw), then projected and resized, so the
+projection sees a physically plausible view. Selection per cycle is the AUROC over the fold's
+validation scans (positives and negatives).
 With `cls_head="lesion_map"` the lesion masks are moved by the same augmentation and projected
 too, and a lesion-map head learns where each MIP's lesions are as well as whether there are any.
 """
@@ -80,7 +83,11 @@ class ClsTask:
         from petctl.engine.sampling import AugmentConfig
         from petctl.engine.store import CaseStore
 
+        from petctl.engine.mip import projection_views
+
         self.cfg, self.axis, self.val_cases = cfg, axis, val_cases
+        self.views = projection_views(axis)
+        self.cases_per_batch = max(1, cfg.cls_batch_size // len(self.views))
         self.train_cases = train_cases
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.labels = case_labels(store_root)
@@ -88,7 +95,7 @@ class ClsTask:
         self.model = build_classifier_for(cfg, pretrained=True)
         self.augment = AugmentConfig(enabled=cfg.augment, flip_axes=(0,))
         per_rank = math.ceil(len(train_cases) / self.world)
-        self.steps_per_epoch = max(1, math.ceil(per_rank / cfg.cls_batch_size))
+        self.steps_per_epoch = max(1, math.ceil(per_rank / self.cases_per_batch))
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def batches(self, epoch: int) -> Iterator[list[str]]:
@@ -96,16 +103,17 @@ class ClsTask:
 
         while True:
             mine = epoch_cases(self.train_cases, epoch, self.cfg.seed, self.world)[self.rank :: self.world]
-            for i in range(0, len(mine), self.cfg.cls_batch_size):
-                yield mine[i : i + self.cfg.cls_batch_size]
+            for i in range(0, len(mine), self.cases_per_batch):
+                yield mine[i : i + self.cases_per_batch]
 
     def loss(self, model: torch.nn.Module, batch: list[str], generator: torch.Generator, device: torch.device) -> torch.Tensor:
         from petctl.engine.models import as_channels_last
 
         with_map = self.cfg.cls_head == "lesion_map"
-        views = [pet_mip(self.store, c, self.axis, self.cfg.cls_img_size, device, self.augment, generator, with_label=with_map) for c in batch]
+        views = [pet_mip(self.store, c, axis, self.cfg.cls_img_size, device, self.augment, generator, with_label=with_map)
+                 for c in batch for axis in self.views]
         images = as_channels_last(torch.stack([v[0] for v in views] if with_map else views), self.cfg.channels_last)
-        target = torch.tensor([[1.0 if self.labels[c] else 0.0] for c in batch], device=device)
+        target = torch.tensor([[1.0 if self.labels[c] else 0.0] for c in batch for _ in self.views], device=device)
         if not with_map:
             return self.loss_fn(model(images), target)
         logits, lesion_map = model(images, with_map=True)
@@ -121,8 +129,9 @@ class ClsTask:
         model.eval()
         with torch.no_grad():
             for case in self.val_cases[self.rank :: self.world]:
-                image = pet_mip(self.store, case, self.axis, self.cfg.cls_img_size, accelerator.device)[None]
-                rows.append({"case": case, "score": float(torch.sigmoid(model(image).float())[0, 0]), "positive": self.labels[case]})
+                images = torch.stack([pet_mip(self.store, case, axis, self.cfg.cls_img_size, accelerator.device) for axis in self.views])
+                score = float(torch.sigmoid(model(images).float()).mean())  # the mean of the views' probabilities
+                rows.append({"case": case, "score": score, "positive": self.labels[case]})
         model.train()
         rows = sorted(gather_objects(accelerator, rows), key=lambda r: r["case"])
         labels = np.array([r["positive"] for r in rows], bool)
@@ -133,11 +142,15 @@ class ClsTask:
 
 def fit_cls(cfg: TrainConfig, store_root: Path, fold: int, axis: str, out_dir: Path, *, run: str | None = None,
             home: Path | None = None, merged: bool = False, max_steps: int | None = None) -> int:
-    """Train one classifier fold for one projection axis in this process; returns the exit status."""
+    """Train one classifier fold for one projection (an axis, or several: "xy") in this process;
+    returns the exit status."""
+    from petctl.engine.mip import projection_views
     from petctl.engine.trainer import read_fold
 
-    if axis not in ("x", "y", "z"):
-        raise PetctlError(f"projection must be x, y or z (got {axis!r})")
+    try:
+        projection_views(axis)
+    except ValueError as exc:
+        raise PetctlError(str(exc)) from None
     train_cases, val_cases = read_fold(store_root, fold, task="cls", merged=merged)
     loop = LoopConfig(num_cycles=cfg.cls_num_cycles, epochs_per_cycle=cfg.cls_epochs_per_cycle, lr=cfg.cls_lr,
                       lr_min_ratio=cfg.lr_min_ratio, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum, seed=cfg.seed,

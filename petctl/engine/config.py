@@ -7,7 +7,7 @@ config is written as JSON beside every checkpoint and into the registry.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from petctl.errors import PetctlError
 
@@ -81,7 +81,9 @@ class TrainConfig:
     cls_model: str = "swin_tiny_patch4_window7_224"
     """timm model name of the MIP classifier (1 logit)."""
     cls_projections: tuple[str, ...] = ("x", "y")
-    """MIP axes; one model per axis and fold. The paper found z worse (AUROC 83.8 vs 92.9/93.0)."""
+    """MIP projections; one model per projection and fold. A projection is an axis (the paper's x
+    and y; it found z worse, AUROC 83.8 vs 92.9/93.0) or several ("xy"): one model that learns from
+    and scores every view of each scan, the views' probabilities averaged."""
     cls_img_size: tuple[int, int] = (352, 224)
     """(rows, cols) of the resized MIP: 224 wide × 352 tall, since rows run along the body axis."""
     cls_batch_size: int = 8
@@ -119,8 +121,15 @@ class TrainConfig:
         for name in ("patches_per_scan", "batch_size", "num_cycles", "epochs_per_cycle", "grad_accum"):
             if getattr(self, name) < 1:
                 raise PetctlError(f"{name} must be at least 1")
-        if any(p not in ("x", "y", "z") for p in self.cls_projections) or not self.cls_projections:
-            raise PetctlError(f"cls_projections must be a non-empty subset of x, y, z (got {self.cls_projections})")
+        from petctl.engine.mip import projection_views
+
+        try:
+            for p in self.cls_projections:
+                projection_views(p)
+        except ValueError as exc:
+            raise PetctlError(f"cls_projections: {exc}") from None
+        if not self.cls_projections or len(set(self.cls_projections)) != len(self.cls_projections):
+            raise PetctlError(f"cls_projections must be distinct, and at least one (got {self.cls_projections})")
         if self.cls_head not in ("global", "lesion_map"):
             raise PetctlError(f"cls_head must be global or lesion_map (got {self.cls_head!r})")
         if self.cls_map_weight < 0:
@@ -200,16 +209,18 @@ def cpu_tiny() -> TrainConfig:
 
 def with_overrides(cfg: TrainConfig, *, task: str = "seg", cycles: int | None = None, epochs: int | None = None,
                    mixed_precision: str | None = None, pretrained: str | None = None,
-                   hard_lesion_gain: float | None = None, lesion_dim: float | None = None) -> TrainConfig:
+                   hard_lesion_gain: float | None = None, lesion_dim: float | None = None,
+                   projections: Sequence[str] | None = None) -> TrainConfig:
     """A preset with the command line's overrides (`petctl train`, `petctl slurm plan`): cycles,
     epochs and pretrained weights set those of `task` (the classifier's for "cls": `cls_pretrained`,
-    a local timm state dict); None leaves a field as is."""
+    a local timm state dict); `projections`, the classifier's; None leaves a field as is."""
     if task not in ("seg", "cls"):
         raise PetctlError(f"task must be seg or cls (got {task!r})")
     cycle_fields = ("num_cycles", "epochs_per_cycle") if task == "seg" else ("cls_num_cycles", "cls_epochs_per_cycle")
     overrides = {k: v for k, v in {cycle_fields[0]: cycles, cycle_fields[1]: epochs, "mixed_precision": mixed_precision,
                                     "pretrained" if task == "seg" else "cls_pretrained": pretrained, "hard_lesion_gain": hard_lesion_gain,
-                                    "lesion_dim": lesion_dim}.items() if v is not None}
+                                    "lesion_dim": lesion_dim,
+                                    "cls_projections": tuple(projections) if projections is not None else None}.items() if v is not None}
     return replace(cfg, **overrides)
 
 

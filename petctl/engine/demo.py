@@ -89,6 +89,10 @@ class DemoConfig:
     None: the preset's."""
     lesion_dim: float | None = None
     """Segmentation training's lesion dimming (`TrainConfig.lesion_dim`); None: the preset's."""
+    cls_projections: tuple[str, ...] | None = None
+    """The classifier's projections (`TrainConfig.cls_projections`; None: the preset's x and y, a
+    model each, as the paper). "xy" trains one model on both views of each scan (an option: on five
+    cohorts its AUROC moved by no more than the noise, README)."""
     cls_pretrained: str | None = None
     """A local timm state dict the classifier folds start from (`TrainConfig.cls_pretrained`; for
     cpu-small the ImageNet weights of timm's resnet10t); None: from scratch, as the measured demos."""
@@ -139,6 +143,16 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.cases < 8 or self.folds < 2:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
+        if self.cls_projections is not None:
+            from petctl.engine.mip import projection_views
+
+            try:
+                for p in self.cls_projections:
+                    projection_views(p)
+            except ValueError as exc:
+                raise PetctlError(f"--cls-projections: {exc}") from None
+            if not self.cls_projections or len(set(self.cls_projections)) != len(self.cls_projections):
+                raise PetctlError(f"--cls-projections must name distinct projections (got {','.join(self.cls_projections)})")
         if self.budget_min is not None and self.budget_min < 0:
             raise PetctlError(f"--budget must be ≥ 0 minutes (got {self.budget_min})")
         if not 1 <= self.stretch <= 2:
@@ -180,9 +194,16 @@ class DemoLaunch:
         return self.seg == self.cls
 
 
-def demo_launches(cfg: DemoConfig, num_folds: int, batch_size: int) -> DemoLaunch:
+CLS_THREAD_GAIN = 0.46
+"""What a second thread adds to a lone classifier job on the CPU: one "xy" model on 2 threads
+trained seed 11911's fold in 122 s, where its x and y models took ~89 s each on one thread
+(2 × 89 / 122 = 1.46 times one thread's pace)."""
+
+
+def demo_launches(cfg: DemoConfig, num_folds: int, batch_size: int, cls_jobs: int | None = None) -> DemoLaunch:
     """The demo's fold launches (`DemoConfig.processes`, `concurrent`) for `num_folds` trained folds of
-    a preset whose step learns from `batch_size` patches."""
+    a preset whose step learns from `batch_size` patches. On CPU, fewer classifier jobs (`cls_jobs`:
+    folds × projections) than cores share the cores out as threads (one "xy" model: both cores)."""
     from petctl.engine.folds import FoldLaunch, gpu_count
 
     units = gpu_count() or (os.cpu_count() or 1)  # GPUs, or single-threaded CPU processes
@@ -194,6 +215,8 @@ def demo_launches(cfg: DemoConfig, num_folds: int, batch_size: int) -> DemoLaunc
     processes = cfg.processes or (1 if gpu_count() else max(p for p in range(1, max(1, units // concurrent) + 1) if batch_size % p == 0))
     seg_batch = batch_size // processes
     cls = FoldLaunch(processes=1, concurrent=cfg.concurrent or default_concurrency(1))
+    if not gpu_count() and not cfg.concurrent and cls_jobs and cls_jobs < cls.concurrent:
+        cls = FoldLaunch(processes=1, concurrent=cls_jobs, threads=max(1, units // cls_jobs))
     return DemoLaunch(seg=FoldLaunch(processes=processes, concurrent=concurrent), cls=cls, seg_batch=seg_batch)
 
 
@@ -224,7 +247,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     if not (out / DEMO_OPTIONS).exists():
         write_text_atomic(out / DEMO_OPTIONS, json.dumps(_result_options(cfg), indent=2))
     train_cfg = with_overrides(get_preset(cfg.preset), hard_lesion_gain=cfg.hard_lesion_gain, lesion_dim=cfg.lesion_dim)
-    train_cfg = with_overrides(train_cfg, task="cls", pretrained=cfg.cls_pretrained)
+    train_cfg = with_overrides(train_cfg, task="cls", pretrained=cfg.cls_pretrained, projections=cfg.cls_projections)
     timings: dict[str, float] = {}
     registry.create_run(cfg.run, kind="demo", config={**asdict(cfg), "store": str((out / "store").resolve())})
 
@@ -254,7 +277,7 @@ def run_demo(cfg: DemoConfig, home: Path, say: Callable[[str], Any], warn: Calla
     timings["prepare"] = time.perf_counter() - t
 
     folds = list(range(len(result.splits["seg_folds"])))[: cfg.train_folds]
-    launches = demo_launches(cfg, len(folds), train_cfg.batch_size)
+    launches = demo_launches(cfg, len(folds), train_cfg.batch_size, cls_jobs=len(folds) * len(train_cfg.cls_projections))
     if launches.seg_batch != train_cfg.batch_size:  # the preset's patches a step, shared among a fold's processes
         train_cfg = replace(train_cfg, batch_size=launches.seg_batch)
     t = stage("train segmentation and classifier folds")  # the budget's probe counts as training time
@@ -442,11 +465,15 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         seg_steps = steps_per_epoch(len(train))
         if cfg.retrain_merged:  # the merged folds train on the test split too: the two trainings' mean epoch
             seg_steps = -(-(seg_steps + steps_per_epoch(len(read_fold(store, folds[0], merged=True)[0]))) // 2)
+        # a classifier epoch of a several-view model ("xy") is that many views' work, on the threads its lone job has
+        views = max(len(p) for p in train_cfg.cls_projections)
+        threads = min(views, launches.cls.threads or 1)
+        cost = replace(DemoCost(), cls_epoch=DemoCost().cls_epoch * views / (1.0 + CLS_THREAD_GAIN * (threads - 1)))
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=seg_steps,
                          num_val_cases=-(-len(val) // procs), seg_rounds=seg_rounds, cls_rounds=cls_rounds,
                          infer_scans=infer_scans * len(folds), batch_size=train_cfg.batch_size, seg_processes=procs,
-                         max_share=cfg.stretch)
+                         max_share=cfg.stretch, cost=cost)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
@@ -454,7 +481,8 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
                 # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
                 "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
                 "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": seg_rounds,
-                "cls_rounds": cls_rounds, "infer_scans": infer_scans * len(folds), "seg_processes": procs}
+                "cls_rounds": cls_rounds, "infer_scans": infer_scans * len(folds), "seg_processes": procs,
+                "cls_epoch_cost": round(cost.cls_epoch, 3)}
         from petctl.engine.registry import write_text_atomic
 
         write_text_atomic(path, json.dumps(plan, indent=2))
@@ -510,7 +538,7 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
     preset's), at the pace their steps ran against the probe's (their `metrics.json`; without it, their
     `seg_stage_s` against the plan's estimate of it), and the plan with the replan recorded
     (OUT/budget.json; a resumed demo keeps it)."""
-    from petctl.engine.budget import describe_replan, replan_cls_epochs, seg_step_cost
+    from petctl.engine.budget import DemoCost, describe_replan, replan_cls_epochs, seg_step_cost
     from petctl.engine.config import with_overrides
 
     if "cls_replan" not in plan:
@@ -519,7 +547,8 @@ def replan_classifier(cfg: DemoConfig, train_cfg: Any, plan: dict[str, Any], *, 
                 else seg_stage_s / plan["seg_stage_estimate_s"])
         cls = replan_cls_epochs(budget_s=plan["budget_min"] * 60, elapsed_s=elapsed_s, pace=pace, unit_s=plan["unit_s"],
                                 low=_low_cls(plan), high=plan.get("max_cls_epochs", plan["preset_cls_epochs"]), cls_rounds=plan["cls_rounds"],
-                                infer_scans=plan["infer_scans"])
+                                infer_scans=plan["infer_scans"],
+                                cost=replace(DemoCost(), cls_epoch=plan.get("cls_epoch_cost", DemoCost().cls_epoch)))
         replan = {"planned_cls_epochs": plan["cls_epochs"], "seg_stage_s": round(seg_stage_s, 1), "pace": round(pace, 3),
                   "elapsed_s": round(elapsed_s, 1)}
         if run < planned:

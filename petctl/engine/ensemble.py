@@ -163,15 +163,16 @@ class RunModels:
             return list(pool.map(one_fold, models))
 
     def cls_score(self, pet_xyz: torch.Tensor) -> float:
-        """Mean classifier probability over folds × projections for one PET volume (stored grid)."""
-        from petctl.engine.mip import mip_batch, resize_mip
+        """Mean classifier probability over folds × projections for one PET volume (stored grid); a
+        model of several views ("xy") counts once, with the mean of its views' probabilities."""
+        from petctl.engine.mip import mip_batch, projection_views, resize_mip
 
         pet = pet_xyz.float().to(self.device)[None]
         scores = []
         with torch.no_grad():
             for m in self.cls:
-                image = resize_mip(mip_batch(pet, m.axis or "y"), m.cfg.cls_img_size)
-                scores.append(float(torch.sigmoid(m.model(image).float())[0, 0]))
+                images = torch.cat([resize_mip(mip_batch(pet, axis), m.cfg.cls_img_size) for axis in projection_views(m.axis or "y")])
+                scores.append(float(torch.sigmoid(m.model(images).float()).mean()))
         return float(np.mean(scores))
 
 

@@ -43,6 +43,9 @@ class FoldLaunch:
     concurrent: int = 1
     """Fold process trees run at the same time (CPU: one core each; GPUs: the visible GPUs are
     dealt out among them). Only for single-node launches."""
+    threads: int | None = None
+    """CPU threads per process (None: one on CPU, see `launch_command`); a lone classifier job may
+    take every core."""
 
 
 def fold_names(task: str, folds: list[int], cfg: TrainConfig) -> list[str]:
@@ -119,7 +122,8 @@ def train_folds(cfg: TrainConfig, store: Path, task: str | Sequence[str], folds:
                               max_steps=launch.max_steps)
             cmd = launch_command(processes=launch.processes, nodes=launch.nodes, machine_rank=launch.machine_rank,
                                  main_address=launch.main_address, port=_port(launch, len(jobs)),
-                                 mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True)
+                                 mixed_precision=launch.mixed_precision, cpu=cpu, module_args=args, quiet=True,
+                                 threads=launch.threads)
             jobs.append(_Job(label=f"{t} {name}", step=f"train-{family}-{name}", cmd=cmd))
 
     attempt_before: dict[str, tuple[int, str | None] | None] = {}

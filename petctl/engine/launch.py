@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--merged", action="store_true")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--task", choices=("seg", "cls"), default="seg")
-    parser.add_argument("--projection", default="x", help="MIP axis for --task cls")
+    parser.add_argument("--projection", default="x", help="MIP projection for --task cls: an axis, or several (xy) for one model")
     args = parser.parse_args(argv)
 
     from petctl.engine.config import TrainConfig

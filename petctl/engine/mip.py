@@ -25,6 +25,15 @@ AXES = ("x", "y", "z")
 _PROJECTED_DIM = {"x": -3, "y": -2, "z": -1}
 
 
+def projection_views(spec: str) -> tuple[str, ...]:
+    """The axes of a classifier's projection spec: "x", "y", "z", or several of them ("xy"), which
+    one model learns and scores together (each scan's views averaged). ValueError otherwise."""
+    views = tuple(str(spec))
+    if not views or any(v not in AXES for v in views) or len(set(views)) != len(views):
+        raise ValueError(f"a projection is one or more distinct axes of x, y, z, such as y or xy (got {spec!r})")
+    return views
+
+
 def _project(volumes: Array, axis: str) -> Array:
     """MIP over the last three dims (..., X, Y, Z) → (..., rows, cols) in the module's layout."""
     if axis not in _PROJECTED_DIM:
