@@ -76,7 +76,19 @@ app.add_typer(slurm.app, name="slurm", help=slurm.__doc__)
 EXIT_TERMINATED = 128 + 15
 
 
+_MAIN_PID: int | None = None
+
+
 def _exit_on_term(signum: int, frame: object) -> None:
+    """SIGTERM in the command's own process: exit 143 through the registry's step context (a second
+    TERM kills as before). In a worker a pool forked from it: die of the TERM, as before."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getpid() != _MAIN_PID:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise SystemExit(EXIT_TERMINATED)
 
 
@@ -86,9 +98,12 @@ def main() -> None:
     A SIGTERM (a SLURM time limit, `scancel`, `kill`) becomes `SystemExit(143)` where nothing else
     handles it, so the registry step under way is marked failed instead of left "running"
     (training's launch pool installs its own handler while folds run)."""
+    import os
     import signal
 
+    global _MAIN_PID
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _MAIN_PID = os.getpid()
         signal.signal(signal.SIGTERM, _exit_on_term)
     try:
         code = app(standalone_mode=False)

@@ -541,3 +541,42 @@ def test_autopet_studies_are_one_case_each_and_a_stray_csv_is_not_metadata(hosti
     (root / "Metadata.csv").write_bytes("Subject ID,diagnosis\nPETCT_1,Lymphom K\xf6ln\n".encode("latin-1"))
     with pytest.raises(PetctlError, match=r"Metadata.csv: metadata CSV is not UTF-8 \(byte \d+\); save it as UTF-8"):
         discover(root)
+
+
+def test_a_lone_metadata_csv_in_another_encoding_is_one_line_not_ignored(tmp_path: Path):
+    """Found beside the data, a metadata CSV that is not UTF-8 is reported, not silently dropped
+    (which would lose the patient grouping of the splits)."""
+    from petctl.engine.cohort import discover
+    from petctl.errors import PetctlError
+
+    images = tmp_path / "ds" / "imagesTr"
+    images.mkdir(parents=True)
+    (tmp_path / "ds" / "clinical.csv").write_bytes("case,patient,diagnosis\nc1,P1,Lymphom K\xf6ln\n".encode("latin-1"))
+    with pytest.raises(PetctlError, match=r"clinical.csv: metadata CSV is not UTF-8"):
+        discover(tmp_path / "ds")
+
+
+def test_classifier_folds_of_two_projection_designs_are_not_averaged(hostile: dict, random_run: Path, tmp_path: Path):
+    """fold0-x and fold0-y left beside a retrained fold0-xy: the gate would average both designs."""
+    from dataclasses import replace
+
+    from petctl.engine.classifier import build_classifier_for
+    from petctl.engine.config import cpu_tiny
+    from petctl.engine.ensemble import RunModels
+    from petctl.engine.loop import Position, save_checkpoint
+    from petctl.errors import PetctlError
+
+    run = tmp_path / "run"
+    shutil.copytree(random_run, run)
+    for name, projections, axis in (("fold0-x", ("x", "y"), "x"), ("fold0-y", ("x", "y"), "y"), ("fold0-xy", ("xy",), "xy")):
+        cfg = replace(cpu_tiny(), cls_projections=projections)
+        save_checkpoint(run / "cls" / name / "checkpoints" / "best", model_state=build_classifier_for(cfg).state_dict(),
+                        optimizer_state=None, scheduler_state=None, position=Position(), metric=None,
+                        config={**cfg.to_json(), "fold": 0, "projection": axis, "store": str(hostile["store"])})
+        if name == "fold0-y":
+            assert len(RunModels.load(run).cls) == 2  # one design: fine
+    with pytest.raises(PetctlError, match=r"classifier folds trained with different projections \(x,y and xy"):
+        RunModels.load(run)
+    shutil.rmtree(run / "cls" / "fold0-x")
+    shutil.rmtree(run / "cls" / "fold0-y")
+    assert [m.axis for m in RunModels.load(run).cls] == ["xy"]

@@ -407,3 +407,17 @@ def test_mip_on_gpu_matches_cpu() -> None:
         gpu = resize_mip(mip_batch(volumes.cuda(), axis), (32, 48))
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), resize_mip(mip_batch(volumes, axis), (32, 48)))
+
+
+def test_a_classifier_saved_before_the_max_shrink_keeps_its_bilinear_mips() -> None:
+    from petctl.engine.config import TrainConfig, cpu_small
+
+    saved = cpu_small().to_json()
+    assert TrainConfig.from_json(saved).cls_mip_shrink == "max"
+    del saved["cls_mip_shrink"]  # a config written before the field
+    assert TrainConfig.from_json(saved).cls_mip_shrink == "bilinear"
+    img = torch.rand(1, 1, 600, 294)
+    torch.testing.assert_close(resize_mip(img, (352, 224), "bilinear"),
+                               torch.nn.functional.interpolate(img, (352, 224), mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="shrink must be max or bilinear"):
+        resize_mip(img, (352, 224), "area")

@@ -112,6 +112,15 @@ def test_a_volume_thinner_than_the_patch_gets_the_positions_training_gave_its_ma
             self.x = x[:, 2].detach().clone()
             return x[:, :1]
 
+    class _EchoImage(torch.nn.Module):  # the image's first channel: any misplaced crop on any axis shows
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :1]
+
+    image = torch.randn(2, 9, 20, 7)  # x, z thinner than the patch, odd padding on both
+    models.seg[0] = LoadedModel("fold0", 0, models.seg[0].cfg, _EchoImage())
+    for tta in (False, True):
+        np.testing.assert_allclose(models.seg_probs(image, tta=tta), torch.sigmoid(image[0]).numpy(), atol=1e-6)
+    image = torch.zeros(2, 10, 20, 7)
     seen = _Seen()
     models.seg[0] = LoadedModel("fold0", 0, models.seg[0].cfg, seen)
     models.seg_probs(image)

@@ -502,3 +502,33 @@ def test_status_reads_a_time_without_a_zone_as_utc():
                       started="2024-01-01T00:00:00+00:00", ended="2024-01-01T00:01:30")
     assert duration(done) == "1m30s"
     assert duration(StepRecord(run="r", step="s", kind="k", status="done", created="x", started="yesterday")) == "-"
+
+
+def test_the_term_handler_exits_143_once_and_leaves_forked_workers_to_die_of_it() -> None:
+    """A second TERM kills outright (the handler steps aside); a pool worker forked from the command
+    dies of the TERM as before, instead of raising SystemExit into the pool's task."""
+    import multiprocessing as mp
+    import os
+    import signal
+
+    import petctl.cli as cli
+
+    old, old_pid = signal.getsignal(signal.SIGTERM), cli._MAIN_PID
+    try:
+        cli._MAIN_PID = os.getpid()
+        signal.signal(signal.SIGTERM, cli._exit_on_term)
+
+        def worker() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0)  # not reached: the TERM kills
+
+        child = mp.get_context("fork").Process(target=worker)
+        child.start()
+        child.join(30)
+        assert child.exitcode == -signal.SIGTERM
+        with pytest.raises(SystemExit) as exc:
+            cli._exit_on_term(signal.SIGTERM, None)
+        assert exc.value.code == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        cli._MAIN_PID = old_pid

@@ -427,18 +427,24 @@ def test_submit_refusal_is_one_line_and_cancels_the_rest(planned):
     assert registry.steps("r1") == []
 
 
-def test_resubmit_refused_while_jobs_are_queued_and_cancel(planned):
+def test_resubmit_refused_while_jobs_are_queued_and_cancel(planned, monkeypatch):
     folder, registry = planned
     submit_plan(folder, registry, runner=FakeSlurm())
     with pytest.raises(PetctlError, match="still has SLURM jobs queued or running"):
         submit_plan(folder, registry, runner=FakeSlurm(queue="102_0|RUNNING\n102_1|PENDING\n"))
-    registry.start_step("r1", "prepare", kind="prepare")
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    registry.start_step("r1", "prepare", kind="prepare")  # the plan's prepare job, running
+    monkeypatch.delenv("SLURM_JOB_ID")
+    registry.start_step("r1", "calibrate", kind="calibrate")  # a local `petctl calibrate` of the same run
     fake = FakeSlurm()
     assert cancel_plan(folder, registry, runner=fake) == [str(i) for i in range(101, 108)]
     assert fake.calls == [["scancel", *[str(i) for i in range(101, 108)]]]
     assert registry.step("r1", "train-seg-fold0").status == "failed" and "cancelled" in registry.step("r1", "train-seg-fold0").message
     prepare = registry.step("r1", "prepare")  # running when cancelled: a dead job's step must not stay "running"
     assert prepare.status == "failed" and prepare.message == "cancelled (SLURM job 101)"
+    assert registry.step("r1", "calibrate").status == "running"  # not the plan's job: left to end by itself
 
 
 def test_a_plan_is_replaced_only_when_its_submitted_jobs_have_left_the_queue(planned):

@@ -36,7 +36,7 @@ def case_labels(store_root: Path) -> dict[str, bool]:
 
 def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: torch.device,
             augment: Any = None, generator: torch.Generator | None = None,
-            with_label: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            with_label: bool = False, shrink: str = "max") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(1, H, W) MIP of a stored case's PET channel, optionally 3-D augmented before projecting.
 
     With `with_label`, returns (PET MIP, label MIP): the lesion mask moved by the same augmentation
@@ -56,10 +56,10 @@ def pet_mip(store: Any, case: str, axis: str, size: tuple[int, int], device: tor
         floor = pet.amin()
         pet, label = augment_batch(pet - floor, label, generator, augment)
         pet = pet + floor
-    image = resize_mip(mip_batch(pet[:, 0], axis), size)[0]
+    image = resize_mip(mip_batch(pet[:, 0], axis), size, shrink)[0]
     if not with_label:
         return image
-    return image, resize_mip(mip_batch(label[:, 0], axis), size)[0]
+    return image, resize_mip(mip_batch(label[:, 0], axis), size, shrink)[0]
 
 
 def lesion_map_target(label_mips_b1hw: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
@@ -110,8 +110,8 @@ class ClsTask:
         from petctl.engine.models import as_channels_last
 
         with_map = self.cfg.cls_head == "lesion_map"
-        views = [pet_mip(self.store, c, axis, self.cfg.cls_img_size, device, self.augment, generator, with_label=with_map)
-                 for c in batch for axis in self.views]
+        views = [pet_mip(self.store, c, axis, self.cfg.cls_img_size, device, self.augment, generator, with_label=with_map,
+                         shrink=self.cfg.cls_mip_shrink) for c in batch for axis in self.views]
         images = as_channels_last(torch.stack([v[0] for v in views] if with_map else views), self.cfg.channels_last)
         target = torch.tensor([[1.0 if self.labels[c] else 0.0] for c in batch for _ in self.views], device=device)
         if not with_map:
@@ -129,7 +129,8 @@ class ClsTask:
         model.eval()
         with torch.no_grad():
             for case in self.val_cases[self.rank :: self.world]:
-                images = torch.stack([pet_mip(self.store, case, axis, self.cfg.cls_img_size, accelerator.device) for axis in self.views])
+                images = torch.stack([pet_mip(self.store, case, axis, self.cfg.cls_img_size, accelerator.device,
+                                              shrink=self.cfg.cls_mip_shrink) for axis in self.views])
                 score = float(torch.sigmoid(model(images).float()).mean())  # the mean of the views' probabilities
                 rows.append({"case": case, "score": score, "positive": self.labels[case]})
         model.train()

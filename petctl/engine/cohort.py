@@ -164,7 +164,9 @@ def _default_metadata(data: Path) -> Path | None:
     try:  # a lone CSV of other columns (results, notes) is not the cohort's metadata: left alone
         with found[0].open(newline="", encoding="utf-8-sig") as fh:
             header = {f.strip().lower() for f in next(csv.reader(fh), [])}
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except UnicodeDecodeError:
+        return found[0]  # maybe the metadata, in another encoding: reading it says so in one line
+    except (OSError, csv.Error):
         return None
     return found[0] if "case" in header or "subject id" in header else None
 

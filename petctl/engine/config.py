@@ -100,6 +100,10 @@ class TrainConfig:
     the cpu-small classifier's steps ~15 % slower (README, the demo section)."""
     cls_map_weight: float = 1.0
     """Weight of the lesion-map loss (per-pixel BCE) beside the scan loss, for cls_head lesion_map."""
+    cls_mip_shrink: str = "max"
+    """How a MIP shrinks to `cls_img_size` along an axis longer than it: "max" (each output pixel the
+    maximum of those it covers, then bilinear; since 2026-12-07) or "bilinear" (sampling alone, which
+    classifiers trained before were; a config saved without the field reads as it)."""
     collective_timeout_s: int = 600
     """A rank that waits longer than this on a collective (a peer died) fails instead of hanging."""
 
@@ -134,6 +138,8 @@ class TrainConfig:
             raise PetctlError(f"cls_head must be global or lesion_map (got {self.cls_head!r})")
         if self.cls_map_weight < 0:
             raise PetctlError(f"cls_map_weight must be ≥ 0 (got {self.cls_map_weight})")
+        if self.cls_mip_shrink not in ("max", "bilinear"):
+            raise PetctlError(f"cls_mip_shrink must be max or bilinear (got {self.cls_mip_shrink!r})")
         if self.extent_threshold_prior is not None and not 0.0 < self.extent_threshold_prior < 1.0:
             raise PetctlError(f"extent_threshold_prior must be within (0, 1) (got {self.extent_threshold_prior})")
         if len(self.patch_size) != 3 or min(self.patch_size) < 16:
@@ -151,6 +157,7 @@ class TrainConfig:
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        kw.setdefault("cls_mip_shrink", "bilinear")  # saved before the field: its classifiers saw bilinear MIPs
         return cls(**kw)
 
 

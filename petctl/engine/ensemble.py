@@ -100,6 +100,11 @@ class RunModels:
             raise PetctlError(f"{run_dir}: no trained segmentation folds; run `petctl train --task seg` first")
         if need_cls and not out.cls:
             raise PetctlError(f"{run_dir}: no trained classifier folds; run `petctl train --task cls` first (or use --no-gate)")
+        sets = sorted({",".join(m.cfg.cls_projections) for m in out.cls})
+        if len(sets) > 1:  # e.g. fold0-x and fold0-y left beside a retrained fold0-xy: the gate would average both designs
+            names = ", ".join(m.name for m in out.cls)
+            raise PetctlError(f"{run_dir}: classifier folds trained with different projections ({' and '.join(sets)}: {names}); "
+                              f"remove the folders of the ones not wanted")
         return out
 
     def seg_probs(self, image_cxyz: torch.Tensor, *, models: list[LoadedModel] | None = None, tta: bool = False,
@@ -171,7 +176,8 @@ class RunModels:
         scores = []
         with torch.no_grad():
             for m in self.cls:
-                images = torch.cat([resize_mip(mip_batch(pet, axis), m.cfg.cls_img_size) for axis in projection_views(m.axis or "y")])
+                images = torch.cat([resize_mip(mip_batch(pet, axis), m.cfg.cls_img_size, m.cfg.cls_mip_shrink)
+                                    for axis in projection_views(m.axis or "y")])
                 scores.append(float(torch.sigmoid(m.model(images).float()).mean()))
         return float(np.mean(scores))
 

@@ -278,9 +278,16 @@ def voxel_volume_ml(zooms: Iterable[float]) -> float:
 
 
 def affine_voxel_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel in mL from a NIfTI affine: |det| of its 3×3 part, right for a sheared grid
-    too (the product of the column lengths, `voxel_volume_ml(spacing_of(affine))`, is not)."""
-    return abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
+    """Volume of one voxel in mL from a NIfTI affine: the product of its column lengths (the voxel
+    sizes) on an orthogonal grid, rotated or flipped, and |det| of its 3×3 part on a sheared one,
+    where the product overstates it."""
+    from petctl.engine.geometry import spacing_of
+
+    m = np.asarray(affine, float)[:3, :3]
+    gram = m.T @ m
+    if np.abs(gram - np.diag(np.diag(gram))).max() <= 1e-6 * float(np.diag(gram).max()):
+        return voxel_volume_ml(spacing_of(affine))
+    return abs(float(np.linalg.det(m))) / 1000.0
 
 
 def _mean(values: list[float]) -> float:

@@ -59,13 +59,15 @@ def mip_batch(volumes_bxyz: torch.Tensor, axis: str) -> torch.Tensor:
     return _project(volumes_bxyz, axis).unsqueeze(1).contiguous()
 
 
-def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (352, 224)) -> torch.Tensor:
+def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (352, 224), shrink: str = "max") -> torch.Tensor:
     """Resize (B, 1, H, W) MIPs to the classifier's (H, W) size.
 
-    Along an axis that shrinks, each output pixel first takes the maximum of the pixels it covers (a
-    MIP of the MIP: bilinear sampling alone would skip a one-slice hot spot or lesion between its
-    samples, or keep a fraction of it); then bilinear (align_corners=False) to the exact size. An
-    enlarged axis is plain bilinear. Integer inputs are converted to float32; float inputs keep their dtype.
+    `shrink="max"`: along an axis that shrinks, each output pixel first takes the maximum of the
+    pixels it covers (a MIP of the MIP: bilinear sampling alone would skip a one-slice hot spot or
+    lesion between its samples, or keep a fraction of it); then bilinear (align_corners=False) to the
+    exact size. `shrink="bilinear"`: bilinear alone (`TrainConfig.cls_mip_shrink` of classifiers
+    trained before the maximum). An enlarged axis is plain bilinear either way. Integer inputs are
+    converted to float32; float inputs keep their dtype.
     """
     if img_b1hw.ndim != 4:
         raise ValueError(f"resize_mip needs (B, 1, H, W) images (got shape {tuple(img_b1hw.shape)})")
@@ -73,8 +75,10 @@ def resize_mip(img_b1hw: torch.Tensor, size: tuple[int, int] = (352, 224)) -> to
         img_b1hw = img_b1hw.float()
     if tuple(img_b1hw.shape[-2:]) == tuple(size):
         return img_b1hw
+    if shrink not in ("max", "bilinear"):
+        raise ValueError(f"resize_mip: shrink must be max or bilinear (got {shrink!r})")
     pooled = tuple(min(have, want) for have, want in zip(img_b1hw.shape[-2:], size))
-    if pooled != tuple(img_b1hw.shape[-2:]):
+    if shrink == "max" and pooled != tuple(img_b1hw.shape[-2:]):
         img_b1hw = F.adaptive_max_pool2d(img_b1hw, pooled)
         if pooled == tuple(size):
             return img_b1hw

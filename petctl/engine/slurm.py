@@ -530,8 +530,10 @@ def cancel_plan(folder: Path, registry: Any, *, runner: Runner = subprocess.run)
     for job in plan["jobs"]:
         for s in job["steps"] if job.get("job_id") else ():
             record = registry.step(s["run"], s["step"])
-            if record is not None and record.status in ("pending", "running"):
-                registry.fail_step(s["run"], s["step"], f"cancelled (SLURM job {step_job_id(job['job_id'], s['task'])})")
+            job_id = step_job_id(job["job_id"], s["task"])
+            # running: only under this plan's job (a local `petctl calibrate` of the same run is not ours)
+            if record is not None and (record.status == "pending" or (record.status == "running" and record.slurm_job_id == job_id)):
+                registry.fail_step(s["run"], s["step"], f"cancelled (SLURM job {job_id})")
     return ids
 
 
