@@ -125,15 +125,12 @@ class TrainConfig:
         for name in ("patches_per_scan", "batch_size", "num_cycles", "epochs_per_cycle", "grad_accum"):
             if getattr(self, name) < 1:
                 raise PetctlError(f"{name} must be at least 1")
-        from petctl.engine.mip import projection_views
+        from petctl.engine.mip import check_projections
 
         try:
-            for p in self.cls_projections:
-                projection_views(p)
+            check_projections(self.cls_projections)
         except ValueError as exc:
             raise PetctlError(f"cls_projections: {exc}") from None
-        if not self.cls_projections or len(set(self.cls_projections)) != len(self.cls_projections):
-            raise PetctlError(f"cls_projections must be distinct, and at least one (got {self.cls_projections})")
         if self.cls_head not in ("global", "lesion_map"):
             raise PetctlError(f"cls_head must be global or lesion_map (got {self.cls_head!r})")
         if self.cls_map_weight < 0:

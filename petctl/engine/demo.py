@@ -144,15 +144,12 @@ class DemoConfig:
         if self.cases < 8 or self.folds < 2:
             raise PetctlError("the demo needs at least 8 cases and 2 folds")
         if self.cls_projections is not None:
-            from petctl.engine.mip import projection_views
+            from petctl.engine.mip import check_projections
 
             try:
-                for p in self.cls_projections:
-                    projection_views(p)
+                check_projections(self.cls_projections)
             except ValueError as exc:
                 raise PetctlError(f"--cls-projections: {exc}") from None
-            if not self.cls_projections or len(set(self.cls_projections)) != len(self.cls_projections):
-                raise PetctlError(f"--cls-projections must name distinct projections (got {','.join(self.cls_projections)})")
         if self.budget_min is not None and self.budget_min < 0:
             raise PetctlError(f"--budget must be ≥ 0 minutes (got {self.budget_min})")
         if not 1 <= self.stretch <= 2:

@@ -34,6 +34,14 @@ def projection_views(spec: str) -> tuple[str, ...]:
     return views
 
 
+def check_projections(specs: "tuple[str, ...] | list[str]") -> None:
+    """ValueError unless `specs` is at least one projection spec (`projection_views`), all distinct."""
+    for spec in specs:
+        projection_views(spec)
+    if not specs or len(set(specs)) != len(specs):
+        raise ValueError(f"projections must be distinct, and at least one (got {','.join(specs) or 'none'})")
+
+
 def _project(volumes: Array, axis: str) -> Array:
     """MIP over the last three dims (..., X, Y, Z) → (..., rows, cols) in the module's layout."""
     if axis not in _PROJECTED_DIM:
