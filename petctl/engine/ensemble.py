@@ -123,7 +123,7 @@ class RunModels:
 
         from petctl.engine.config import POSITION_CHANNELS
         from petctl.engine.models import torch_threads
-        from petctl.engine.position import pad_to_patch, position_grid
+        from petctl.engine.position import pad_to_patch, position_grid, unpad
 
         models = models or self.seg
         for m in models:  # a store re-prepared with(out) --pet-wide after training: one line, not a conv shape error
@@ -153,7 +153,7 @@ class RunModels:
                         overlap=m.cfg.sw_overlap, mode="gaussian", padding_mode="constant",
                         sw_device=self.device, device=torch.device("cpu") if stitch_on_cpu else self.device,
                     )
-                    logits = logits[..., before[0]:before[0] + shape[0], before[1]:before[1] + shape[1], before[2]:before[2] + shape[2]]
+                    logits = unpad(logits, before, shape)
                     probs = torch.sigmoid(logits.float())
                     probs = torch.flip(probs, flip) if flip else probs
                     total = probs if total is None else total + probs

@@ -74,7 +74,9 @@ def _short(exc: BaseException) -> str:
 
 def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX_VOXELS, warn: bool = True) -> LoadedCase:
     """Read and validate a case; CT is resampled (trilinear) onto the PET grid when grids differ.
-    `warn=False`: no warning for what an earlier read of the same case has reported already."""
+    `need_label=False`: the label is not read at all (predict: a ground truth beside the images is
+    none of its business). `warn=False`: no warning for what an earlier read of the same case has
+    reported already."""
     pet, pet_affine = _load(src.case, "PET", src.pet, max_voxels, warn)
     ct, ct_affine = _load(src.case, "CT", src.ct, max_voxels, warn)
     pet = np.asarray(pet, dtype=np.float32)
@@ -88,7 +90,7 @@ def load_case(src: CaseSource, *, need_label: bool = True, max_voxels: int = MAX
         resampled = True
     check_suv(src.case, pet, ct)
     label = None
-    if src.label is not None and Path(src.label).exists():
+    if need_label and src.label is not None and Path(src.label).exists():
         lab, lab_affine = _load(src.case, "label", src.label, max_voxels, warn)
         if lab.shape != pet.shape:
             raise CaseError(src.case, f"label grid {lab.shape} differs from the PET grid {pet.shape}")

@@ -19,7 +19,7 @@ import torch
 
 from petctl.engine.config import POSITION_CHANNELS
 
-__all__ = ["POSITION_CHANNELS", "batch_positions", "pad_to_patch", "position_grid", "with_positions"]
+__all__ = ["POSITION_CHANNELS", "batch_positions", "pad_to_patch", "position_grid", "unpad", "with_positions"]
 
 
 def position_grid(volume_shape: Sequence[int], start: Sequence[int] = (0, 0, 0), size: Sequence[int] | None = None) -> torch.Tensor:
@@ -58,3 +58,8 @@ def pad_to_patch(x_bcxyz: torch.Tensor, patch_size: Sequence[int]) -> tuple[torc
     for b, e in reversed(list(zip(before, extra))):  # F.pad lists the last axis first
         pad += [b, e - b]
     return torch.nn.functional.pad(x_bcxyz, pad), before  # type: ignore[return-value]
+
+
+def unpad(t: torch.Tensor, before: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The (..., X, Y, Z) box of `shape` at offset `before`: what `pad_to_patch` padded, cut back."""
+    return t[..., before[0]:before[0] + shape[0], before[1]:before[1] + shape[1], before[2]:before[2] + shape[2]]

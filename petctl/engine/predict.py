@@ -17,10 +17,10 @@ set), each writing its own summary and merging it into predictions.json (`write_
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +57,18 @@ class PredictResult:
 _CT_FILE = re.compile(r"^(.*)_0000\.nii(\.gz)?$")
 
 
+def _ct_file_case(ct: Path) -> CaseSource:
+    """The case of one CASE_0000 CT file; its PET is CASE_0001 beside it, under either suffix."""
+    from petctl.engine.cohort import nifti_path
+
+    m = _CT_FILE.match(ct.name)
+    if not m:
+        raise PetctlError(f"{ct}: a single-case input must be the CT file CASE_0000.nii.gz (its PET CASE_0001 beside it)")
+    case = m.group(1)
+    pet = nifti_path(ct.with_name(f"{case}_0001")) or ct.with_name(f"{case}_0001.nii{m.group(2) or ''}")
+    return CaseSource(case, ct, pet, None, case, None)
+
+
 def input_cases(path: Path) -> list[CaseSource]:
     """Cases of an nnU-Net folder (imagesTs, else imagesTr), an AutoPET folder, or one CT file + its PET.
 
@@ -67,12 +79,7 @@ def input_cases(path: Path) -> list[CaseSource]:
 
     path = Path(path)
     if path.is_file():
-        m = _CT_FILE.match(path.name)
-        if not m:
-            raise PetctlError(f"{path}: a single-case input must be the CT file CASE_0000.nii.gz (its PET CASE_0001 beside it)")
-        case = m.group(1)
-        pet = nifti_path(path.with_name(f"{case}_0001")) or path.with_name(f"{case}_0001{'.nii' + (m.group(2) or '')}")
-        return [CaseSource(case, path, pet, None, case, None)]
+        return [_ct_file_case(path)]
     if (path / "imagesTs").is_dir():
         return discover(path, split="Ts", with_metadata=False)
     if (path / "imagesTr").is_dir():
@@ -81,7 +88,7 @@ def input_cases(path: Path) -> list[CaseSource]:
         return discover(path, with_metadata=False)
     cts = {m.group(1) for p in path.glob("*_0000.nii*") if (m := _CT_FILE.match(p.name))}
     if cts:  # a bare folder of CASE_0000/CASE_0001 files
-        return [input_cases(nifti_path(path / f"{case}_0000"))[0] for case in sorted(cts)]
+        return [_ct_file_case(nifti_path(path / f"{case}_0000")) for case in sorted(cts)]
     raise PetctlError(f"{path}: no cases found (nnU-Net imagesTs/imagesTr, AutoPET layout, or CASE_0000/0001 files)")
 
 
@@ -167,7 +174,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, options: PredictOptio
         t0 = time.perf_counter()
         try:
             mask_path = _safe_output(output, src.case, ".nii.gz", inputs)
-            loaded = load_case(replace(src, label=None), need_label=False)  # a ground truth beside it is not read
+            loaded = load_case(src, need_label=False)
             image, _, geometry, _ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
             pet, affine = (loaded.pet if options.preview or extent else None), loaded.affine
             ct = loaded.ct if veto is not None else None

@@ -262,7 +262,11 @@ def _directives(cfg: SlurmConfig, job: Job, *, nodes: int, gpus: int) -> str:
 
 
 def _environment(cfg: SlurmConfig, *, cpu: bool) -> str:
-    lines = [f"export PETCTL_HOME={shlex.quote(cfg.home)}", "export PYTHONUNBUFFERED=1"]
+    from petctl.engine.folds import ELASTIC_SHUTDOWN_S
+
+    lines = [f"export PETCTL_HOME={shlex.quote(cfg.home)}", "export PYTHONUNBUFFERED=1",
+             # torchrun kills its ranks this long after the trap's TERM (its default 30 s): time to save `last`
+             f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{ELASTIC_SHUTDOWN_S}}}"]
     if cpu:
         lines.append("export ACCELERATE_USE_CPU=true")
     return "\n".join(lines)

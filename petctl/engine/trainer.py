@@ -41,7 +41,7 @@ def predict_volume(model: torch.nn.Module, image_cxyz: torch.Tensor, cfg: TrainC
     """Sliding-window (gaussian) sigmoid probabilities for one stored volume, float32 (X, Y, Z)."""
     from monai.inferers import sliding_window_inference
 
-    from petctl.engine.position import pad_to_patch, position_grid
+    from petctl.engine.position import pad_to_patch, position_grid, unpad
 
     shape = tuple(int(n) for n in image_cxyz.shape[1:])
     x, before = pad_to_patch(image_cxyz[None].to(device), cfg.patch_size)  # positions run on past ±1, as in training
@@ -52,7 +52,7 @@ def predict_volume(model: torch.nn.Module, image_cxyz: torch.Tensor, cfg: TrainC
             x, roi_size=cfg.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
             overlap=cfg.sw_overlap, mode="gaussian", padding_mode="constant",
         )
-    logits = logits[..., before[0]:before[0] + shape[0], before[1]:before[1] + shape[1], before[2]:before[2] + shape[2]]
+    logits = unpad(logits, before, shape)
     return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
 

@@ -90,7 +90,7 @@ class UrineVeto:
                    whole_voxel_ball=bool(d.get("whole_voxel_ball", False)))  # recorded since it: before, the default ball
 
 
-def _ball(radius_mm: float, spacing: Sequence[float], whole_voxel: bool = True) -> np.ndarray:
+def _ball(radius_mm: float, spacing: Sequence[float], whole_voxel: bool = False) -> np.ndarray:
     """A boolean ellipsoid of `radius_mm` on a grid of `spacing`. `whole_voxel`: an axis coarser than
     the radius gets a semi-axis of one voxel (the neighbours either side); without it such an axis
     keeps only the centre voxel (the ball of calibrations before `UrineVeto.whole_voxel_ball`)."""
