@@ -127,7 +127,7 @@ def test_the_demo_replans_once_and_says_so(tmp_path: Path, monkeypatch):
     assert slow.epochs_per_cycle == train_cfg.epochs_per_cycle == 5
     assert json.loads((tmp_path / "budget.json").read_text()) == replanned
     assert said == [describe_replan(replanned)] and f"cut from {plan['cls_epochs']}" in said[0] and "1.15× the probe's" in said[0]
-    assert f"{plan['cls_epochs']} of 13 classifier epochs" in describe_plan(replanned)  # the plan as it was made
+    assert f"{plan['cls_epochs']} of 40 classifier epochs" in describe_plan(replanned)  # the plan as it was made
     # a resumed demo keeps the replan it made
     again, kept = replan_classifier(cfg, preset("cpu-small"), replanned, seg_stage_s=1.0, elapsed_s=1.0, say=said.append)
     assert kept == replanned and again.cls_epochs_per_cycle == 5
@@ -231,7 +231,7 @@ def test_a_failing_probe_thread_raises_in_the_caller(monkeypatch):
         probe_seg_step(preset("cpu-tiny").with_image_channels(2), num_steps=1, warmup=0, concurrent=2)
 
 
-def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, **demo):
+def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, cls_head: str | None = None, **demo):
     from petctl.engine import budget, trainer
     from petctl.engine.config import preset
     from petctl.engine.demo import DemoConfig, DemoLaunch, fit_budget
@@ -258,6 +258,7 @@ def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, **dem
     cfg = DemoConfig(out=str(tmp_path), **demo)
     # as the demo sets it; the classifier a model per view unless asked, as these plans were measured with
     train_cfg = replace(preset("cpu-small"), batch_size=launches.seg_batch, cls_projections=cfg.cls_projections or ("x", "y"))
+    train_cfg = replace(train_cfg, cls_head=cls_head) if cls_head else train_cfg
     folds = [0, 1] if launches.seg.processes == 1 else [0]
     train_cfg, plan = fit_budget(cfg, train_cfg, tmp_path / "store", folds, launches, elapsed_s=115.0, infer_scans=46, say=said.append,
                                  warn=warned.append)
@@ -266,12 +267,13 @@ def _fit(tmp_path: Path, monkeypatch, step_s: float | None, launches=None, **dem
 
 def test_the_demo_trains_what_fits_and_a_resume_keeps_the_plan(tmp_path: Path, monkeypatch):
     train_cfg, plan, said, warned = _fit(tmp_path, monkeypatch, 0.40)  # batch 4, two nets side by side
-    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (6, 6) and plan["fits"] and not warned
-    assert "6 of 12 segmentation and 6 of 13 classifier epochs" in said[0] and said[0].endswith("estimate 18.8 min")
+    # (6 / 6 of 12 / 13 before the lesion-map classifier's 40 epochs, whose core 12 cost 1.2× a global head's)
+    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (5, 9) and plan["fits"] and not warned
+    assert "5 of 12 segmentation and 9 of 40 classifier epochs" in said[0] and said[0].endswith("estimate 18.6 min")
     assert json.loads((tmp_path / "budget.json").read_text()) == plan
     # a resumed demo does not probe again: it trains what the interrupted one started
     again, plan2, _, _ = _fit(tmp_path, monkeypatch, None)
-    assert plan2 == plan and again.epochs_per_cycle == 6
+    assert plan2 == plan and again.epochs_per_cycle == 5
     # a half-written plan is planned again, not a traceback
     (tmp_path / "budget.json").write_text("{")
     _, plan3, _, _ = _fit(tmp_path, monkeypatch, 0.20, stretch=1.0)
@@ -279,8 +281,15 @@ def test_the_demo_trains_what_fits_and_a_resume_keeps_the_plan(tmp_path: Path, m
 
 
 def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Path, monkeypatch):
-    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.20, stretch=1.0)
-    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 13) and "the preset's epochs fit" in said[0]
+    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.10, stretch=1.0)
+    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 40) and "the preset's epochs fit" in said[0]
+    # the segmentation comes first: a machine with time for its 12 but not the classifier's 48 gives the
+    # classifier what is left, never less than the share of its core (12 of 40) a cut segmentation would take
+    train_cfg, plan, said, _ = _fit(tmp_path / "mid", monkeypatch, 0.20, stretch=1.0)
+    assert train_cfg.epochs_per_cycle == 12 and 12 < train_cfg.cls_epochs_per_cycle < 40 and plan["fits"]
+    assert f"so 12 of 12 segmentation and {plan['cls_epochs']} of 40 classifier epochs" in said[0]
+    one_more = plan["cls_rounds"] * plan["cls_epoch_cost"] * plan["unit_s"]
+    assert plan["estimate_s"] <= 1200 * (1 - HEADROOM) < plan["estimate_s"] + one_more  # one more classifier epoch would not have fitted
     train_cfg, plan, _, warned = _fit(tmp_path / "slow", monkeypatch, 1.5)
     assert train_cfg.epochs_per_cycle == 5 and not plan["fits"] and "past the budget even at the fewest epochs" in warned[0]
     train_cfg, plan, _, warned = _fit(tmp_path / "almost", monkeypatch, 0.48)  # 2026-11-30's machine on a slow day (5353)
@@ -290,21 +299,28 @@ def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Pat
 
 def test_a_fast_machine_stretches_the_preset_to_use_the_budget(tmp_path: Path, monkeypatch):
     """--stretch (default 1.25): where the preset would end minutes inside the budget, both tasks train
-    more epochs, up to 15 and 16 of cpu-small's 12 and 13, and the plan still ends inside it."""
-    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.14)
-    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (15, 16) == (plan["seg_epochs"], plan["max_cls_epochs"])
+    more epochs, up to 15 and 50 of cpu-small's 12 and 40, and the plan still ends inside it."""
+    train_cfg, plan, said, _ = _fit(tmp_path / "fastest", monkeypatch, 0.08)
+    assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (15, 50) == (plan["seg_epochs"], plan["max_cls_epochs"])
     assert plan["fits"] and plan["estimate_s"] <= 1200 * (1 - HEADROOM)
-    assert "so 15 segmentation and 16 classifier epochs, the preset's 12 and 13 stretched" in said[0]
+    assert "so 15 segmentation and 50 classifier epochs, the preset's 12 and 40 stretched" in said[0]
+    # a little slower: the segmentation still stretches whole, the classifier past its preset as far as the time goes
+    train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.14)
+    assert train_cfg.epochs_per_cycle == 15 and 40 < train_cfg.cls_epochs_per_cycle < 50 and plan["fits"]
+    # stretched segmentation epochs before the classifier's beyond its core: a machine with time for 13
+    seg13 = _fit(tmp_path / "seg13", monkeypatch, 0.20)[1]
+    assert seg13["seg_epochs"] == 13 and 12 < seg13["cls_epochs"] < 40
+    assert f"so 13 segmentation epochs (the preset's 12 stretched) and {seg13['cls_epochs']} of 40 classifier epochs" in describe_plan(seg13)
     # a machine where the preset fits with a little time over stretches only as far as that time goes
     mid = _fit(tmp_path / "mid", monkeypatch, 0.20)[1]
-    preset_only = _fit(tmp_path / "mid1", monkeypatch, 0.20, stretch=1.0)[1]
-    assert (preset_only["seg_epochs"], preset_only["cls_epochs"]) == (12, 13)
+    preset_only = _fit(tmp_path / "mid1", monkeypatch, 0.10, stretch=1.0)[1]
+    assert (preset_only["seg_epochs"], preset_only["cls_epochs"]) == (12, 40)
     assert 12 < mid["seg_epochs"] < 15 and mid["fits"] and mid["estimate_s"] <= 1200 * (1 - HEADROOM)
     # a machine too slow for the preset plans the same whatever the stretch: the classifier stays within its preset too
     for step_s in (0.34, 0.48):
         slow, slow1 = _fit(tmp_path / f"slow{step_s}", monkeypatch, step_s)[1], _fit(tmp_path / f"slow1{step_s}", monkeypatch, step_s, stretch=1.0)[1]
         assert slow["seg_epochs"] < 12 and (slow["seg_epochs"], slow["cls_epochs"]) == (slow1["seg_epochs"], slow1["cls_epochs"])
-        assert slow["max_cls_epochs"] == 13
+        assert slow["max_cls_epochs"] == 40
 
 
 @pytest.mark.parametrize("step_s, seg", [(0.30, 15), (0.38, 14), (0.40, 13), (0.45, 12), (0.60, 8)])
@@ -366,9 +382,13 @@ def test_one_classifier_on_both_views_costs_its_views_on_its_threads(tmp_path: P
     xy = DemoLaunch(seg=FoldLaunch(processes=1, concurrent=2), cls=FoldLaunch(processes=1, concurrent=1, threads=2), seg_batch=4)
     plain = _fit(tmp_path / "plain", monkeypatch, 0.20)[1]
     both = _fit(tmp_path / "xy", monkeypatch, 0.20, launches=xy, cls_projections=("xy",))[1]
-    assert plain["cls_epoch_cost"] == DemoCost().cls_epoch
-    assert both["cls_epoch_cost"] == pytest.approx(DemoCost().cls_epoch * 2 / (1 + CLS_THREAD_GAIN), abs=1e-3)
+    head = DemoCost().lesion_map  # cpu-small's lesion-map head
+    assert plain["cls_epoch_cost"] == pytest.approx(DemoCost().cls_epoch * head, abs=1e-3)
+    assert both["cls_epoch_cost"] == pytest.approx(DemoCost().cls_epoch * head * 2 / (1 + CLS_THREAD_GAIN), abs=1e-3)
     assert both["estimate_s"] <= 1200 * (1 - HEADROOM)
+    # the global head: a classifier epoch at the measured cost
+    glob = _fit(tmp_path / "global", monkeypatch, 0.20, cls_head="global")[1]
+    assert glob["cls_epoch_cost"] == DemoCost().cls_epoch
 
 
 def test_no_budget_means_the_preset_and_no_probe(tmp_path: Path, monkeypatch):
@@ -381,3 +401,24 @@ def test_a_negative_budget_is_refused():
 
     with pytest.raises(PetctlError, match="--budget must be ≥ 0"):
         DemoConfig(budget_min=-1)
+
+
+@pytest.mark.parametrize("step_s", [0.14, 0.20, 0.40, 0.60, 0.87, 3.0])
+def test_only_the_classifiers_core_epochs_shrink_with_the_segmentation(step_s):
+    """cls_core_share: of 40 classifier epochs only 12 count against the segmentation's epochs; the
+    others come from time left over, so the segmentation plans as it would with a 12-epoch classifier."""
+    base = {**DEMO, "cls_rounds": 1}
+    core = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 12}, max_share=1.25)
+    plan = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 48}, max_share=1.25, cls_core_share=0.25)
+    whole = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 48}, max_share=1.25)
+    assert plan.seg_epochs == core.seg_epochs >= whole.seg_epochs and plan.fits == core.fits
+    assert core.cls_epochs <= plan.cls_epochs <= plan.max_cls_epochs == (60 if plan.seg_epochs >= 12 else 48)
+    if plan.fits:
+        assert plan.estimate_s <= 1200 * (1 - HEADROOM)
+    if step_s in (0.40, 0.60):  # scaled whole, the classifier's 48 would have cost the segmentation epochs
+        assert whole.seg_epochs < plan.seg_epochs
+
+
+def test_the_classifier_core_share_is_checked():
+    with pytest.raises(PetctlError, match="classifier core 0"):
+        fit_epochs(budget_s=1200, step_s=0.2, **DEMO, cls_core_share=0.0)

@@ -46,6 +46,11 @@ class DemoCost:
     demo, 0.277 s (1.29 and 1.14 probe steps)."""
     seg_val_case: float = 4.0
     cls_epoch: float = 12.0
+    lesion_map: float = 1.2
+    """A classifier epoch with the lesion-map head (`TrainConfig.cls_head`), as a share of one with the
+    global head: 40 epochs took 248 s against the global head's 220 s on one cohort, and 274 s against
+    80 epochs' 417 s on another (2026-12-07; both projections side by side, one thread each). On that
+    machine a global-head epoch took 5.2 s, 11.8 of the probe's units (0.44 s), as `cls_epoch` says."""
     infer_scan: float = 2.25
     """Calibrate + predict, per scan of the test split and imagesTs and per fold of the ensemble."""
     report_s: float = 10.0
@@ -72,6 +77,13 @@ class EpochPlan:
     segmentation trains all of the preset's epochs)."""
 
 
+CLS_CORE_SHARE = 0.3
+"""The share of the classifier's epochs that shrinks with the segmentation's (`fit_epochs(cls_core_share=)`):
+12 of cpu-small's 40, about the 13 it trained before 2026-12-07. The rest come only from time the
+segmentation leaves: the 40 cost about four segmentation epochs, and the segmentation comes first.
+Scaled whole, a machine like 2026-11-30's (5 / 5 of 12 / 13 in 18½–19¾ minutes) would have run its
+floor's 5 / 17 ~2 minutes past the budget, and faster ones would have given up segmentation epochs."""
+
 HEADROOM = 0.05
 """The share of the budget a plan leaves free: demos ran up to 5 % past their estimate (5252: 1257 s
 against 19.9 min) as the machine's load and the gate's stops vary."""
@@ -80,15 +92,17 @@ against 19.9 min) as the machine's load and the gate's stops vary."""
 def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: int, cls_epochs: int,
                seg_steps_per_epoch: int, num_val_cases: int, seg_rounds: int, cls_rounds: int, infer_scans: int,
                batch_size: int = 8, seg_processes: int = 1, min_share: float = 0.4, max_share: float = 1.0,
-               headroom: float = HEADROOM, cost: DemoCost = DemoCost()) -> EpochPlan:
+               cls_core_share: float = 1.0, headroom: float = HEADROOM, cost: DemoCost = DemoCost()) -> EpochPlan:
     """The most segmentation epochs, a share of the preset's `seg_epochs` (never below `min_share` of
     them: 5 of the cpu-small preset's 12), whose estimated demo ends within `budget_s` less `headroom`
     of it with the classifier at the same share of its `cls_epochs`; then the classifier takes the
     time the whole segmentation epochs leave, epoch by epoch up to the preset's. A classifier epoch
     costs about a fifth of a segmentation epoch, and cut to 5 or 6 of 13 by the common share on
     2026-11-30's slow machine the classifiers missed the AUROC target on 4 of 9 fresh seeds
-    (0.78-0.94; the preset's 13 gave 0.987 on average over 18 seeds). Where even the floor does not
-    fit, the plan is the floor, flagged.
+    (0.78-0.94; the preset's 13 gave 0.987 on average over 18 seeds). Only `cls_core_share` of
+    `cls_epochs` (the demo: `CLS_CORE_SHARE`) shrinks with the segmentation's share; the classifier's
+    other epochs come only from the time left over. Where even the floor does not fit, the plan is the
+    floor, flagged.
     `seg_rounds` and `cls_rounds` are how many times the folds of a task run one after another
     (folds / concurrent folds);
     `infer_scans` how many scans calibrate and predict may segment (test split + imagesTs) times the
@@ -99,9 +113,10 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
     preset's), rather than end minutes inside the budget: fresh seed 7878's
     demo trained the preset in 887 s of its 1200 on 2026-12-01's machine."""
     if (budget_s <= 0 or step_s <= 0 or seg_epochs < 1 or cls_epochs < 1 or infer_scans < 0 or batch_size < 1
-            or not 0 < min_share <= 1 or max_share < 1 or not 0 <= headroom < 1):
+            or not 0 < min_share <= 1 or not 0 < cls_core_share <= 1 or max_share < 1 or not 0 <= headroom < 1):
         raise PetctlError(f"budget {budget_s} s, step {step_s} s, epochs {seg_epochs}/{cls_epochs}, share {min_share}..{max_share}, "
-                          f"headroom {headroom}: all must be positive (min share at most 1, max share at least 1, headroom below 1)")
+                          f"classifier core {cls_core_share}, headroom {headroom}: all must be positive (min share and core at most 1, "
+                          f"max share at least 1, headroom below 1)")
 
     unit = step_s * cost.batch_size / batch_size  # a step at the costs' batch, at the probed time per patch
     limit = budget_s * (1 - headroom)
@@ -116,7 +131,7 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
         return elapsed_s + seg_stage(seg) + after_segmentation(cls, cls_rounds=cls_rounds, infer_scans=infer_scans, unit_s=unit, cost=cost)
 
     def shared(seg: int) -> int:
-        return min(shared_cls_epochs(cls_epochs, seg, seg_epochs), cls_top(seg))
+        return min(shared_cls_epochs(core_cls_epochs(cls_epochs, cls_core_share), seg, seg_epochs), cls_top(seg))
 
     def cls_top(seg: int) -> int:  # the classifier stretches only where the segmentation trains all its preset's epochs
         return stretched_epochs(cls_epochs, max_share) if seg >= seg_epochs else cls_epochs
@@ -133,8 +148,13 @@ def fit_epochs(*, budget_s: float, elapsed_s: float, step_s: float, seg_epochs: 
 
 def stretched_epochs(epochs: int, max_share: float) -> int:
     """The most epochs a plan may give a task whose preset trains `epochs`: `max_share` of them,
-    rounded down (1.25 × 12 = 15; 1.25 × 13 = 16), never fewer than the preset's."""
+    rounded down (1.25 × 12 = 15; 1.25 × 40 = 50), never fewer than the preset's."""
     return max(epochs, math.floor(epochs * max_share + 1e-9))
+
+
+def core_cls_epochs(cls_epochs: int, core_share: float) -> int:
+    """The classifier's epochs that shrink with the segmentation's share (`fit_epochs(cls_core_share=)`)."""
+    return max(1, math.ceil(cls_epochs * core_share - 1e-9))
 
 
 def seg_step_cost(processes: int, cost: DemoCost = DemoCost()) -> float:
@@ -200,8 +220,9 @@ def describe_plan(plan: dict) -> str:
         what = (f"so {plan['seg_epochs']} segmentation and {cls} classifier epochs, the preset's {plan['preset_seg_epochs']} and "
                 f"{plan['preset_cls_epochs']} stretched to use it (--stretch 1 keeps the preset's)")
     else:
-        what = (f"so {plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation and {cls} of "
-                f"{plan['preset_cls_epochs']} classifier epochs (--budget 0 trains them all)")
+        seg = (f"{plan['seg_epochs']} segmentation epochs (the preset's {plan['preset_seg_epochs']} stretched)"
+               if plan["seg_epochs"] > plan["preset_seg_epochs"] else f"{plan['seg_epochs']} of {plan['preset_seg_epochs']} segmentation")
+        what = f"so {seg} and {cls} of {plan['preset_cls_epochs']} classifier epochs (--budget 0 trains them all)"
     if plan["fits"]:
         past = ""
     elif plan["estimate_s"] <= plan["budget_min"] * 60:

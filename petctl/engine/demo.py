@@ -125,7 +125,7 @@ class DemoConfig:
     ignored on GPUs."""
     stretch: float = 1.25
     """With a budget, a machine fast enough for the preset trains up to this share of its segmentation
-    and classifier epochs (cpu-small: 15 and 16 of 12 and 13) to use the budget rather than end
+    and classifier epochs (cpu-small: 15 and 50 of 12 and 40) to use the budget rather than end
     minutes inside it (`budget.fit_epochs(max_share=)`); the folds' deadline still cuts them, to no
     fewer than 80 % of the planned steps (the preset's 12). 1: the preset's epochs at most."""
     processes: int | None = None
@@ -428,7 +428,7 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
     the plan (None: no budget, or a GPU). `infer_scans`: the scans calibrate and predict may segment
     (the plan counts each with every fold of the ensemble).
     The plan is kept in OUT/budget.json, so a resumed demo trains what the interrupted one started."""
-    from petctl.engine.budget import DemoCost, describe_plan, fit_epochs, probe_seg_step
+    from petctl.engine.budget import CLS_CORE_SHARE, DemoCost, core_cls_epochs, describe_plan, fit_epochs, probe_seg_step
     from petctl.engine.config import with_overrides
     from petctl.engine.folds import gpu_count
     from petctl.engine.sampling import batches_per_epoch
@@ -462,19 +462,20 @@ def fit_budget(cfg: DemoConfig, train_cfg: Any, store: Path, folds: list[int], l
         seg_steps = steps_per_epoch(len(train))
         if cfg.retrain_merged:  # the merged folds train on the test split too: the two trainings' mean epoch
             seg_steps = -(-(seg_steps + steps_per_epoch(len(read_fold(store, folds[0], merged=True)[0]))) // 2)
-        # a classifier epoch of a several-view model ("xy") is that many views' work, on the threads its lone job has
+        # a classifier epoch of a several-view model ("xy") is that many views' work, on the threads its lone job has; the lesion-map head costs more
         views = max(len(p) for p in train_cfg.cls_projections)
         threads = min(views, launches.cls.threads or 1)
-        cost = replace(DemoCost(), cls_epoch=DemoCost().cls_epoch * views / (1.0 + CLS_THREAD_GAIN * (threads - 1)))
+        head = DemoCost().lesion_map if train_cfg.cls_head == "lesion_map" else 1.0
+        cost = replace(DemoCost(), cls_epoch=DemoCost().cls_epoch * head * views / (1.0 + CLS_THREAD_GAIN * (threads - 1)))
         fit = fit_epochs(budget_s=cfg.budget_min * 60, elapsed_s=elapsed_s, step_s=step_s, seg_epochs=train_cfg.epochs_per_cycle,
                          cls_epochs=train_cfg.cls_epochs_per_cycle, seg_steps_per_epoch=seg_steps,
                          num_val_cases=-(-len(val) // procs), seg_rounds=seg_rounds, cls_rounds=cls_rounds,
                          infer_scans=infer_scans * len(folds), batch_size=train_cfg.batch_size, seg_processes=procs,
-                         max_share=cfg.stretch, cost=cost)
+                         max_share=cfg.stretch, cls_core_share=CLS_CORE_SHARE, cost=cost)
         plan = {"budget_min": cfg.budget_min, "step_s": round(step_s, 3), "estimate_s": round(fit.estimate_s, 1), "fits": fit.fits,
                 "seg_epochs": fit.seg_epochs, "cls_epochs": fit.cls_epochs,
                 "preset_seg_epochs": train_cfg.epochs_per_cycle, "preset_cls_epochs": train_cfg.cls_epochs_per_cycle,
-                "max_cls_epochs": fit.max_cls_epochs,
+                "max_cls_epochs": fit.max_cls_epochs, "core_cls_epochs": core_cls_epochs(train_cfg.cls_epochs_per_cycle, CLS_CORE_SHARE),
                 # what replan_classifier needs: the segmentation stage's estimate and the cost model's inputs after it
                 "seg_stage_estimate_s": round(fit.seg_stage_s, 1), "seg_steps_estimate_s": round(fit.seg_steps_s, 1),
                 "unit_s": step_s * DemoCost().batch_size / train_cfg.batch_size, "seg_rounds": seg_rounds,
@@ -495,11 +496,12 @@ def _seg_started(run_dir: Path) -> bool:
 
 
 def _low_cls(plan: dict[str, Any]) -> int:
-    """The classifier's epochs at the common share of the plan's segmentation epochs."""
+    """The classifier's epochs at the common share of the plan's segmentation epochs (of its core
+    epochs, `budget.CLS_CORE_SHARE`; a plan made before them scaled all of the preset's)."""
     from petctl.engine.budget import shared_cls_epochs
 
-    return min(shared_cls_epochs(plan["preset_cls_epochs"], plan["seg_epochs"], plan["preset_seg_epochs"]),
-               plan.get("max_cls_epochs", plan["preset_cls_epochs"]))
+    core = plan.get("core_cls_epochs", plan["preset_cls_epochs"])
+    return min(shared_cls_epochs(core, plan["seg_epochs"], plan["preset_seg_epochs"]), plan.get("max_cls_epochs", plan["preset_cls_epochs"]))
 
 
 def seg_deadline(plan: dict[str, Any], *, elapsed_s: float) -> float:
