@@ -209,8 +209,10 @@ def test_presets_and_validation():
     with pytest.raises(PetctlError, match="cls_map_weight"):
         TrainConfig(cls_map_weight=-1.0)
     assert TrainConfig.from_json(cpu_tiny().to_json()) == cpu_tiny()
-    # every preset keeps timm's pooled head, and a config written before the field existed reads as it
-    assert preset("autopet-paper").cls_head == "global" == cpu_tiny().cls_head
+    # the paper's preset keeps timm's pooled head, the CPU ones the lesion-map head (cpu-tiny as
+    # cpu-small, so the tests run the demo's classifier), and a config written before the field reads as global
+    assert preset("autopet-paper").cls_head == "global"
+    assert preset("cpu-small").cls_head == "lesion_map" == cpu_tiny().cls_head
     old = {k: v for k, v in cpu_tiny().to_json().items() if k not in ("cls_head", "cls_map_weight")}
     assert TrainConfig.from_json(old).cls_head == "global"
 
@@ -227,7 +229,7 @@ def test_launch_command_shapes():
 def test_classifier_folds_train_per_projection(store: Path, tmp_path: Path):
     result = _train(store, tmp_path, "--task", "cls", run="c")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((tmp_path / "home/runs/c/cls/fold0-x/train_config.json").read_text())["cls_head"] == "global"
+    assert json.loads((tmp_path / "home/runs/c/cls/fold0-x/train_config.json").read_text())["cls_head"] == "lesion_map"  # cpu-tiny's, as cpu-small's
     for axis in ("x", "y"):
         metrics = json.loads((tmp_path / f"home/runs/c/cls/fold0-{axis}/metrics.json").read_text())
         assert metrics["selection"] == "auroc" and metrics["config"]["projection"] == axis
@@ -389,7 +391,7 @@ def test_classifier_folds_start_from_local_timm_weights(store: Path, tmp_path: P
     fold = tmp_path / "home/runs/t/cls/fold0-x"
     assert json.loads((fold / "train_config.json").read_text())["cls_pretrained"] == str(path)
     model_state, _, _ = load_checkpoint(fold / "checkpoints/last")
-    stem = model_state["conv1.0.weight"]
+    stem = model_state["backbone.conv1.0.weight"]  # cpu-tiny's lesion-map head wraps the loaded backbone
     summed = imagenet["conv1.0.weight"].sum(dim=1, keepdim=True)
     fresh = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=1).state_dict()["conv1.0.weight"]
     # one optimizer step away from the loaded weights, far from any fresh initialisation

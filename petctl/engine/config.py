@@ -207,7 +207,8 @@ def cpu_small() -> TrainConfig:
 
 def cpu_tiny() -> TrainConfig:
     """A few steps of tiny networks: for tests and smoke runs only (no quality). timm's 0.37 M-parameter
-    `test_resnet` stands in for resnet10t (4.9 M), so a run's classifier checkpoints take ~6 MB, not ~80."""
+    `test_resnet` stands in for resnet10t (4.9 M), so a run's classifier checkpoints take ~6 MB, not ~80;
+    it keeps cpu-small's lesion-map head, so the tests run the demo's classifier."""
     return replace(
         cpu_small(), preset="cpu-tiny", features=(4, 4, 8, 8, 16, 4), patches_per_scan=2, batch_size=2,
         num_cycles=2, epochs_per_cycle=1, max_val_cases=2, cls_model="test_resnet", cls_num_cycles=1,
