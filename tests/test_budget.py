@@ -283,7 +283,7 @@ def test_the_demo_trains_what_fits_and_a_resume_keeps_the_plan(tmp_path: Path, m
 def test_a_fast_machine_trains_the_preset_and_a_slow_one_is_warned(tmp_path: Path, monkeypatch):
     train_cfg, plan, said, _ = _fit(tmp_path / "fast", monkeypatch, 0.10, stretch=1.0)
     assert (train_cfg.epochs_per_cycle, train_cfg.cls_epochs_per_cycle) == (12, 40) and "the preset's epochs fit" in said[0]
-    # the segmentation comes first: a machine with time for its 12 but not the classifier's 48 gives the
+    # the segmentation comes first: a machine with time for its 12 but not the classifier's 40 gives the
     # classifier what is left, never less than the share of its core (12 of 40) a cut segmentation would take
     train_cfg, plan, said, _ = _fit(tmp_path / "mid", monkeypatch, 0.20, stretch=1.0)
     assert train_cfg.epochs_per_cycle == 12 and 12 < train_cfg.cls_epochs_per_cycle < 40 and plan["fits"]
@@ -405,20 +405,33 @@ def test_a_negative_budget_is_refused():
 
 @pytest.mark.parametrize("step_s", [0.14, 0.20, 0.40, 0.60, 0.87, 3.0])
 def test_only_the_classifiers_core_epochs_shrink_with_the_segmentation(step_s):
-    """cls_core_share: of 40 classifier epochs only 12 count against the segmentation's epochs; the
-    others come from time left over, so the segmentation plans as it would with a 12-epoch classifier."""
+    """CLS_CORE_SHARE: of cpu-small's 40 classifier epochs only 12 count against the segmentation's
+    epochs; the others come from time left over, so the segmentation plans as it would with a
+    12-epoch classifier."""
+    from petctl.engine.budget import CLS_CORE_SHARE, core_cls_epochs
+
+    assert core_cls_epochs(40, CLS_CORE_SHARE) == 12
     base = {**DEMO, "cls_rounds": 1}
     core = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 12}, max_share=1.25)
-    plan = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 48}, max_share=1.25, cls_core_share=0.25)
-    whole = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 48}, max_share=1.25)
+    plan = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 40}, max_share=1.25, cls_core_share=CLS_CORE_SHARE)
+    whole = fit_epochs(budget_s=1200, step_s=step_s, **{**base, "cls_epochs": 40}, max_share=1.25)
     assert plan.seg_epochs == core.seg_epochs >= whole.seg_epochs and plan.fits == core.fits
-    assert core.cls_epochs <= plan.cls_epochs <= plan.max_cls_epochs == (60 if plan.seg_epochs >= 12 else 48)
+    assert core.cls_epochs <= plan.cls_epochs <= plan.max_cls_epochs == (50 if plan.seg_epochs >= 12 else 40)
     if plan.fits:
         assert plan.estimate_s <= 1200 * (1 - HEADROOM)
-    if step_s in (0.40, 0.60):  # scaled whole, the classifier's 48 would have cost the segmentation epochs
+    if step_s in (0.40, 0.60, 0.87):  # scaled whole, the classifier's 40 would have cost the segmentation epochs
         assert whole.seg_epochs < plan.seg_epochs
 
 
 def test_the_classifier_core_share_is_checked():
     with pytest.raises(PetctlError, match="classifier core 0"):
         fit_epochs(budget_s=1200, step_s=0.2, **DEMO, cls_core_share=0.0)
+
+
+def test_a_plan_made_before_the_classifier_core_scales_the_whole_preset():
+    """A resumed demo's budget.json from before `core_cls_epochs` keeps the low end it was planned with."""
+    from petctl.engine.demo import _low_cls
+
+    plan = {"preset_seg_epochs": 12, "preset_cls_epochs": 40, "seg_epochs": 6, "max_cls_epochs": 40, "cls_epochs": 20}
+    assert _low_cls(plan) == 20  # 6 / 12 of all 40
+    assert _low_cls({**plan, "core_cls_epochs": 12}) == 6  # 6 / 12 of the core 12

@@ -33,10 +33,12 @@ import numpy as np
 
 def config(overrides: dict[str, str]):
     """cpu-small as the demo trains its classifier (its stretched epochs unless overridden), with `overrides`."""
+    from petctl.engine.budget import stretched_epochs
     from petctl.engine.config import TrainConfig, preset
+    from petctl.engine.demo import DemoConfig
 
     cfg = preset("cpu-small")
-    cfg = replace(cfg, cls_epochs_per_cycle=int(cfg.cls_epochs_per_cycle * 1.25))
+    cfg = replace(cfg, cls_epochs_per_cycle=stretched_epochs(cfg.cls_epochs_per_cycle, DemoConfig().stretch))
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     for key, value in overrides.items():
         if key not in kinds:
@@ -47,10 +49,9 @@ def config(overrides: dict[str, str]):
 
 
 def setup(seed: int, root: Path, test_cases: int) -> None:
-    import cc3d
-
     from petctl.engine.cohort import discover
     from petctl.engine.demo import DemoConfig
+    from petctl.engine.evaluate import affine_voxel_ml, case_lesions
     from petctl.engine.nifti import load_case
     from petctl.engine.prepare import PrepareConfig, preprocess, run as prepare
     from petctl.engine.store import read_json
@@ -69,11 +70,10 @@ def setup(seed: int, root: Path, test_cases: int) -> None:
     for src in discover(root / "raw", split="Ts"):
         loaded = load_case(src)
         label = np.asarray(loaded.label) > 0
-        voxel_ml = abs(np.linalg.det(loaded.affine[:3, :3])) / 1000
-        sizes = np.bincount(cc3d.connected_components(label, connectivity=18).ravel())[1:] * voxel_ml
+        sizes = [round(lesion.volume_ml, 2) for lesion in case_lesions(label, np.zeros_like(label), affine_voxel_ml(loaded.affine))]
         image, *_ = preprocess(loaded, fingerprint, tuple(prep["spacing"]), int(prep.get("crop_margin", 2)))
         np.save(root / "heldout" / f"{src.case}.npy", image[1].astype(np.float32))
-        info[src.case] = {"positive": bool(label.any()), "lesions_ml": sorted(sizes.round(2).tolist(), reverse=True)}
+        info[src.case] = {"positive": bool(label.any()), "lesions_ml": sorted(sizes, reverse=True)}
     (root / "heldout.json").write_text(json.dumps(info))
     print(f"set up {root} in {time.time() - t:.0f} s: {len(info)} held-out scans")
 
@@ -99,9 +99,9 @@ def score(root: Path, names: list[str]) -> None:
 
     from petctl.engine.classifier import build_classifier_for
     from petctl.engine.config import TrainConfig
+    from petctl.engine.ensemble import LoadedModel, RunModels
     from petctl.engine.loop import find_checkpoint, load_checkpoint
     from petctl.engine.metrics import auroc
-    from petctl.engine.mip import mip_batch, projection_views, resize_mip
 
     info = json.loads((root / "heldout.json").read_text())
     cases = sorted(info)
@@ -115,15 +115,9 @@ def score(root: Path, names: list[str]) -> None:
             cfg = TrainConfig.from_json(meta["config"])
             model = build_classifier_for(cfg)
             model.load_state_dict(state)
-            models.append((cfg, meta["config"]["projection"], model.eval()))
-        scores = []
-        with torch.no_grad():
-            for case in cases:
-                pet = torch.from_numpy(np.load(root / "heldout" / f"{case}.npy"))[None]
-                scores.append(np.mean([float(torch.sigmoid(m(torch.cat([resize_mip(mip_batch(pet, a), c.cls_img_size, c.cls_mip_shrink)
-                                                                        for a in projection_views(axis)]))).mean())
-                                       for c, axis, m in models]))
-        s = np.array(scores)
+            models.append(LoadedModel(fold_dir.name, 0, cfg, model.eval(), meta["config"]["projection"], None))
+        gate = RunModels(run_dir=root / name, cls=models)  # scored as the demo's gate scores a scan
+        s = np.array([gate.cls_score(torch.from_numpy(np.load(root / "heldout" / f"{case}.npy"))) for case in cases])
         hard, rest = small | ~positive, ~small
         print(f"{name}: all {auroc(positive, s):.3f} | first 32 {auroc(positive[first], s[first]):.3f} | "
               f"small-lesion positives vs healthy {auroc(positive[hard], s[hard]):.3f} ({small.sum()} / {(~positive).sum()}) | "

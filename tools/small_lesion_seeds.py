@@ -20,6 +20,7 @@ import cc3d
 import numpy as np
 
 import petctl.engine.synth as synth
+from petctl.engine.evaluate import CONNECTIVITY, affine_voxel_ml
 
 
 def held_out(seed: int, cases: int, test_cases: int) -> list:
@@ -34,8 +35,8 @@ def describe(job: tuple[int, object]) -> dict:
     images, _ = synth._render_study(seed, study, 1.0, True)
     pet, affine = images["pet"]
     label = images["label"][0] > 0
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
-    comps = cc3d.connected_components(label, connectivity=18)
+    voxel_ml = affine_voxel_ml(affine)
+    comps = cc3d.connected_components(label, connectivity=CONNECTIVITY)
     lesions = []
     for k in range(1, int(comps.max()) + 1):
         inside = comps == k

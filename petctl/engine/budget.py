@@ -82,7 +82,7 @@ CLS_CORE_SHARE = 0.3
 12 of cpu-small's 40, about the 13 it trained before 2026-12-07. The rest come only from time the
 segmentation leaves: the 40 cost about four segmentation epochs, and the segmentation comes first.
 Scaled whole, a machine like 2026-11-30's (5 / 5 of 12 / 13 in 18½–19¾ minutes) would have run its
-floor's 5 / 17 ~2 minutes past the budget, and faster ones would have given up segmentation epochs."""
+floor's 5 / 17 ~2½ minutes past the budget, and faster ones would have given up segmentation epochs."""
 
 HEADROOM = 0.05
 """The share of the budget a plan leaves free: demos ran up to 5 % past their estimate (5252: 1257 s
