@@ -291,3 +291,24 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert refused.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'busy'}: OUT exists and is not empty (and is not an earlier `petctl synth` output)"
     ]
+
+
+def test_tissue_map_is_stored_like_the_pet_and_changes_nothing_else() -> None:
+    """`_render_study(with_tissue=True)` (the tools' way to ask which tissue a prediction lies in): the
+    tissue codes lie on the PET's stored grid, flips included, and the other arrays stay as they were."""
+    import petctl.engine.synth as synth
+
+    flipped = 0
+    for study in synth._plan(0, synth._TRAIN, NUM_CASES, 0, 0):
+        plain, _ = synth._render_study(0, study, SCALE, True)
+        images, _ = synth._render_study(0, study, SCALE, True, with_tissue=True)
+        for key in ("ct", "pet", "label"):
+            assert np.array_equal(plain[key][0], images[key][0]) and np.array_equal(plain[key][1], images[key][1])
+        (tissue, tissue_affine), (pet, pet_affine), (label, _) = images["tissue"], images["pet"], images["label"]
+        assert tissue.shape == pet.shape and np.array_equal(tissue_affine, pet_affine)
+        flipped += bool((np.diag(pet_affine)[:3] < 0).any())
+        brain, fat = tissue == synth.BRAIN, tissue == synth.FAT
+        assert brain.any() and fat.any()
+        assert pet[brain].mean() > 4 * pet[fat].mean(), f"{study.case}: the brain's codes should lie on its uptake"
+        assert not (label > 0)[tissue == synth.AIR].any(), f"{study.case}: a lesion outside the body"
+    assert flipped >= 1, "no stored flip among the studies: the test would not check the flip"

@@ -584,9 +584,11 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _render_study(
-    seed: int, study: _Study, scale: float, allow_ct_grid: bool
+    seed: int, study: _Study, scale: float, allow_ct_grid: bool, with_tissue: bool = False
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-    """CT, PET and label arrays (with affines) of one study, and its number of lesions."""
+    """CT, PET and label arrays (with affines) of one study, and its number of lesions. `with_tissue`
+    adds the PET grid's tissue codes ("tissue", stored like the PET), for tools that ask which tissue a
+    prediction lies in; the other arrays do not change."""
     rng = _rng(seed, 4, study.split, study.index)
     patient = _patient(seed, study.split, study.patient_index)
     grid = _acquisition(rng, patient, scale, _one_in(seed, 5, study.split, study.index, 4))
@@ -620,6 +622,8 @@ def _render_study(
             else tuple(sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist()))
         )
     images = {"ct": _flip(ct, ct_grid, flips), "pet": _flip(pet, grid, flips), "label": _flip(label, grid, flips)}
+    if with_tissue:
+        images["tissue"] = _flip(tissue, grid, flips)
     return images, len(lesions)
 
 
