@@ -243,13 +243,20 @@ def normalize(image_cxyz: np.ndarray, fingerprint: dict[str, Any]) -> np.ndarray
 
 HOT_MARGIN = 0.05
 """z units above the lesions' PET p5 that count as bright (hot-background sampling)."""
+HOT_PEAK = 0.5
+"""How far a bright structure's peak must reach for it to be a hard negative of its own, as a share of
+the way from the lesions' PET p5 to their mean (1: the mean, as until 2026-12-07). At 1 the mid-uptake
+tissue the nets marked in held-out scans — kidneys at SUV 3.6, bowel and brown fat peaking at 4–7
+(`tools/healthy_fp.py`) — fell under the mean of 6.4 and was left to the uniform body draws."""
+HOT_RULE = f"structures-peak{HOT_PEAK:g}-of-p5-to-mean"
+"""The rule's name in the plan's hash (prepared stores of another rule are prepared again)."""
 
 
 def background_coords(pet_norm: np.ndarray, label: np.ndarray | None, body: np.ndarray, fingerprint: dict[str, Any],
                       cfg: PrepareConfig, rng: np.random.Generator) -> np.ndarray:
     """The case's background patch centres: `cfg.body_samples` body voxels, of which a share
     `cfg.hot_background` (when the case has such voxels) lie in bright non-lesion tissue, each
-    bright structure equally often (`sample_hot_structures`)."""
+    bright structure whose peak reaches HOT_PEAK equally often (`sample_hot_structures`)."""
     if cfg.hot_background <= 0:
         return sample_body_coords(body, cfg.body_samples, rng)
     from scipy import ndimage
@@ -261,8 +268,10 @@ def background_coords(pet_norm: np.ndarray, label: np.ndarray | None, body: np.n
     hot = body & (pet_norm > np.float32(floor))
     if label is not None and label.any():
         hot &= ~ndimage.binary_dilation(label > 0, iterations=2)
-    # a structure counts when its peak reaches the lesions' mean uptake: z = 0 after normalization
-    hot_idx = sample_hot_structures(hot, int(round(cfg.body_samples * cfg.hot_background)), rng, pet=pet_norm, peak=0.0)
+    # a structure counts when its peak reaches HOT_PEAK of the way from the lesions' p5 to their mean
+    # (the mean is z = 0 after normalization)
+    peak = (1.0 - HOT_PEAK) * (float(stats["percentiles"]["5"]) - float(stats["mean"])) / float(stats["std"])
+    hot_idx = sample_hot_structures(hot, int(round(cfg.body_samples * cfg.hot_background)), rng, pet=pet_norm, peak=peak)
     rest = sample_body_coords(body, cfg.body_samples - len(hot_idx), rng)
     return np.concatenate([rest, hot_idx]).astype(np.int32)
 
@@ -276,8 +285,9 @@ def sample_hot_structures(hot: np.ndarray, count: int, rng: np.random.Generator,
     """`count` voxels (x, y, z) of `hot`, each bright structure drawn equally often, then a voxel
     uniformly inside it: a small bladder or kidney is a hard negative as often as the large brain
     (uniform voxels gave the bladder ~1 in 8). A structure is a 26-connected component of at least
-    HOT_MIN_VOXELS whose `pet` maximum reaches `peak` (the lesions' mean uptake: it could pass
-    for a lesion), so the faint specks just above the threshold do not dilute the draws; when no
+    HOT_MIN_VOXELS whose `pet` maximum reaches `peak` (`background_coords`: HOT_PEAK of the way up
+    to the lesions' mean uptake; it could pass for a lesion), so the faint specks just above the
+    threshold do not dilute the draws; when no
     component qualifies, all components are drawn."""
     import cc3d
     from scipy import ndimage
@@ -440,7 +450,7 @@ def _run(cfg: PrepareConfig, progress: Progress | None, on_skip: Callable[[str, 
         json.dumps({"fp": fingerprint, "spacing": cfg.spacing, "seed": cfg.seed, "v": PREPARE_VERSION,
                     "n": cfg.lesion_samples_per_component, "b": cfg.body_samples, "m": cfg.crop_margin, "c": list(cfg.clip_percentiles),
                     **({"pc": list(cfg.pet_clip_percentiles)} if cfg.pet_clip_percentiles else {}),
-                    **({"hb": cfg.hot_background, "hbs": "structures-peak0"} if cfg.hot_background else {})}, sort_keys=True).encode()
+                    **({"hb": cfg.hot_background, "hbs": HOT_RULE} if cfg.hot_background else {})}, sort_keys=True).encode()
     ).hexdigest()[:16]
     write_json_atomic(root / "fingerprint.json", {**fingerprint, "plan": plan_id})
     write_json_atomic(root / "splits.json", splits)
