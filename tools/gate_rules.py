@@ -37,8 +37,10 @@ def rules(cases: dict[str, dict]) -> dict[str, float]:
         "paper (all positives)": float(scores[pos].min()),
         "detected x 0.5 (demo)": 0.5 * p,
         "detected x 0.25": 0.25 * p,
+        # the split's healthy scans all under half the lowest positive: the gate just above them
         "min(0.5 p, healthy max)": min(0.5 * p, healthy_max),
-        "min(0.5 p, mid(h, p))": min(0.5 * p, 0.5 * (healthy_max + p)),
+        # separated: half-way between the highest healthy score and the lowest positive
+        "mid(h, p) if h < p": 0.5 * (healthy_max + p) if healthy_max < p else 0.5 * p,
         "no gate": 0.0,
     }
 
