@@ -287,8 +287,7 @@ def sample_hot_structures(hot: np.ndarray, count: int, rng: np.random.Generator,
     (uniform voxels gave the bladder ~1 in 8). A structure is a 26-connected component of at least
     HOT_MIN_VOXELS whose `pet` maximum reaches `peak` (`background_coords`: HOT_PEAK of the way up
     to the lesions' mean uptake; it could pass for a lesion), so the faint specks just above the
-    threshold do not dilute the draws; when no
-    component qualifies, all components are drawn."""
+    threshold do not dilute the draws; when no component qualifies, all components are drawn."""
     import cc3d
     from scipy import ndimage
 
