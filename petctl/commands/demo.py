@@ -30,7 +30,7 @@ def demo(
     workers: Annotated[int, typer.Option("--workers", help="prepare worker processes.")] = 2,
     clip: Annotated[str, typer.Option("--clip", help="prepare's clip percentiles low,high (the method: 5,95).")] = "5,95",
     pet_clip: Annotated[str, typer.Option("--pet-clip", help="prepare's PET clip percentiles low,high (0,95: the PET floor at the lesions' lowest uptake; 5,95: the paper's).")] = "0,95",
-    hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform sampling).")] = 0.5,
+    hot_background: Annotated[float, typer.Option("--hot-background", help="prepare's share of background patches in bright non-lesion tissue, each bright structure whose peak reaches half-way from the lesions' PET p5 to their mean equally often (0: the paper's uniform sampling).")] = 0.5,
     pet_wide: Annotated[bool, typer.Option("--pet-wide", help="prepare's third channel: log(1 + SUV) up to the body's p99.9 beside the clipped PET.")] = False,
     gate_margin: Annotated[float, typer.Option("--gate-margin", help="calibrate's gate margin: the classifier gate's threshold is this fraction of the lowest test-split positive's score (1: the paper's).")] = 0.5,
     gate_positives: Annotated[str, typer.Option("--gate-positives", help="calibrate's gate keeps the test positives the segmentation finds ('detected') or all of them ('all': the paper's).")] = "detected",

@@ -44,7 +44,7 @@ def prepare(
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="CSV: case,patient,diagnosis or AutoPET's Subject ID,diagnosis.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="Clip percentiles low,high of the training foreground (the method: 5,95; nnU-Net: 0.5,99.5).")] = "5,95",
     pet_clip: Annotated[Optional[str], typer.Option("--pet-clip", help="PET's own clip percentiles low,high (default: --clip); 0,99.5 keeps faint lesions above the floor.")] = None,
-    hot_background: Annotated[float, typer.Option("--hot-background", help="Share of background patch centres in bright non-lesion tissue, each bright structure equally often (0: the paper's uniform body sampling).")] = 0.0,
+    hot_background: Annotated[float, typer.Option("--hot-background", help="Share of background patch centres in bright non-lesion tissue, each bright structure whose peak reaches half-way from the lesions' PET p5 to their mean equally often (0: the paper's uniform body sampling).")] = 0.0,
     pet_wide: Annotated[bool, typer.Option("--pet-wide", help="A third channel beside the clipped PET: log(1 + SUV) up to the body's p99.9, for faint and very hot lesions the clip flattens.")] = False,
     run: Annotated[Optional[str], typer.Option("--run", help="Registry run name (default: the store folder's name).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="petctl home (default $PETCTL_HOME or ./cache).")] = None,
