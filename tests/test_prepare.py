@@ -239,26 +239,33 @@ def test_hot_structures_are_drawn_equally_often_whatever_their_size():
     assert sample_hot_structures(np.zeros((4, 4, 4), bool), 10, np.random.default_rng(0)).shape == (0, 3)
 
 
-def test_mid_uptake_structures_are_hard_negatives_and_the_faintest_are_not():
-    """`background_coords`' peak rule, in SUV: lesions' p5 2.6 and mean 6.4 (seed 13111's cohort),
-    so with HOT_PEAK 0.5 a structure peaking at 5.0 SUV (a kidney at 3.6 with its hot core, bowel) is
-    drawn and one peaking at 3.5 is not; before (the mean, 6.4) neither was, only the brain-like one."""
-    from petctl.engine.prepare import HOT_PEAK, background_coords
+def test_mid_uptake_structures_are_hard_negatives_and_the_faintest_are_not(monkeypatch):
+    """`background_coords`' peak rule, in SUV: lesions' p5 2.6 and mean 6.4 (seed 13111's cohort).
+    A structure peaking just above HOT_PEAK of the way (a low-uptake kidney's hot core, bowel) is drawn
+    as often as a brain-like one; one peaking just under it is not; at HOT_PEAK 1 (the rule until
+    2026-12-07: the lesions' mean) the mid-uptake one is not drawn either."""
+    import petctl.engine.prepare as prep
 
     fp = {"pet": {"percentiles": {"5": 2.6}, "mean": 6.4, "std": 3.0}}
+    reach = 2.6 + prep.HOT_PEAK * (6.4 - 2.6)  # 4.5 SUV at HOT_PEAK 0.5
     suv = np.full((40, 40, 40), 1.0, np.float32)
     suv[2:10, 2:10, 2:10] = 9.0  # brain-like: above the lesions' mean
-    suv[15:21, 15:21, 15:21] = 4.0
-    suv[17, 17, 17] = 5.0  # mid uptake: its peak passes HOT_PEAK = 0.5 of the way (4.5 SUV)
-    suv[28:34, 28:34, 28:34] = 3.5  # bright (above p5) but faint: no peak near a lesion's
+    suv[15:21, 15:21, 15:21] = reach - 0.5
+    suv[17, 17, 17] = reach + 0.3  # mid uptake: its peak passes the rule
+    suv[28:34, 28:34, 28:34] = reach - 0.3  # bright (above p5) but under the rule everywhere
     pet_norm = (suv - 6.4) / 3.0
     body = np.ones(suv.shape, bool)
     cfg = PrepareConfig(data="cohort", store="store", body_samples=600, hot_background=1.0)
-    picks = background_coords(pet_norm, None, body, fp, cfg, np.random.default_rng(0))
-    inside = lambda lo, hi: ((picks >= lo) & (picks < hi)).all(axis=1)  # noqa: E731
-    assert HOT_PEAK == 0.5 and len(picks) == 600
-    assert 0.4 < inside(2, 10).mean() < 0.6 and 0.4 < inside(15, 21).mean() < 0.6, "two structures, drawn alike"
-    assert not inside(28, 34).any(), "a structure that never reaches a lesion's uptake is no hard negative"
+
+    def picks_in(lo, hi):
+        picks = prep.background_coords(pet_norm, None, body, fp, cfg, np.random.default_rng(0))
+        assert len(picks) == 600
+        return ((picks >= lo) & (picks < hi)).all(axis=1).mean()
+
+    assert 0.4 < picks_in(2, 10) < 0.6 and 0.4 < picks_in(15, 21) < 0.6, "two structures, drawn alike"
+    assert picks_in(28, 34) == 0, "a structure that never reaches the rule is no hard negative"
+    monkeypatch.setattr(prep, "HOT_PEAK", 1.0)
+    assert picks_in(2, 10) == 1.0, "at the lesions' mean only the brain-like structure counts"
 
 
 def test_hot_background_centres_half_the_background_patches_in_bright_non_lesion_tissue(cohort: Path, tmp_path: Path):

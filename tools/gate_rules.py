@@ -23,6 +23,7 @@ import numpy as np
 
 from petctl.engine.calibrate import detected_gate_threshold
 from petctl.engine.evaluate import affine_voxel_ml, evaluate_folders
+from petctl.engine.metrics import classifier_threshold
 
 
 def rules(cases: dict[str, dict]) -> dict[str, float]:
@@ -30,11 +31,11 @@ def rules(cases: dict[str, dict]) -> dict[str, float]:
     rows = list(cases.values())
     pos = np.array([r["positive"] for r in rows], bool)
     scores = np.array([r["cls_score"] for r in rows], float)
-    detected = detected_gate_threshold(cases, 1.0)
-    p = detected[1] if detected else float(scores[pos].min())
+    detected = detected_gate_threshold(cases, 1.0)  # calibrate's own rule, at margin 1
+    p = detected[0] if detected else classifier_threshold(pos, scores)
     healthy_max = float(scores[~pos].max()) if (~pos).any() else 0.0
     return {
-        "paper (all positives)": float(scores[pos].min()),
+        "paper (all positives)": classifier_threshold(pos, scores),
         "detected x 0.5 (demo)": 0.5 * p,
         "detected x 0.25": 0.25 * p,
         # the split's healthy scans all under half the lowest positive: the gate just above them

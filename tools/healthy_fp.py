@@ -28,6 +28,7 @@ from petctl.engine.evaluate import CONNECTIVITY, affine_voxel_ml
 
 TISSUES = ("air", "fat", "soft tissue", "lung", "liver", "spleen", "cancellous bone", "cortical bone", "brain",
            "myocardium", "blood", "kidney", "bladder", "bowel", "brown fat")
+assert len(TISSUES) == synth.BROWN_FAT + 1 and TISSUES[synth.BOWEL] == "bowel", "synth's tissue codes changed"
 
 
 def main() -> None:
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=192)
     parser.add_argument("--test-cases", type=int, default=32)
     args = parser.parse_args()
+    if not (args.demo / args.masks).is_dir():
+        raise SystemExit(f"{args.demo / args.masks}: no such folder (run tools/gate_rules.py on the demo first, or give --masks)")
     train = synth._plan(args.seed, synth._TRAIN, args.cases, 0, 0)
     held_out = synth._plan(args.seed, synth._TEST, args.test_cases, args.cases, len({s.patient for s in train}))
     scores = {c: r.get("cls_score") for c, r in
