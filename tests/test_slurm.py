@@ -339,6 +339,24 @@ def test_cli_plan_sets_the_cycles_of_each_task_apart(tmp_path: Path):
     assert read_plan(tmp_path / "home/runs/r/slurm")["config"]["cls_epochs"] == 4
 
 
+def test_cli_plan_sets_the_classifiers_projections(tmp_path: Path):
+    """--cls-projections xy trains one classifier per fold on both views (as `petctl train
+    --projections xy`): the array shrinks to one task per fold, each named for its projection, and the
+    train_config.json the jobs read says so; a projection MIPs do not have fails in one line."""
+    result = CliRunner().invoke(app, _plan_args(tmp_path, "--cls-projections", "xy"))
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "home/runs/r/slurm"
+    assert json.loads((folder / "train_config.json").read_text())["cls_projections"] == ["xy"]
+    jobs = {j["name"]: j for j in read_plan(folder)["jobs"]}
+    assert [s["step"] for s in jobs["train-cls"]["steps"]] == ["train-cls-fold0-xy", "train-cls-fold1-xy"]
+    script = (folder / "train-cls.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script and "AXES=(xy)" in script
+    assert "AXES=(x y)" in CliRunner().invoke(app, _plan_args(tmp_path, "--dry-run")).output  # the preset's
+    bad = CliRunner().invoke(app, _plan_args(tmp_path / "bad", "--cls-projections", "x,w"))
+    assert bad.exit_code != 0 and "cls_projections" in bad.output and "w" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "bad/home").exists()
+
+
 def test_cli_plan_passes_checked_calibrate_options(tmp_path: Path):
     result = CliRunner().invoke(app, _plan_args(tmp_path, "--calibrate-args", "--urine-veto --gate-margin 0.5"))
     assert result.exit_code == 0, result.output

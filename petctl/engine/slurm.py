@@ -85,6 +85,9 @@ class SlurmConfig:
     """Local weights the segmentation folds start from (`petctl train --task seg --pretrained`), absolute."""
     cls_pretrained: str | None = None
     """Local timm weights the classifier folds start from (`petctl train --task cls --pretrained`), absolute."""
+    cls_projections: tuple[str, ...] | None = None
+    """The classifier's MIP projections (`petctl train --task cls --projections`; None: the preset's);
+    the classifier array holds folds × projections tasks."""
     max_steps: int | None = None
     """Stop each training task after this many steps (smoke runs)."""
     mixed_precision: str = "no"
@@ -240,7 +243,8 @@ def train_config_json(cfg: SlurmConfig) -> dict[str, Any]:
 
     seg = with_overrides(preset(cfg.preset), task="seg", cycles=cfg.cycles, epochs=cfg.epochs, mixed_precision=cfg.mixed_precision,
                          pretrained=cfg.pretrained)
-    return with_overrides(seg, task="cls", cycles=cfg.cls_cycles, epochs=cfg.cls_epochs, pretrained=cfg.cls_pretrained).to_json()
+    return with_overrides(seg, task="cls", cycles=cfg.cls_cycles, epochs=cfg.cls_epochs, pretrained=cfg.cls_pretrained,
+                          projections=cfg.cls_projections).to_json()
 
 
 def plan_dir(home: str | os.PathLike[str], run: str) -> Path:
