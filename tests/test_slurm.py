@@ -528,6 +528,26 @@ def test_submit_only_keeps_other_job_ids(planned):
     assert ids["train-seg"] == "201" and ids["prepare"] == "101"
 
 
+def test_submit_only_waits_for_earlier_jobs_still_in_the_queue(planned):
+    """`submit --only calibrate` while the earlier training arrays still run makes calibrate wait
+    for them (afterok on their ids); dependencies that have left the queue are taken as done."""
+    folder, registry = planned
+    submit_plan(folder, registry, runner=FakeSlurm())  # prepare 101, train-seg 102, train-cls 103, calibrate 104
+    fake = FakeSlurm(queue="102_0|RUNNING\n102_1|PENDING\n")  # train-cls (103) and prepare have finished
+    fake.next_id = 300
+    assert submit_plan(folder, registry, only=["calibrate"], runner=fake) == {"calibrate": "301"}
+    sbatch = [c for c in fake.calls if c[0] == "sbatch"]
+    assert len(sbatch) == 1 and "--dependency=afterok:102" in sbatch[0] and "--kill-on-invalid-dep=yes" in sbatch[0]
+    fake = FakeSlurm()  # nothing left in the queue: no dependency at all
+    fake.next_id = 400
+    submit_plan(folder, registry, only=["train-seg-merged", "train-cls-merged"], runner=fake)
+    assert not any(a.startswith("--dependency") for c in fake.calls if c[0] == "sbatch" for a in c)
+    fake = FakeSlurm(queue="401_2|RUNNING\n")  # predict waits for the merged seg still running, not for cls
+    fake.next_id = 500
+    submit_plan(folder, registry, only=["predict"], runner=fake)
+    assert "--dependency=afterok:401" in [c for c in fake.calls if c[0] == "sbatch"][0]
+
+
 def test_state_parsers():
     assert parse_squeue("5_0|RUNNING\n7|PENDING\n\n") == {"5_0": "RUNNING", "7": "PENDING"}
     line = "JobId=12 ArrayJobId=9 ArrayTaskId=2 JobName=x JobState=COMPLETED Reason=None"

@@ -134,7 +134,7 @@ def plan(
 
 def submit(
     run: RunOpt,
-    only: Annotated[Optional[str], typer.Option("--only", help="Comma list of jobs to submit (e.g. train-seg); the others are assumed done.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Comma list of jobs to submit (e.g. train-seg): a job left out that is still queued or running from the earlier submit is waited for (afterok), one that has left the queue is taken as done.")] = None,
     home: HomeOpt = None,
 ) -> None:
     """Submit the planned chain (sbatch --dependency=afterok) and register every step as pending."""

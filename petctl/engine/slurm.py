@@ -440,8 +440,10 @@ def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = Non
     """Submit the plan's jobs in order with `sbatch --parsable --hold --dependency=afterok:…
     --kill-on-invalid-dep=yes` (a failed job cancels the jobs after it), register every step as
     pending with its job id, then release them; returns job name → SLURM job id.
-    `only` limits the jobs (dependencies outside it are assumed done). When sbatch refuses a job,
-    the jobs already submitted are cancelled and the error is one line."""
+    `only` limits the jobs: a dependency outside it whose earlier submission squeue still lists
+    (queued or running) is waited for (`afterok` on that job's id); one that has left the queue is
+    taken as done. When sbatch refuses a job, the jobs already submitted are cancelled and the error
+    is one line."""
     from petctl.engine.registry import write_json_atomic
 
     plan = read_plan(folder)
@@ -451,14 +453,18 @@ def submit_plan(folder: Path, registry: Any, *, only: Sequence[str] | None = Non
         raise PetctlError(f"no job {unknown[0]!r} in the plan (jobs: {', '.join(names)})")
     cfg = SlurmConfig.from_json(plan["config"])
     selected = [j for j in plan["jobs"] if only is None or j["name"] in only]
-    active = _active(runner, [j["job_id"] for j in selected if j.get("job_id")])
+    earlier = {j["name"]: j["job_id"] for j in plan["jobs"] if j.get("job_id")}
+    live = set(_active(runner, list(earlier.values())))
+    active = [earlier[j["name"]] for j in selected if earlier.get(j["name"]) in live]
     if active:
         raise PetctlError(f"run {cfg.run} still has SLURM jobs queued or running ({', '.join(active)}); "
                           f"`petctl slurm cancel --run {cfg.run}` first")
+    # with `only`: the jobs left out that are still queued or running, by name (earlier submissions)
+    waiting = {name: job_id for name, job_id in earlier.items() if job_id in live}
     ids: dict[str, str] = {}
     for job in selected:
         argv = ["sbatch", "--parsable", "--hold"]
-        after = [ids[a] for a in job["after"] if a in ids]
+        after = [ids[a] if a in ids else waiting[a] for a in job["after"] if a in ids or a in waiting]
         if after:
             # a failed dependency cancels the job instead of leaving it pending forever
             argv += ["--dependency=afterok:" + ":".join(after), "--kill-on-invalid-dep=yes"]
