@@ -146,3 +146,72 @@ def test_a_signal_at_an_epochs_last_step_keeps_the_epochs_record(tmp_path: Path,
     assert _run(resumed, tmp_path, stop) == 0 and resumed.steps == 3  # cycle 2 only
     epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
     assert [(e["epoch"], e["steps"]) for e in epochs] == [(1, 3), (2, 3)]
+
+
+class _AugToy(_Toy):
+    """`_Toy` whose loss draws an augmentation from the loop's generator; `signal_at` raises the stop
+    flag after that many steps of this run (mid-epoch when it is not a multiple of 3)."""
+
+    def __init__(self, stop: _Stop, signal_at: int | None = None) -> None:
+        super().__init__(stop)
+        self.signal_at, self.noise = signal_at, []
+
+    def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        self.steps += 1
+        noise = torch.randn(batch.shape, generator=generator)
+        self.noise.append(noise)
+        if self.signal_at is not None and self.steps == self.signal_at:
+            self.stop.signal = 10
+        return model(batch.to(device) + noise).pow(2).mean()
+
+
+def test_a_mid_epoch_resume_draws_the_augmentations_of_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The augmentation generator is seeded from (seed, rank, epoch, step), not carried from the
+    epoch's start: a run stopped after step 4 (epoch 2 of 3 steps) and resumed draws, step for step,
+    what the uninterrupted run drew, and ends with the same weights."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    stop = _Stop()
+    whole = _AugToy(stop)
+    assert _run(whole, tmp_path / "whole", stop, cycles=2) == 0
+    assert len(whole.noise) == 6
+    first = _AugToy(stop, signal_at=4)
+    assert _run(first, tmp_path / "cut", stop, cycles=2) == EXIT_PREEMPTED
+    _, _, meta = load_checkpoint(find_checkpoint(tmp_path / "cut" / "checkpoints" / "last"))
+    assert meta["position"]["step_in_epoch"] == 1 and meta["position"]["global_step"] == 4
+    stop.signal = None
+    rest = _AugToy(stop)
+    assert _run(rest, tmp_path / "cut", stop, cycles=2) == 0
+    drawn = first.noise + rest.noise
+    assert len(drawn) == 6 and all(torch.equal(a, b) for a, b in zip(drawn, whole.noise))
+    assert torch.equal(rest.model.weight, whole.model.weight) and torch.equal(rest.model.bias, whole.model.bias)
+
+
+def test_every_rank_epoch_and_step_draws_its_own_augmentations() -> None:
+    from petctl.engine.loop import augment_seed
+
+    seeds = {augment_seed(0, r, e, s) for r in range(2) for e in range(3) for s in range(3)}
+    assert len(seeds) == 18 and augment_seed(0, 1, 2, 0) == augment_seed(0, 1, 2, 0) != augment_seed(1, 1, 2, 0)
+
+
+def test_a_resume_keeps_the_fp16_loss_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16's loss scaler travels in `last`: a resumed run goes on from the scale the first part
+    reached (here grown ×2 every 2 steps), not from a new scaler's, and ends where the whole run does.
+    A CPU GradScaler stands in for the GPU's: accelerate calls the same scale/step/update."""
+    from accelerate import Accelerator
+
+    from petctl.engine.loop import LoopConfig, StepRef, run_cycles
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    def run(task: _Toy, out: Path, init_scale: float) -> tuple[int, float]:
+        cfg = LoopConfig(num_cycles=2, epochs_per_cycle=1, lr=0.05)
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
+        code = run_cycles(task, cfg, out, accelerator, StepRef(), stop, {"toy": True}, "toy")
+        return code, accelerator.scaler.get_scale()
+
+    stop = _Stop()
+    assert run(_AugToy(stop), tmp_path / "whole", 8.0) == (0, 8.0 * 2 ** 3)  # 6 steps: grown 3 times
+    assert run(_AugToy(stop, signal_at=4), tmp_path / "cut", 8.0) == (EXIT_PREEMPTED, 32.0)
+    stop.signal = None
+    assert run(_AugToy(stop), tmp_path / "cut", 2.0 ** 16) == (0, 64.0)

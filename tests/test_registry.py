@@ -287,6 +287,64 @@ def test_breaker_restores_a_new_lock_on_the_stale_one_s_inode(tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir()] == ["x.lock"]
 
 
+def _race_worker(path: str, marker: str, rounds: int, barrier, overlaps) -> None:  # noqa: ANN001 (multiprocessing objects)
+    real_link = os.link
+
+    def slow_link(*args, **kwargs):  # noqa: ANN002, ANN003
+        time.sleep(0.005)  # widens the moment a lock moved aside is missing (this forked worker only)
+        return real_link(*args, **kwargs)
+
+    os.link = slow_link
+    lock = FileLock(Path(path), timeout_s=30)
+    for _ in range(rounds):
+        barrier.wait()  # the parent has planted a stale lock: every worker finds it at once
+        token = lock.acquire()
+        try:
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:  # another worker is inside too
+                with overlaps.get_lock():
+                    overlaps.value += 1
+            else:
+                time.sleep(0.002)
+                os.close(fd)
+                os.unlink(marker)
+        finally:
+            lock.release(token)
+        barrier.wait()
+
+
+def test_breakers_of_one_stale_lock_let_one_writer_in_at_a_time(tmp_path: Path) -> None:
+    """Four writers find the same dead owner's lock at once, round after round. Without turns
+    between breakers, one could move aside the fresh lock another had just taken while a third took
+    the lock before it was put back: two writers inside one record's read-modify-write (the workers'
+    `os.link`, which puts a lock back, is slowed so that moment is wide enough to be hit)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path, marker, workers, rounds = tmp_path / "x.lock", tmp_path / "inside", 4, 150
+    barrier, overlaps = ctx.Barrier(workers + 1, timeout=60), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_race_worker, args=(str(path), str(marker), rounds, barrier, overlaps)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(rounds):
+            _write_lock(path, socket.gethostname(), dead.pid)
+            barrier.wait()
+            barrier.wait()
+            assert not path.exists()  # every writer released
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * workers
+    assert overlaps.value == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no turn file or moved lock left behind
+
+
 # --------------------------------------------------------------------------------------------
 # step_context, environment
 

@@ -93,14 +93,23 @@ class StepRef:
     extra_config: dict[str, Any] = field(default_factory=dict)
 
 
+def augment_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """The seed of one training step's augmentation draws on one rank: a function of where the step
+    is, not of the draws before it, so a run resumed mid-epoch (from any rank's checkpoint) draws what
+    the uninterrupted run would have, with nothing to store; SeedSequence mixes the four numbers."""
+    return int(np.random.SeedSequence([seed, rank, epoch, step]).generate_state(1, np.uint64)[0])
+
+
 # -- checkpoints -----------------------------------------------------------------------------
 def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
-                    position: Position, config: dict[str, Any], metric: float | None, extra: dict | None = None) -> None:
+                    position: Position, config: dict[str, Any], metric: float | None, extra: dict | None = None,
+                    scaler_state: dict | None = None) -> None:
     """Write weights + training state + JSON sidecar into `folder` atomically (temp dir, rename).
 
     With `optimizer_state=None` and `scheduler_state=None` no training_state.pt is written: the best
     checkpoint is for inference only (resume reads `last`), and the optimizer's moments would triple
-    its size on disk."""
+    its size on disk. `scaler_state`: fp16's loss scaler (its scale and growth tracker), which a
+    resume would otherwise restart at 65536 and lose steps to overflow finding its level again."""
     from petctl.engine.registry import code_version
 
     folder = Path(folder)
@@ -111,8 +120,8 @@ def save_checkpoint(folder: Path, *, model_state: dict, optimizer_state: dict | 
     try:
         _save_tensors(model_state, tmp / "model.pt")
         if optimizer_state is not None or scheduler_state is not None:
-            _save_tensors({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state()},
-                          tmp / "training_state.pt")
+            _save_tensors({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng_torch": torch.get_rng_state(),
+                           "scaler": scaler_state}, tmp / "training_state.pt")
         meta = {
             "version": CHECKPOINT_VERSION,
             "config": config,
@@ -237,6 +246,8 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
             scheduler.load_state_dict(state["scheduler"])
         if state.get("rng_torch") is not None:
             torch.set_rng_state(state["rng_torch"])
+        if state.get("scaler") and getattr(accelerator, "scaler", None) is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])  # fp16: the loss scale reached, not 65536 again
         position = Position(**meta["position"])
         accelerator.step = position.global_step  # accelerate's accumulation counter: updates stay on the cycle's steps
         history = meta.get("history", [])
@@ -264,6 +275,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
                             optimizer_state=optimizer.state_dict() if resumable else None,
                             scheduler_state=scheduler.state_dict() if resumable else None,
                             position=position, config=config_json, metric=metric,
+                            scaler_state=accelerator.scaler.state_dict() if resumable and getattr(accelerator, "scaler", None) is not None else None,
                             extra={"history": history, "epochs": epochs, "best_metric": best_metric if best_metric > -math.inf else None,
                                    "rank_weight_digests": digests, "num_processes": accelerator.num_processes, "schedule": schedule,
                                    "sampler_state": task.sampler_state() if hasattr(task, "sampler_state") else None})
@@ -308,7 +320,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
         t_cycle = time.perf_counter()
         while position.epoch < cfg.epochs_per_cycle and position.global_step < stop_at():
             epoch_index = position.cycle * cfg.epochs_per_cycle + position.epoch
-            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + accelerator.process_index * 104729 + epoch_index)
+            gen = torch.Generator(device="cpu")
             batches = task.batches(epoch_index)
             for _ in range(position.step_in_epoch):  # mid-epoch resume: same data order, skip what was done
                 next(batches)
@@ -316,6 +328,7 @@ def run_cycles(task: Task, cfg: LoopConfig, out_dir: Path, accelerator: Any, rep
             while position.step_in_epoch < task.steps_per_epoch and position.global_step < stop_at():
                 t_step = time.perf_counter()
                 batch = next(batches)
+                gen.manual_seed(augment_seed(cfg.seed, accelerator.process_index, epoch_index, position.step_in_epoch))
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = task.loss(model, batch, gen, accelerator.device)

@@ -309,34 +309,59 @@ class FileLock:
             return f"owner pid {pid} on {host} is gone", judged, owner
         return None
 
-    def _break(self, reason: str, judged: os.stat_result, owner: str) -> None:
-        # Rename rather than unlink, so that of several breakers only one moves the stale file;
-        # one that moved a different file (a fresh lock taken meanwhile) puts it back. The inode
-        # alone cannot tell: ext4 and tmpfs hand a freed inode number to the next file at once, so
-        # a fresh lock taken after another breaker removed the stale one may carry the judged
-        # inode; its owner (a new token) and its mtime differ.
-        aside = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.stale")
+    def _same(self, path: Path, judged: os.stat_result, owner: str) -> bool:
+        """Whether `path` is still the file judged stale. The inode alone cannot tell: ext4 and tmpfs
+        hand a freed inode number to the next file at once, so a fresh lock taken after the stale one
+        was removed may carry the judged inode; its owner (a new token) and its mtime differ."""
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
+            now = path.stat()
+            now_owner = path.read_text(encoding="utf-8")
+        except OSError:
+            return False
+        return (now.st_ino, now.st_dev, now.st_mtime_ns) == (judged.st_ino, judged.st_dev, judged.st_mtime_ns) and now_owner == owner
+
+    def _break(self, reason: str, judged: os.stat_result, owner: str) -> bool:
+        """Remove the lock judged stale, if it is still that file; False when another process is
+        breaking it right now (the caller waits and looks again).
+
+        Breakers take turns through a second lock file (`.NAME.break`, `O_CREAT | O_EXCL`): every
+        waiter sees a stale lock at once, and without turns one breaker could move aside the fresh
+        lock another breaker had just taken, and a third process take the lock in the moment before
+        it was put back — two holders. The one whose turn it is checks that the lock is still the
+        judged file, then renames it aside and checks the file it moved once more (a slow but live
+        owner may have released it and a new one taken it in between; that one is put back).
+        A turn file left by a breaker that died is removed after `stale_after_s`."""
+        turn = self.path.with_name(f".{self.path.name}.break")
         try:
-            moved = aside.stat()
+            os.close(os.open(turn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
             try:
-                moved_owner = aside.read_text(encoding="utf-8")
+                if time.time() - turn.stat().st_mtime > self.stale_after_s:
+                    turn.unlink(missing_ok=True)  # its breaker died mid-break (breaking takes microseconds)
             except OSError:
-                moved_owner = None
-            same = ((moved.st_ino, moved.st_dev, moved.st_mtime_ns) == (judged.st_ino, judged.st_dev, judged.st_mtime_ns)
-                    and moved_owner == owner)
-            if not same:
-                try:
-                    os.link(aside, self.path)
-                except OSError:
-                    log.warning("moved a live lock %s aside and could not restore it", self.path)
-                return
-            log.warning("broke stale lock %s (%s)", self.path, reason)
+                pass
+            return False
+        try:
+            if not self._same(self.path, judged, owner):
+                return True  # released, or broken by the breaker before us: look again
+            aside = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.stale")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return True
+            try:
+                if not self._same(aside, judged, owner):
+                    try:
+                        os.link(aside, self.path)
+                    except OSError:
+                        log.warning("moved a live lock %s aside and could not restore it", self.path)
+                    return True
+                log.warning("broke stale lock %s (%s)", self.path, reason)
+            finally:
+                aside.unlink(missing_ok=True)
+            return True
         finally:
-            aside.unlink(missing_ok=True)
+            turn.unlink(missing_ok=True)
 
     def acquire(self) -> str:
         """Take the lock; return the token that proves ownership to `release`."""
@@ -349,8 +374,7 @@ class FileLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
                 stale = self._stale_reason()
-                if stale is not None:
-                    self._break(*stale)
+                if stale is not None and self._break(*stale):
                     continue
                 if time.monotonic() > deadline:
                     raise PetctlError(
