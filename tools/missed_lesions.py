@@ -25,6 +25,7 @@ import cc3d
 import nibabel as nib
 import numpy as np
 
+from petctl.engine.cohort import discover, nifti_path
 from petctl.engine.evaluate import CONNECTIVITY, affine_voxel_ml
 
 
@@ -32,26 +33,28 @@ def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-def _one(folder: Path, stem: str) -> Path:
-    found = sorted(folder.glob(f"{stem}.nii*"))
-    if not found:
-        raise SystemExit(f"{folder}: no {stem}.nii(.gz)")
-    return found[0]
+def _prediction(folder: Path, case: str) -> Path:
+    path = nifti_path(folder / case)
+    if path is None:
+        raise SystemExit(f"{folder}: no {case}.nii(.gz)")
+    return path
 
 
 def missed(demo: Path, min_ml: float) -> list[dict]:
     """The lesions of at least `min_ml` that the gated masks do not touch, with their PET and CT."""
-    raw, gated = demo / "raw", demo / "predictions"
+    gated = demo / "predictions"
     records = json.loads((gated / "predictions.json").read_text())["written"]
     out = []
-    for label_path in sorted((raw / "labelsTs").glob("*.nii*")):
-        case = label_path.name.split(".nii")[0]
-        label_img = nib.load(str(label_path))
+    for src in discover(demo / "raw", split="Ts", with_metadata=False):
+        if src.label is None:
+            continue
+        case = src.case
+        label_img = nib.load(str(src.label))
         label = np.asarray(label_img.dataobj) > 0
         if not label.any():
             continue
         ml = affine_voxel_ml(label_img.affine)
-        pred = _load(_one(gated, case)) > 0
+        pred = _load(_prediction(gated, case)) > 0
         comps = cc3d.connected_components(label.astype(np.uint8), connectivity=CONNECTIVITY)
         pet = ct = None
         for lesion in range(1, int(comps.max()) + 1):
@@ -60,9 +63,8 @@ def missed(demo: Path, min_ml: float) -> list[dict]:
             if volume < min_ml or (pred & voxels).any():
                 continue
             if pet is None:
-                pet = _load(_one(raw / "imagesTs", f"{case}_0001")).astype(np.float32)
-                ct = _load(_one(raw / "imagesTs", f"{case}_0000")).astype(np.float32)
-            out.append({"case": case, "lesion": lesion, "ml": volume, "voxels": voxels,
+                pet, ct = (_load(p).astype(np.float32) for p in (src.pet, src.ct))
+            out.append({"case": case, "lesion": lesion, "ml": volume, "voxels": voxels, "source": src,
                         "suv_peak": float(pet[voxels].max()), "suv_mean": float(pet[voxels].mean()),
                         "ct_hu": float(np.median(ct[voxels])), "gated": bool(records[case].get("gated")),
                         "cls_score": records[case].get("cls_score")})
@@ -81,10 +83,10 @@ def probe(demo: Path, run_dir: Path, lesions: list[dict]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             images = Path(tmp) / "imagesTs"
             images.mkdir()
+            sources = {m["case"]: m["source"] for m in lesions}
             for case in todo:
-                for channel in ("0000", "0001"):
-                    src = _one(demo / "raw" / "imagesTs", f"{case}_{channel}")
-                    (images / src.name).symlink_to(src.resolve())
+                for path in (sources[case].ct, sources[case].pet):
+                    (images / path.name).symlink_to(path.resolve())
             result = predict(run_dir, images, folder, PredictOptions(gate=False, save_probabilities="float32"))
             if result.skipped:
                 raise SystemExit(f"predict skipped {result.skipped}")
@@ -94,7 +96,7 @@ def probe(demo: Path, run_dir: Path, lesions: list[dict]) -> None:
     records = json.loads((folder / "predictions.json").read_text())["written"]
     for m in lesions:
         probs = _load(folder / f"{m['case']}_prob.nii.gz")
-        mask = _load(_one(folder, m["case"])) > 0
+        mask = _load(_prediction(folder, m["case"])) > 0
         inside = probs[m["voxels"]]
         m.update(threshold=threshold, p_max=float(inside.max()), share=float((inside >= threshold).mean()),
                  ungated=float((mask & m["voxels"]).sum() / m["voxels"].sum()),
